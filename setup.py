@@ -1,0 +1,36 @@
+"""tunesmith: train LLaMA-family models on symbolic (ABC) and audio-codec music with DeepSpeed."""
+from setuptools import setup
+
+setup(
+    name="tunesmith",
+    version="0.1.0",
+    description="ChatMusician-style continual pretraining and instruction tuning of LLaMA on ABC "
+    "notation and neural-codec audio tokens, on DeepSpeed ZeRO.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["data_preprocess", "training", "inference", "benchmarks"],
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.15",
+        "transformers>=4.45",
+        "peft>=0.12",
+        "datasets>=2.19",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "music21>=9.1",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "wandb>=0.16",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.4", "playwright>=1.40", "mistral-common>=1.3"],
+    },
+)

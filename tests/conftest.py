@@ -1,0 +1,61 @@
+"""Shared fixtures: a tokenizer trained with sentencepiece on real ABC (music21's bundled corpus) and a
+tiny randomly initialised LLaMA saved as an HF dir. Nothing here reads ../shared or any hub."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tunesmith" / "torch_extensions"))
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots, PNGs a person may look at after a run (git-ignored)
+
+
+def music21_abc_texts(n_files: int = 20) -> list[str]:
+    """Raw text of the first ``n_files`` ABC files of music21's bundled corpus (real tunes, offline)."""
+    from music21 import corpus
+
+    paths = sorted(corpus.getPaths(fileExtensions=("abc",)))[:n_files]
+    return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 400-piece LLaMA-style BPE tokenizer (pad=3 != eos=2, chat template) trained on real ABC."""
+    from data_preprocess.train_tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(music21_abc_texts(20), out, vocab_size=400)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """The ``llama-tiny`` preset, randomly initialised (seed 0), saved with the tokenizer as an HF dir."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from training.presets import preset_config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = preset_config("llama-tiny", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
