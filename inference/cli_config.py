@@ -1,0 +1,45 @@
+"""``--config FILE`` for the inference CLIs: a YAML or JSON mapping whose keys are the CLI's option names
+(``temperature: 0.7``); flags given on the command line override it. Unknown keys are an error that
+names the file and the key, so a typo never silently does nothing."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load_mapping(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{p}: config file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear line
+        raise SystemExit(f"{p}: cannot parse config ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{p}: config must be a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parses ``argv``; when ``--config FILE`` is given its values become the defaults first."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        data = load_mapping(known.config)
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(k for k in data if k.replace("-", "_") not in dests)
+        if unknown:
+            raise SystemExit(f"{known.config}: unknown option(s) {unknown}; valid: {sorted(dests - {'help'})}")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in data.items()})
+        for a in parser._actions:  # a value from the file satisfies required=True
+            if a.dest in data or a.dest.replace("_", "-") in data:
+                a.required = False
+    return parser.parse_args(argv)

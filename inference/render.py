@@ -1,0 +1,129 @@
+"""Render ABC to something a person can hear and read: MIDI (abc2midi), WAV (fluidsynth + GM soundfont,
+timidity fallback) and SVG sheet music engraved straight from the ABC (abcm2ps -g).
+
+Model output is untrusted input: the tools run through :mod:`data_preprocess.abctools` (argument lists,
+no shell, timeouts) and every problem -- a syntax error, a tool that crashed or timed out, a tool that is
+not installed (with the apt-get command to fix it) -- lands in the returned record's ``errors`` /
+``warnings``; nothing here raises on bad ABC.
+
+    python -m inference.render tune.abc -o out/          # every tune of the file -> out/tune_1.{abc,mid,wav,svg}
+    python -m inference.render reply.txt -o out/ --no-wav  # any text: the ABC is extracted first
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import wave
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python inference/render.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_preprocess import abctools
+from inference.abc_extract import extract_abc
+
+
+def safe_stem(stem: str) -> str:
+    """A file-name-safe stem (tune titles and user input end up in file names)."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(stem)).strip("._")
+    return s[:80] or "tune"
+
+
+def wav_duration(path: str | Path) -> float:
+    with wave.open(str(path), "rb") as w:
+        return w.getnframes() / float(w.getframerate())
+
+
+def render_tune(abc: str, out_dir: str | Path, stem: str = "tune", midi: bool = True, wav: bool = True,
+                svg: bool = True, timeout: float = 30.0) -> dict:
+    """Writes ``{stem}.abc`` and, as asked, ``.mid`` / ``.wav`` / ``.svg`` into ``out_dir``.
+
+    Returns a JSON-able record: ``{"stem", "abc", "midi", "wav", "svg", "wav_seconds", "ok", "errors",
+    "warnings"}`` where a path is None when that output could not be produced. ``ok`` means every
+    requested output exists and no tool reported an error (warnings are allowed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = safe_stem(stem)
+    rec: dict = {"stem": stem, "abc": None, "midi": None, "wav": None, "svg": None, "wav_seconds": None,
+                 "ok": False, "errors": [], "warnings": []}
+    abc = abc if isinstance(abc, str) else ""
+    if not abc.strip():
+        rec["errors"].append("empty ABC: nothing to render")
+        return rec
+    abc_path = out / f"{stem}.abc"
+    abc_path.write_text(abc if abc.endswith("\n") else abc + "\n", encoding="utf-8")
+    rec["abc"] = str(abc_path)
+
+    def collect(tool: str, res: abctools.ToolResult) -> str | None:
+        rec["errors"] += [f"{tool}: {e}" for e in res.errors]
+        rec["warnings"] += [f"{tool}: {w}" for w in res.warnings]
+        if not res.ok and not res.errors:
+            rec["errors"].append(f"{tool}: produced no output (rc={res.returncode}): {res.log.strip()[-300:]}")
+        return res.output
+
+    if midi or wav:
+        try:
+            rec["midi"] = collect("abc2midi", abctools.abc_to_midi(abc, out / f"{stem}.mid", timeout=timeout))
+        except abctools.ToolMissing as e:
+            rec["errors"].append(str(e))
+    if wav and rec["midi"]:
+        try:
+            rec["wav"] = collect("fluidsynth", abctools.midi_to_wav(rec["midi"], out / f"{stem}.wav",
+                                                                    timeout=max(timeout, 120.0)))
+            if rec["wav"]:
+                rec["wav_seconds"] = round(wav_duration(rec["wav"]), 3)
+        except abctools.ToolMissing as e:
+            rec["errors"].append(str(e))
+        except (wave.Error, EOFError) as e:
+            rec["errors"].append(f"fluidsynth wrote an unreadable WAV: {e}")
+            rec["wav"] = None
+    if svg:
+        try:
+            rec["svg"] = collect("abcm2ps", abctools.abc_to_svg(abc, out / f"{stem}.svg", timeout=timeout))
+        except abctools.ToolMissing as e:
+            rec["errors"].append(str(e))
+    wanted = [k for k, on in (("midi", midi), ("wav", wav), ("svg", svg)) if on]
+    rec["ok"] = all(rec[k] for k in wanted) and not rec["errors"]
+    return rec
+
+
+def render_text(text: str, out_dir: str | Path, stem: str = "reply", **kw) -> dict:
+    """Extracts every ABC tune from free text (a model reply) and renders each one.
+
+    Returns ``{"tunes": [record, ...], "note": str | None}``; the note explains an empty result."""
+    tunes = extract_abc(text)
+    if not tunes:
+        return {"tunes": [], "note": "no ABC tune found in the text (need a K: header line and notes)"}
+    recs = [render_tune(t, out_dir, f"{stem}_{i + 1}" if len(tunes) > 1 else stem, **kw) for i, t in enumerate(tunes)]
+    return {"tunes": recs, "note": None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Render the ABC tunes of a file to MIDI / WAV / SVG.")
+    ap.add_argument("input", help="an .abc file, or any text file containing ABC (e.g. a saved model reply); '-' = stdin")
+    ap.add_argument("-o", "--output_dir", required=True)
+    ap.add_argument("--no-wav", dest="wav", action="store_false", help="skip audio synthesis")
+    ap.add_argument("--no-svg", dest="svg", action="store_false", help="skip sheet music")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds per tool call")
+    a = ap.parse_args(argv)
+    if a.input == "-":
+        text, stem = sys.stdin.read(), "stdin"
+    else:
+        p = Path(a.input)
+        if not p.is_file():
+            print(f"{p}: no such file", file=sys.stderr)
+            return 2
+        text, stem = p.read_text(encoding="utf-8", errors="replace"), p.stem
+    res = render_text(text, a.output_dir, stem, wav=a.wav, svg=a.svg, timeout=a.timeout)
+    (Path(a.output_dir) / f"{safe_stem(stem)}.render.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    if res["note"]:
+        print(res["note"], file=sys.stderr)
+        return 1
+    return 0 if all(r["ok"] for r in res["tunes"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
