@@ -1,0 +1,405 @@
+"""The typed job config of ``training/train.py`` and the checks that refuse bad combinations early.
+
+A job is one :class:`TrainConfig`, read from YAML/JSON (``--config x.yaml``) and then patched with
+``key=value`` overrides from the command line. Every field is used by the trainer (no dead flags).
+
+:func:`validate` runs before any model is loaded and raises :class:`ConfigError` with a one-line
+reason plus the fix, e.g. ``precision: fp16 needs a GPU; this run is on CPU. Fix: precision=fp32``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A refused job: ``str(e)`` is one line with the field, the reason and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    # ---- data -------------------------------------------------------------------------------------
+    mode: str = "pt"                 # must equal the shards' meta.json mode (pt | sft | any later mode)
+    data_dir: str = ""               # a data_preprocess output dir (meta.json + {train,val}.*.bin)
+    tokenizer: str = ""              # tokenizer dir; default: DATA_DIR/tokenizer (copied there by preprocess)
+    doc_attention: str = "causal"    # causal: packed docs share one causal mask (positions still reset per doc)
+                                     # block: block-diagonal 4D mask, a token never attends to an earlier doc
+    # ---- model ------------------------------------------------------------------------------------
+    model: str = "llama-small"       # a training.presets name (random init) or an HF model dir / hub id
+    train_type: str = "full"         # full | lora
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    # None = default: [embed_tokens, lm_head] in pt mode (ChatMusician trains embeddings), else [] unless
+    # the tokenizer adds tokens to the base model (then the resized embeddings must be trained and saved)
+    lora_modules_to_save: list[str] | None = None
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    gradient_checkpointing: bool = False
+    # ---- optimisation -----------------------------------------------------------------------------
+    max_steps: int = 0               # optimizer steps; 0 = derive from num_epochs
+    num_epochs: float = 1.0
+    global_batch_size: int = 8       # sequences per optimizer step over all ranks
+    micro_batch_size: int = 4        # sequences per forward per rank; accumulation = global / (micro * world)
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_ratio: float = 0.05       # linear warmup over this fraction of max_steps
+    weight_decay: float = 0.1        # matrices only (no norms, no biases)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    optimizer: str = "deepspeed"     # deepspeed: the ds_config optimizer (FusedAdam / DeepSpeedCPUAdam with
+                                     # offload / torch AdamW on CPU); torch: a client torch.optim.AdamW
+    # ---- DeepSpeed / precision --------------------------------------------------------------------
+    ds_config: str = "ds_configs/zero2.json"
+    precision: str = "auto"          # auto (bf16 GPU > fp16 older GPU > fp32 CPU) | bf16 | fp16 | fp32
+    seed: int = 42
+    # ---- checkpoints ------------------------------------------------------------------------------
+    output_dir: str = "outputs/run"
+    save_every: int = 0              # 0 = only at the end
+    keep_last: int = 2               # keep the newest K checkpoints (0 = keep all)
+    resume: str = ""                 # "" (refuse if checkpoints exist) | auto | PATH (checkpoint dir)
+    verify_export: bool = False      # reload the final HF export with plain transformers/peft, compare logits
+    # ---- logging / eval ---------------------------------------------------------------------------
+    log_every: int = 10
+    eval_every: int = 0              # 0 = only at the end
+    eval_max_batches: int = 0        # 0 = the whole val split
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb (none = [])
+    wandb_project: str = "tunesmith"
+    run_name: str = ""
+
+    # -------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer or str(Path(self.data_dir) / "tokenizer")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value, where: str):
+    """Converts a YAML/CLI value to the field's declared type (so ``lr=1e-4`` is a float, not a str)."""
+    if name not in _FIELDS:
+        close = [k for k in _FIELDS if k.split("_")[0] == name.split("_")[0]] or sorted(_FIELDS)[:8]
+        raise ConfigError(f"{where}: unknown config key '{name}'. Fix: use one of {close} (see training/config.py)")
+    hint = _HINTS[name]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        inner = [a for a in args if a is not type(None)]
+        hint = inner[0]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() not in ("", "[]", "none") else []
+            return [str(v) for v in value]
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"not an integer: {value!r}")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {name}={value!r}: {e}. Fix: give a {hint.__name__ if hasattr(hint, '__name__') else hint}")
+    return value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), resume: str | None = None) -> TrainConfig:
+    """YAML/JSON file (optional) -> dataclass, then ``key=value`` overrides, then ``--resume``."""
+    values: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: file not found. Fix: pass an existing YAML/JSON file (see configs/)")
+        text = p.read_text()
+        try:
+            if p.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except Exception as e:
+            raise ConfigError(f"{path}: cannot parse: {str(e).splitlines()[0]}. Fix: correct the syntax") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config keys. Fix: write `key: value` lines")
+        for k, v in data.items():
+            values[k] = _coerce(k, v, path)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}': expected key=value. Fix: e.g. lr=1e-4 train_type=lora")
+        k, v = ov.split("=", 1)
+        values[k.strip()] = _coerce(k.strip(), v, f"override '{ov}'")
+    if resume is not None:
+        values["resume"] = resume
+    return TrainConfig(**values)
+
+
+# ------------------------------------------------------------------------------------------------
+# ds_config: read, and fill "auto" values from the job
+# ------------------------------------------------------------------------------------------------
+def resolve_path(p: str) -> Path:
+    """Relative paths are taken from the working directory, then from the repository root."""
+    q = Path(p)
+    if q.is_absolute() or q.exists():
+        return q
+    return REPO / q if (REPO / q).exists() else q
+
+
+def read_ds_config(cfg: TrainConfig) -> dict:
+    p = resolve_path(cfg.ds_config)
+    if not p.is_file():
+        raise ConfigError(f"ds_config: {cfg.ds_config} not found. Fix: ds_config=ds_configs/zero2.json (or zero0..3, *_offload)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config: {p} line {e.lineno}: {e.msg}. Fix: correct the JSON") from e
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads(ds: dict) -> tuple[bool, bool]:
+    """(optimizer offloaded, parameters offloaded) to a CPU/NVMe device."""
+    z = ds.get("zero_optimization", {})
+    opt = z.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    par = z.get("offload_param", {}).get("device", "none") not in ("none", None)
+    return opt, par
+
+
+def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, precision: str, hidden_size: int,
+                   on_cpu: bool) -> dict:
+    """Returns a copy of ``ds`` with every ``"auto"`` replaced by the job's value; unknown autos are refused."""
+    ds = json.loads(json.dumps(ds))
+    gas = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+    top = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": gas,
+           "train_batch_size": cfg.global_batch_size, "gradient_clipping": cfg.grad_clip}
+    for k, v in top.items():
+        if ds.get(k, "auto") == "auto":
+            ds[k] = v
+    ds.setdefault("steps_per_print", 10**9)  # our own logger prints
+    ds.setdefault("wall_clock_breakdown", False)
+    for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        ds.setdefault(key, {})
+        if ds[key].get("enabled", "auto") == "auto":
+            ds[key]["enabled"] = on
+    if "optimizer" in ds:
+        if cfg.optimizer == "torch":
+            del ds["optimizer"]  # a client optimizer is passed to deepspeed.initialize instead
+        else:
+            p = ds["optimizer"].setdefault("params", {})
+            for k, v in (("lr", cfg.lr), ("betas", [cfg.adam_beta1, cfg.adam_beta2]), ("eps", cfg.adam_eps),
+                         ("weight_decay", cfg.weight_decay)):
+                if p.get(k, "auto") == "auto":
+                    p[k] = v
+            if on_cpu and not offloads(ds)[0]:
+                p["torch_adam"] = True  # FusedAdam is a CUDA kernel; plain CPU runs use torch.optim.AdamW
+    z = ds.get("zero_optimization", {})
+    h2 = hidden_size * hidden_size
+    for k, v in (("reduce_bucket_size", h2), ("stage3_prefetch_bucket_size", int(0.9 * h2)),
+                 ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if z.get(k) == "auto":
+            z[k] = v
+    left = [k for k, v in _walk(ds) if v == "auto"]
+    if left:
+        raise ConfigError(f"ds_config {cfg.ds_config}: no job value for 'auto' at {left}. Fix: give a number there")
+    return ds
+
+
+def _walk(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _walk(v, key + ".")
+        else:
+            yield key, v
+
+
+# ------------------------------------------------------------------------------------------------
+# validation: everything that can be checked before a model is loaded
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Environment:
+    world_size: int
+    device: str                # "cuda" | "cpu"
+    bf16_supported: bool = False
+
+
+def detect_environment() -> Environment:
+    import torch
+
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        return Environment(ws, "cuda", torch.cuda.is_bf16_supported())
+    return Environment(ws, "cpu", False)
+
+
+def resolve_precision(cfg: TrainConfig, env: Environment) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if env.device == "cuda":
+        return "bf16" if env.bf16_supported else "fp16"
+    return "fp32"
+
+
+def model_config_dict(model: str) -> dict | None:
+    """config.json of an HF model dir (no weights loaded); None for presets and hub ids."""
+    p = Path(model) / "config.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def validate(cfg: TrainConfig, env: Environment) -> dict:
+    """Refuses invalid jobs with a one-line reason + fix. Returns facts learnt on the way (meta, ds config)."""
+    from data_preprocess.shards import open_split, read_meta
+    from training.presets import PRESETS
+
+    def bad(msg: str):
+        raise ConfigError(msg)
+
+    choice = {"train_type": ("full", "lora"), "precision": ("auto", "bf16", "fp16", "fp32"),
+              "optimizer": ("deepspeed", "torch"), "doc_attention": ("causal", "block"),
+              "attn_implementation": ("sdpa", "eager")}
+    for k, allowed in choice.items():
+        if getattr(cfg, k) not in allowed:
+            bad(f"{k}={getattr(cfg, k)!r} is not one of {list(allowed)}. Fix: {k}={allowed[0]}")
+    for r in cfg.report_to:
+        if r not in ("tensorboard", "wandb", "none"):
+            bad(f"report_to: {r!r} unknown. Fix: report_to=tensorboard,wandb (or none)")
+    # ---- numbers
+    if cfg.micro_batch_size < 1 or cfg.global_batch_size < 1:
+        bad("micro_batch_size and global_batch_size must be >= 1. Fix: e.g. global_batch_size=8 micro_batch_size=4")
+    per_step = cfg.micro_batch_size * env.world_size
+    if cfg.global_batch_size % per_step:
+        bad(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size x world size = "
+            f"{cfg.micro_batch_size} x {env.world_size}. Fix: global_batch_size="
+            f"{max(1, round(cfg.global_batch_size / per_step)) * per_step}")
+    if not cfg.lr > 0:
+        bad(f"lr={cfg.lr} must be > 0. Fix: lr=1e-4")
+    if not 0 <= cfg.warmup_ratio < 1:
+        bad(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1). Fix: warmup_ratio=0.05")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        bad(f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]. Fix: min_lr_ratio=0.1")
+    if cfg.max_steps < 0 or (cfg.max_steps == 0 and not cfg.num_epochs > 0):
+        bad("nothing to train: max_steps=0 and num_epochs<=0. Fix: max_steps=1000 or num_epochs=1")
+    if cfg.grad_clip < 0:
+        bad(f"grad_clip={cfg.grad_clip} must be >= 0 (0 = off). Fix: grad_clip=1.0")
+    if cfg.train_type == "lora":
+        if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
+            bad("lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1 are required. Fix: lora_r=64 lora_alpha=16 lora_dropout=0.1")
+        if not cfg.lora_target_modules:
+            bad(f"lora_target_modules is empty. Fix: lora_target_modules={','.join(LLAMA_PROJECTIONS)}")
+    # ---- precision vs hardware
+    precision = resolve_precision(cfg, env)
+    if env.device == "cpu" and precision == "fp16":
+        bad("precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling is CUDA-only); this run is on CPU. Fix: precision=fp32")
+    if env.device == "cuda" and precision == "bf16" and not env.bf16_supported:
+        bad("precision=bf16 but this GPU has no bf16 (pre-Ampere). Fix: precision=fp16 (dynamic loss scaling)")
+    # ---- DeepSpeed config
+    ds = read_ds_config(cfg)
+    off_opt, off_par = offloads(ds)
+    if off_opt and cfg.optimizer == "torch":
+        bad(f"{cfg.ds_config} offloads the optimizer to CPU, which needs DeepSpeed's optimizer (DeepSpeedCPUAdam), "
+            "not a torch optimizer. Fix: optimizer=deepspeed")
+    if off_opt and "optimizer" not in ds:
+        bad(f"{cfg.ds_config} offloads the optimizer but has no \"optimizer\" block, so DeepSpeed cannot build "
+            "DeepSpeedCPUAdam. Fix: add \"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\"}}")
+    if off_par and zero_stage(ds) != 3:
+        bad(f"{cfg.ds_config}: offload_param needs ZeRO stage 3. Fix: ds_config=ds_configs/zero3_offload.json")
+    if cfg.optimizer == "deepspeed" and "optimizer" not in ds:
+        bad(f"optimizer=deepspeed but {cfg.ds_config} has no \"optimizer\" block. Fix: optimizer=torch, or use a ds_configs/*.json")
+    # ---- data
+    if not cfg.data_dir:
+        bad("data_dir is empty. Fix: data_dir=DIR made by `python -m data_preprocess.preprocess -o DIR ...`")
+    try:
+        meta = read_meta(cfg.data_dir)
+        train = open_split(cfg.data_dir, "train", meta)
+        val = open_split(cfg.data_dir, "val", meta) if (Path(cfg.data_dir) / "val.tokens.bin").exists() else None
+    except (FileNotFoundError, ValueError) as e:
+        bad(f"data_dir: {e}")
+    if len(train) == 0:
+        bad(f"data_dir {cfg.data_dir}: the train split has no blocks. Fix: preprocess more data or a smaller --max_len")
+    if meta["mode"] != cfg.mode:
+        bad(f"mode={cfg.mode} but {cfg.data_dir} holds '{meta['mode']}' shards. Fix: mode={meta['mode']} or point "
+            f"data_dir at {cfg.mode} shards")
+    if val is None or len(val) == 0:
+        bad(f"data_dir {cfg.data_dir}: no val split (needed for validation loss). Fix: preprocess with --val_ratio 0.02")
+    # ---- tokenizer vs shards
+    tdir = Path(cfg.tokenizer_dir)
+    if not tdir.is_dir():
+        bad(f"tokenizer {tdir}: not a directory. Fix: tokenizer=DIR (the one the shards were made with)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tdir))
+    from data_preprocess.train_tokenizer import tokenizer_identity
+
+    ident = tokenizer_identity(tdir, tok)
+    mtok = meta.get("tokenizer", {})
+    if ident["vocab_size"] != meta["vocab_size"] or (mtok.get("hash") and mtok["hash"] != ident["hash"]):
+        bad(f"tokenizer {tdir} (vocab {ident['vocab_size']}, hash {ident['hash']}) is not the one the shards in "
+            f"{cfg.data_dir} were made with (vocab {meta['vocab_size']}, hash {mtok.get('hash')}). Fix: "
+            f"tokenizer={Path(cfg.data_dir) / 'tokenizer'} or re-run data_preprocess with this tokenizer")
+    if tok.pad_token_id is None:
+        bad(f"tokenizer {tdir} has no pad token. Fix: re-save it with a pad token distinct from eos")
+    # ---- model source
+    base_vocab = None
+    if cfg.model in PRESETS:
+        max_pos = PRESETS[cfg.model]["max_position_embeddings"]
+        hidden = PRESETS[cfg.model]["hidden_size"]
+    else:
+        mc = model_config_dict(cfg.model)
+        looks_local = cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") != 1  # hub ids are org/name
+        if mc is None and (Path(cfg.model).exists() or looks_local):
+            bad(f"model={cfg.model}: not a preset and no config.json there. Fix: a preset ({sorted(PRESETS)}) or an HF model dir")
+        max_pos = (mc or {}).get("max_position_embeddings", 10**9)
+        hidden = (mc or {}).get("hidden_size", 4096)
+        base_vocab = (mc or {}).get("vocab_size")
+    if meta["max_len"] > max_pos:
+        bad(f"shards have max_len {meta['max_len']} > the model's max_position_embeddings {max_pos}. Fix: "
+            f"re-run data_preprocess with --max_len {max_pos}")
+    resized = base_vocab is not None and len(tok) > base_vocab
+    if cfg.train_type == "lora" and resized and cfg.lora_modules_to_save is not None and not {
+            "embed_tokens", "lm_head"} <= set(cfg.lora_modules_to_save):
+        bad(f"the tokenizer adds {len(tok) - base_vocab} tokens to {cfg.model}, but lora_modules_to_save="
+            f"{cfg.lora_modules_to_save} leaves the new rows untrained and unsaved. Fix: "
+            "lora_modules_to_save=embed_tokens,lm_head")
+    # ---- output dir / resume
+    ckpt = Path(cfg.output_dir) / "checkpoints"
+    if cfg.resume not in ("", "auto"):
+        if not Path(cfg.resume).exists():
+            bad(f"resume={cfg.resume}: no such checkpoint. Fix: resume=auto or a path like {ckpt}/step-00000100")
+    elif cfg.resume == "" and (ckpt / "latest").exists():
+        bad(f"{cfg.output_dir} already has checkpoints ({(ckpt / 'latest').read_text().strip()}). Fix: resume=auto "
+            "to continue, or a new output_dir")
+    if "wandb" in cfg.report_to:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            bad("report_to includes wandb but wandb is not installed. Fix: pip install wandb, or report_to=tensorboard")
+    return {"meta": meta, "ds": ds, "precision": precision, "tokenizer": tok, "tokenizer_identity": ident,
+            "hidden_size": hidden, "base_vocab": base_vocab, "n_train_blocks": len(train), "n_val_blocks": len(val)}

@@ -1,0 +1,115 @@
+"""Batches from the packed shards of ``data_preprocess`` with a resumable, world-size-independent order.
+
+The train split is read as one endless stream of block indices: epoch ``e`` is a permutation of all
+blocks drawn from ``seed + e``. Optimizer step ``s`` consumes stream items ``[s*G, (s+1)*G)`` with
+``G`` = global batch size, whatever the number of ranks or accumulation steps, and each rank takes its
+own micro-batches out of that slice. So:
+
+* the data position is one integer (stream items consumed) and resuming from it is exact;
+* 1 rank x 2 accumulation steps and 2 ranks x 1 step see the same global batch.
+
+Nothing here knows about text: a batch is tokens, loss mask and positions, whatever the modality.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_preprocess.shards import Split
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # [B, L] int64
+    labels: torch.Tensor          # [B, L] int64, IGNORE_INDEX where the loss mask is 0 (the model shifts)
+    position_ids: torch.Tensor    # [B, L] int64, reset to 0 at every packed-document start
+    attention_mask: torch.Tensor  # [B, L] ones (causal) or [B, 1, L, L] additive block-diagonal mask
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens that are predicted: label set and not the first position of a block (nothing precedes it)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in
+                       (self.input_ids, self.labels, self.position_ids, self.attention_mask)))
+
+
+def block_diagonal_mask(pos: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive 4D mask ``[B, 1, L, L]``: query ``q`` sees key ``k`` iff ``k <= q`` and both belong to the
+    same packed document (segments start where ``pos == 0``). 0 = attend, dtype-min = masked; HF passes a
+    4D mask through unchanged to SDPA/eager attention."""
+    seg = torch.cumsum((pos == 0).long(), dim=1)                           # [B, L] segment id
+    same = seg[:, :, None] == seg[:, None, :]                              # [B, L, L]
+    L = pos.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=pos.device).tril()
+    allowed = (same & causal)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=pos.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def make_batch(split: Split, rows: np.ndarray, doc_attention: str = "causal",
+               mask_dtype: torch.dtype = torch.float32) -> Batch:
+    """Reads ``rows`` of ``split``; a row index of -1 is a filler (block 0 with no targets) that keeps
+    every rank running the same number of forwards (ZeRO-3 needs all ranks in every forward)."""
+    rows = np.asarray(rows)
+    filler = torch.from_numpy(rows < 0)
+    rows = np.maximum(rows, 0)
+    tokens = torch.from_numpy(np.asarray(split.tokens[rows], dtype=np.int64))
+    mask = torch.from_numpy(np.asarray(split.loss_mask[rows], dtype=np.bool_))
+    mask[filler] = False
+    pos = torch.from_numpy(np.asarray(split.pos[rows], dtype=np.int64))
+    labels = tokens.masked_fill(~mask, IGNORE_INDEX)
+    if doc_attention == "block":
+        attn = block_diagonal_mask(pos, mask_dtype)
+    else:
+        # an explicit all-ones 2D mask: plain causal attention over the packed block. (Passing None would let
+        # transformers infer documents from position_ids and silently switch to block-diagonal attention.)
+        attn = torch.ones_like(tokens)
+    return Batch(tokens, labels, pos, attn)
+
+
+class BlockStream:
+    """The endless, epoch-wise shuffled order of train blocks (see module docstring)."""
+
+    def __init__(self, num_blocks: int, seed: int):
+        self.n, self.seed = num_blocks, seed
+        self._epoch, self._perm = -1, None
+
+    def _perm_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
+        return self._perm
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            k = start + i
+            out[i] = self._perm_of(k // self.n)[k % self.n]
+        return out
+
+
+def step_micro_batches(stream: BlockStream, position: int, global_batch: int, micro: int, rank: int,
+                       world: int) -> list[np.ndarray]:
+    """Row indices of this rank's micro-batches for the optimizer step starting at stream ``position``.
+
+    The step's ``global_batch`` items are laid out as ``[accumulation step][rank][micro]``."""
+    items = stream.take(position, global_batch).reshape(-1, world, micro)
+    return [items[m, rank] for m in range(items.shape[0])]
+
+
+def val_batches(num_blocks: int, micro: int, rank: int, world: int, max_batches: int = 0) -> list[np.ndarray]:
+    """Validation rows of this rank: blocks strided over ranks, in order, the same number of batches on
+    every rank (missing rows are -1 fillers); ``max_batches`` caps the batches per rank."""
+    per_rank = -(-num_blocks // world)
+    n_batches = -(-per_rank // micro)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    rows = np.full(n_batches * micro, -1, dtype=np.int64)
+    mine = np.arange(rank, num_blocks, world)[: len(rows)]
+    rows[: len(mine)] = mine
+    return [rows[i:i + micro] for i in range(0, len(rows), micro)]

@@ -1,0 +1,170 @@
+"""Build the model of a job: preset (random init) or HF dir/hub id, embedding resize, LoRA, param groups,
+and the ZeRO memory estimate printed before the model exists."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from training.config import TrainConfig
+from training.presets import PRESETS, count_params, preset_config
+
+log = logging.getLogger("tunesmith.train")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ModelInfo:
+    source: str                      # preset name or HF dir / hub id
+    from_preset: bool
+    vocab_before: int
+    vocab_after: int
+    modules_to_save: list[str] = field(default_factory=list)
+    n_params: int = 0
+    n_trainable: int = 0
+
+
+def architecture_config(cfg: TrainConfig, tok):
+    """The LlamaConfig (or HF config) of the job's model, without building the model."""
+    if cfg.model in PRESETS:
+        return preset_config(cfg.model, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model)
+
+
+def default_modules_to_save(cfg: TrainConfig, resized: bool) -> list[str]:
+    if cfg.lora_modules_to_save is not None:
+        return list(cfg.lora_modules_to_save)
+    if cfg.mode == "pt" or resized:
+        return ["embed_tokens", "lm_head"]
+    return []
+
+
+def build_model(cfg: TrainConfig, tok, precision: str) -> tuple[torch.nn.Module, ModelInfo]:
+    """Returns the (PEFT-wrapped for LoRA) model on CPU, in the training dtype, identical on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[precision]
+    torch.manual_seed(cfg.seed)  # the same random init on every rank and every world size
+    if cfg.model in PRESETS:
+        mcfg = architecture_config(cfg, tok)
+        model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation,
+                                                 dtype=torch.float32)
+        model.to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                     trust_remote_code=False)
+    info = ModelInfo(cfg.model, cfg.model in PRESETS, model.get_input_embeddings().weight.shape[0], 0)
+    resize_embeddings(model, len(tok))
+    info.vocab_after = model.get_input_embeddings().weight.shape[0]
+    model.config.use_cache = False
+    model.config.pad_token_id = tok.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        info.modules_to_save = default_modules_to_save(cfg, info.vocab_after > info.vocab_before)
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_target_modules), modules_to_save=info.modules_to_save or None,
+                          bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+    info.n_params = sum(p.numel() for p in model.parameters())
+    info.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, info
+
+
+@torch.no_grad()
+def resize_embeddings(model, n_tokens: int) -> None:
+    """Grows input and output embeddings to ``n_tokens``; new rows = the mean of the old rows (a neutral
+    start: the new token's logit begins at the average of the existing ones)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if n_tokens <= old:
+        return
+    model.resize_token_embeddings(n_tokens, mean_resizing=False)
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if emb is not None:
+            emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+    log.warning("resized embeddings %d -> %d tokens (the tokenizer has %d new tokens; new rows = mean embedding)",
+                old, n_tokens, n_tokens - old)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (ndim >= 2) only, never on norms or biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# ZeRO memory estimate (before the model is built)
+# ------------------------------------------------------------------------------------------------
+def estimate_memory(cfg: TrainConfig, tok, stage: int, off_opt: bool, off_par: bool, world: int,
+                    gpus_per_node: int, device_mem_bytes: int | None) -> dict:
+    """Prints DeepSpeed's model-state memory table for this model and returns the chosen setting's need.
+
+    DeepSpeed's formulas assume every parameter is trained; for LoRA we also report the need with only
+    the adapter (+ modules_to_save) trained: 16-bit weights + 18 bytes per trainable parameter / world."""
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        estimate_zero3_model_states_mem_needs_all_cold,
+    )
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+        estimate_zero2_model_states_mem_needs_all_cold,
+    )
+
+    try:
+        mcfg = architecture_config(cfg, tok)
+    except Exception as e:  # noqa: BLE001 - a hub id offline: the estimate is informative only
+        log.warning("memory estimate skipped: cannot read the model config of %s (%s)", cfg.model, e)
+        return {}
+    vocab = max(len(tok), mcfg.vocab_size)
+    mcfg.vocab_size = vocab
+    counts = count_params(mcfg)
+    total = counts["total"]
+    h, inter = mcfg.hidden_size, mcfg.intermediate_size
+    largest = max(vocab * h, 4 * h * h + 3 * h * inter)
+    nodes = max(1, world // max(1, gpus_per_node))
+    per_node = min(world, max(1, gpus_per_node))
+    print(f"[memory] model {cfg.model}: {total / 1e6:.1f} M parameters, largest layer {largest / 1e6:.1f} M; "
+          f"ZeRO-{stage}, {world} rank(s), offload optimizer={off_opt} params={off_par}")
+    if stage == 3:
+        estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=per_node, num_nodes=nodes)
+        cpu, dev, _ = estimate_zero3_model_states_mem_needs(total, largest, per_node, nodes, cpu_offload=off_opt,
+                                                            cpu_offload_params=off_par, zero_init=True)
+    else:
+        estimate_zero2_model_states_mem_needs_all_cold(total, num_gpus_per_node=per_node, num_nodes=nodes)
+        # ZeRO-0/1 partition less than ZeRO-2: estimate them as ZeRO-2 on 1 rank (no partitioning) / as ZeRO-2
+        cpu, dev = estimate_zero2_model_states_mem_needs(total, per_node if stage else 1, nodes if stage else 1,
+                                                         cpu_offload=off_opt)
+    out = {"params": total, "stage": stage, "device_bytes": dev, "cpu_bytes": cpu}
+    if cfg.train_type == "lora":
+        kv = h * mcfg.num_key_value_heads // mcfg.num_attention_heads
+        in_out = {"q_proj": 2 * h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": 2 * h,
+                  "gate_proj": h + inter, "up_proj": h + inter, "down_proj": h + inter}
+        per_layer = sum(in_out.get(m, 2 * h) for m in cfg.lora_target_modules) * cfg.lora_r  # r * (in + out)
+        trainable = per_layer * mcfg.num_hidden_layers
+        mts = cfg.lora_modules_to_save if cfg.lora_modules_to_save is not None else (
+            ["embed_tokens", "lm_head"] if cfg.mode == "pt" else [])
+        trainable += vocab * h * len([m for m in mts if m in ("embed_tokens", "lm_head")])
+        dev = 2 * total / (world if stage == 3 else 1) + 18 * trainable / (world if stage >= 1 else 1)
+        out.update(trainable=trainable, device_bytes_lora=int(dev))
+        print(f"[memory] LoRA: {trainable / 1e6:.1f} M trainable -> about {dev / 2**30:.2f} GiB of model states per "
+              "device (activations not included)")
+    if device_mem_bytes and dev > 0.9 * device_mem_bytes:
+        log.warning("[memory] the model states need about %.1f GiB per device but it has %.1f GiB: this will not fit. "
+                    "Try a higher ZeRO stage, an *_offload ds_config, LoRA, or more GPUs.",
+                    dev / 2**30, device_mem_bytes / 2**30)
+        out["fits"] = False
+    else:
+        out["fits"] = True
+    return out
+

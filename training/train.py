@@ -1,0 +1,358 @@
+"""tunesmith's training engine: continual pretraining (pt) and SFT on packed shards, full or LoRA,
+DeepSpeed ZeRO 0-3 (+ CPU offload), exactly resumable.
+
+Launch forms (all read the same typed config; ``key=value`` overrides any field of training/config.py)::
+
+    python training/train.py --config configs/pt_small.yaml                     # one process, no launcher
+    deepspeed --num_gpus 8 training/train.py --config configs/pt_llama2_7b.yaml data_dir=...
+    deepspeed --hostfile hosts training/train.py --config ... --resume auto      # multi-node
+    torchrun --nproc_per_node 2 training/train.py --config ... ds_config=ds_configs/zero3.json
+
+The loop, top to bottom: validate the job (before any model loads) -> init distributed -> ZeRO memory
+estimate -> build model -> deepspeed.initialize -> resume -> for each optimizer step: read the step's
+micro-batches, count the target tokens of the whole step over all ranks, forward/backward each
+micro-batch with loss = sum of token losses / that count, set the lr, step -> log / eval / checkpoint.
+Nothing in the loop knows about text: a mode is just a kind of shard.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python training/train.py` and the deepspeed launcher run this as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.config import (
+    ConfigError,
+    TrainConfig,
+    detect_environment,
+    fill_ds_config,
+    load_config,
+    offloads,
+    validate,
+    zero_stage,
+)
+
+log = logging.getLogger("tunesmith.train")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="tunesmith trainer (DeepSpeed)", epilog="extra key=value pairs "
+                                 "override config fields, e.g. lr=1e-4 train_type=lora ds_config=ds_configs/zero3.json")
+    ap.add_argument("--config", help="YAML or JSON job config (see configs/)")
+    ap.add_argument("--resume", help="auto (OUTPUT_DIR/checkpoints/latest) or a checkpoint path")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                    help="set by the deepspeed launcher; LOCAL_RANK from the environment wins")
+    ap.add_argument("overrides", nargs="*", help="key=value")
+    return ap.parse_args(argv)
+
+
+def launcher_defaults() -> None:
+    """Plain ``python training/train.py``: act as rank 0 of a world of 1 on a free local port."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(k, v)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def token_losses(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropies over the batch's targets, logits). Loss in fp32."""
+    out = engine(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                 use_cache=False)
+    logits = out.logits
+    loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    return loss_sum, logits
+
+
+@torch.no_grad()
+def evaluate(engine, split, cfg: TrainConfig, tok, rank: int, world: int, device, mask_dtype,
+             byte_cache: dict) -> dict:
+    """Val loss (nats/target token), perplexity and bits per character (UTF-8 byte of decoded target text)."""
+    from training.data import make_batch, val_batches
+    from training.metrics import safe_exp
+
+    engine.eval()
+    loss_sum, n_targets, n_bytes = 0.0, 0, 0
+    for rows in val_batches(len(split), cfg.micro_batch_size, rank, world, cfg.eval_max_batches):
+        batch = make_batch(split, rows, cfg.doc_attention, mask_dtype)
+        key = tuple(rows.tolist())
+        if key not in byte_cache:  # bytes of the decoded target text: computed once per val batch
+            tgt = batch.labels[:, 1:]
+            byte_cache[key] = sum(len(tok.decode(r[r != -100].tolist(), skip_special_tokens=True).encode("utf-8"))
+                                  for r in tgt)
+        ls, _ = token_losses(engine, batch.to(device))
+        loss_sum += ls.item()
+        n_targets += batch.num_targets
+        n_bytes += byte_cache[key]
+    engine.train()
+    loss_sum, n_targets, n_bytes = all_sum([loss_sum, n_targets, n_bytes], device)
+    loss = loss_sum / max(n_targets, 1)
+    return {"val_loss": loss, "val_ppl": safe_exp(loss),
+            "val_bpc": (loss_sum / math.log(2) / n_bytes) if n_bytes else None, "val_tokens": int(n_targets)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    launcher_defaults()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+
+    # ---- 1. the job, checked before anything heavy happens ----------------------------------------
+    try:
+        cfg = load_config(args.config, args.overrides, args.resume)
+        env = detect_environment()
+        facts = validate(cfg, env)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
+    tok, meta, precision = facts["tokenizer"], facts["meta"], facts["precision"]
+
+    # ---- 2. distributed ----------------------------------------------------------------------------
+    import deepspeed
+    import torch.distributed as dist
+
+    from data_preprocess.shards import open_split
+    from training import checkpoint as ckpt
+    from training.data import BlockStream, make_batch, step_micro_batches
+    from training.metrics import MetricsLogger, format_line, plot_loss_curve
+    from training.model import DTYPES, build_model, estimate_memory, param_groups
+    from training.schedule import lr_at
+
+    if env.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if env.device == "cuda" else "gloo")
+    seed_all(cfg.seed)
+
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    train_split = open_split(cfg.data_dir, "train", meta)
+    val_split = open_split(cfg.data_dir, "val", meta)
+    G, L = cfg.global_batch_size, int(meta["max_len"])
+    gas = G // (cfg.micro_batch_size * world)
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(train_split) / G))
+    ds = fill_ds_config(facts["ds"], cfg, world, precision, facts["hidden_size"], env.device == "cpu")
+    stage = zero_stage(ds)
+    lora = cfg.train_type == "lora"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_root.mkdir(exist_ok=True)
+        job = {"config": cfg.to_dict(), "ds_config": ds, "world_size": world, "precision": precision,
+               "device": env.device, "max_steps": max_steps, "gradient_accumulation_steps": gas,
+               "data": {"max_len": L, "train_blocks": len(train_split), "val_blocks": len(val_split),
+                        "tokenizer": facts["tokenizer_identity"]}}
+        (out / "job.json").write_text(json.dumps(job, indent=2) + "\n")
+        log.info("job: %s %s, %s, ZeRO-%d, %s, world %d, global batch %d = micro %d x gas %d x ranks %d, "
+                 "%d steps of %d tokens", cfg.mode, cfg.train_type, cfg.model, stage, precision, world, G,
+                 cfg.micro_batch_size, gas, world, max_steps, G * L)
+
+    # ---- 3. memory estimate, model, engine --------------------------------------------------------
+    if rank == 0:
+        dev_mem = torch.cuda.get_device_properties(device).total_memory if env.device == "cuda" else None
+        estimate_memory(cfg, tok, stage, *offloads(ds), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), dev_mem)
+    model, info = build_model(cfg, tok, precision)
+    base_model_dir = None
+    if lora:
+        base_model_dir = str((out / "base_model").resolve()) if info.from_preset else cfg.model
+        if info.from_preset and rank == 0 and not (out / "base_model" / "config.json").exists():
+            # the adapter's base is a random init: save it once so merge/inference have a real base dir
+            model.get_base_model().save_pretrained(str(out / "base_model"), safe_serialization=True)
+            tok.save_pretrained(str(out / "base_model"))
+    if rank == 0:
+        log.info("model: %.2f M parameters, %.2f M trainable%s", info.n_params / 1e6, info.n_trainable / 1e6,
+                 f" (LoRA r={cfg.lora_r}, modules_to_save={info.modules_to_save})" if lora else "")
+    groups = param_groups(model, cfg.weight_decay)
+    client_opt = None
+    if cfg.optimizer == "torch":
+        client_opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups if client_opt is None else None,
+                                                   optimizer=client_opt, config=ds)
+    mask_dtype = DTYPES[precision]
+    ck_info = {"model_source": cfg.model, "train_type": cfg.train_type, "mode": cfg.mode,
+               "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                        "target_modules": list(cfg.lora_target_modules),
+                        "modules_to_save": info.modules_to_save} if lora else None,
+               "vocab_size": len(tok), "tokenizer_dir": str(Path(cfg.tokenizer_dir).resolve()),
+               "base_model_dir": base_model_dir, "zero_stage": stage, "dtype": precision}
+
+    # ---- 4. resume -------------------------------------------------------------------------------
+    step, position = 0, 0
+    found = ckpt.find_resume(cfg.resume, cfg.output_dir)
+    if found:
+        client = ckpt.load_checkpoint(engine, *found, rank)
+        step, position = int(client["global_step"]), int(client["data_position"])
+        if client.get("global_batch_size") != G and rank == 0:
+            log.warning("global batch changed %s -> %d since the checkpoint", client.get("global_batch_size"), G)
+        if "_rng" in client:
+            ckpt.set_rng_state(client["_rng"])
+        if rank == 0:
+            log.info("resumed from %s/%s at step %d (data position %d)", found[0], found[1], step, position)
+    elif cfg.resume == "auto" and rank == 0:
+        log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_root)
+
+    # ---- 5. the loop -----------------------------------------------------------------------------
+    metrics = MetricsLogger(out, [r for r in cfg.report_to if r != "none"], cfg.run_name, cfg.wandb_project,
+                            cfg.to_dict(), enabled=rank == 0)
+    stream = BlockStream(len(train_split), cfg.seed)
+    byte_cache: dict = {}
+    engine.train()
+    t_last, tokens_since = time.time(), 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=max_steps, initial=step, desc="train", disable=rank != 0 or not sys.stderr.isatty())
+    while step < max_steps:
+        micro_rows = step_micro_batches(stream, position, G, cfg.micro_batch_size, rank, world)
+        batches = [make_batch(train_split, rows, cfg.doc_attention, mask_dtype) for rows in micro_rows]
+        # the loss of a step is (sum of token losses over ALL micro-batches and ranks) / (their target count);
+        # DeepSpeed averages gradients over ranks, hence the factor `world` (and scale_wrt_gas=False below)
+        n_targets = all_sum([sum(b.num_targets for b in batches)], device)[0]
+        lr = lr_at(step + 1, max_steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for batch in batches:
+            ls, _ = token_losses(engine, batch.to(device))
+            engine.backward(ls * (world / max(n_targets, 1.0)), scale_wrt_gas=False)
+            engine.step()  # DeepSpeed applies the update (clip, optimizer) at the accumulation boundary only
+            loss_sum += ls.item()
+        step += 1
+        position += G
+        tokens_since += G * L
+        loss = all_sum([loss_sum], device)[0] / max(n_targets, 1.0)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == max_steps or step == 1:
+            gn = engine.get_global_grad_norm()
+            dt = time.time() - t_last
+            rec = {"loss": loss, "lr": lr, "grad_norm": None if gn is None else float(gn),
+                   "tokens_per_s": tokens_since / dt, "mem_gb": memory_gb(device), "targets": int(n_targets)}
+            if rank == 0:
+                (print if bar.disable else tqdm.write)(format_line(step, max_steps, rec))
+            t_last, tokens_since = time.time(), 0
+        else:
+            rec = {"loss": loss, "lr": lr}
+        metrics.log(rec, step)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps:
+            ev = evaluate(engine, val_split, cfg, tok, rank, world, device, mask_dtype, byte_cache)
+            metrics.log(ev, step)
+            if rank == 0:
+                log.info("eval step %d: val_loss %.4f ppl %.2f bpc %s", step, ev["val_loss"], ev["val_ppl"],
+                         "n/a" if ev["val_bpc"] is None else f"{ev['val_bpc']:.4f}")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
+            client = {"global_step": step, "data_position": position, "global_batch_size": G, "seed": cfg.seed}
+            d = ckpt.save_checkpoint(engine, ckpt_root, step, client, ck_info, tok, lora, base_model_dir,
+                                     cfg.keep_last, rank)
+            if rank == 0:
+                log.info("saved checkpoint %s", d)
+        ckpt.maybe_fault(step, "after_step")
+    bar.close()
+
+    # ---- 6. the end: final export, optional export check, curve ------------------------------------
+    final_hf = ckpt_root / ckpt.tag_of(step) / "hf"
+    if rank == 0 and final_hf.is_dir():
+        import shutil
+
+        shutil.rmtree(out / "final", ignore_errors=True)
+        shutil.copytree(final_hf, out / "final")
+    if cfg.verify_export:
+        diff = verify_export(engine, val_split, cfg, out / "final", base_model_dir, lora, rank, device, mask_dtype)
+        metrics.log({"export_max_abs_logit_diff": diff}, step)
+    if rank == 0:
+        png = plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png", f"{cfg.mode} {cfg.train_type} {cfg.model}")
+        log.info("done: %d steps; loss curve %s; HF export %s", step, png, out / "final")
+    metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def verify_export(engine, val_split, cfg: TrainConfig, export_dir: Path, base_model_dir, lora: bool, rank: int,
+                  device, mask_dtype) -> float | None:
+    """Reloads the HF export with plain transformers (+ peft) and compares its logits with the engine's on
+    one val batch (all ranks run the engine forward; ZeRO-3 needs them). Raises if they disagree."""
+    import torch.distributed as dist
+
+    from training.data import make_batch
+
+    rows = np.arange(min(cfg.micro_batch_size, len(val_split)))
+    batch = make_batch(val_split, rows, cfg.doc_attention, mask_dtype)
+    engine.eval()
+    with torch.no_grad():
+        _, ref = token_losses(engine, batch.to(device))
+    engine.train()
+    diff = None
+    if rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        if lora:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=ref.dtype)
+            from transformers import AutoTokenizer
+
+            n_tok = len(AutoTokenizer.from_pretrained(str(export_dir)))
+            if n_tok > base.get_input_embeddings().weight.shape[0]:
+                base.resize_token_embeddings(n_tok, mean_resizing=False)
+            model = PeftModel.from_pretrained(base, str(export_dir))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=ref.dtype)
+        model.to(device).eval()
+        with torch.no_grad():
+            got = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                        attention_mask=batch.attention_mask.to(device)).logits
+        diff = (got.float() - ref.float()).abs().max().item()
+        tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
+        log.info("export check: max |logit(HF export) - logit(engine)| = %.3g (tolerance %g)", diff, tol)
+        if not diff <= tol:
+            raise RuntimeError(f"HF export {export_dir} disagrees with the engine: max logit diff {diff:.3g} > {tol}")
+    dist.barrier()
+    return diff
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
