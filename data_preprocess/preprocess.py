@@ -1,0 +1,479 @@
+"""Corpus -> packed token shards (the training input), for continual pretraining (pt) or SFT.
+
+    python -m data_preprocess.preprocess -t TOKENIZER -i music21 -o data/pt  --mode pt  --max_len 2048 -w 2
+    python -m data_preprocess.preprocess -t TOKENIZER -i music21 -o data/sft --mode sft --make_sft_from_metadata
+    python -m data_preprocess.preprocess -t TOKENIZER -i chats.jsonl -o data/sft --mode sft
+
+Flags follow ChatMusician's data_preprocess (``-t -i -o -w``); every option is also a config key
+(``--config job.yaml``, trailing ``key=value`` overrides).
+
+* ``pt``: every tune becomes ``<s> tune </s>``, packed back to back into ``max_len`` blocks (a tune
+  longer than what is left continues in the next block, never dropped; positions reset per tune).
+* ``sft``: conversations in ChatMusician's ``Human: … </s> Assistant: … </s>`` format (see
+  :mod:`data_preprocess.sft`), loss only on the answers; a conversation is kept inside one block
+  (the block is padded when it does not fit) and one longer than ``max_len`` is truncated and counted.
+
+Train/val assignment is a hash of the tune's music (stable when the corpus grows). Tokenisation is
+the fast tokenizer's batch encode on chunks of tunes; ``-w N`` spreads chunks (and the optional
+``--check abc2midi``) over N processes while results are written in input order, so the output is
+byte-identical for any N. Memory stays flat: tunes stream from disk to the shard files.
+
+Outputs in OUT: ``{train,val}.{tokens,loss_mask,pos}.bin`` + ``meta.json`` (:mod:`data_preprocess.shards`),
+``rejects.jsonl`` (file, tune index, reason), ``tokenizer/`` (a copy, so training loads it from here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_preprocess import config as cfgmod
+from data_preprocess.corpus import (
+    CorpusStats,
+    Reject,
+    abc2midi_problem,
+    iter_tunes,
+    split_of,
+)
+from data_preprocess.sft import (
+    encode_conversations,
+    iter_sft_records,
+    metadata_conversations,
+)
+from data_preprocess.shards import SPLITS, ShardWriter, write_meta
+from data_preprocess.train_tokenizer import CHAT_TEMPLATE, tokenizer_identity
+
+
+@dataclass
+class PreprocessConfig:
+    tokenizer: str = ""                  # HF tokenizer dir / hub id, or a SentencePiece .model file
+    input: str = "music21"               # dir of .abc/.txt, .jsonl, datasets dir / file / hub id, or music21
+    output_dir: str = ""
+    mode: str = "pt"                     # pt | sft
+    max_len: int = 2048
+    workers: int = 1                     # processes for tokenisation / abc2midi (1 = in this process)
+    val_ratio: float = 0.02
+    seed: int = 0                        # salt of the hash-based train/val split
+    text_field: str = "text"
+    limit: int | None = None             # stop after this many kept tunes / records
+    check: str = "none"                  # none | abc2midi (run the real abc2midi on every tune)
+    strict: bool = False                 # any reject -> exit status 1 (outputs are still written)
+    make_sft_from_metadata: bool = False  # sft from ABC metadata (text->music, music->text)
+    max_line_len: int = 4096
+    dedup: bool = True
+    chunk_size: int = 512                # tunes per tokenisation batch / worker job
+    overwrite: bool = False              # allow writing into a non-empty dir that is not a previous output
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.tokenizer:
+            raise SystemExit("preprocess: -t/--tokenizer is required (an HF tokenizer dir or a .model file; "
+                             "train one with `python -m data_preprocess.train_tokenizer -o DIR`)")
+        if not self.output_dir:
+            raise SystemExit("preprocess: -o/--output_dir is required")
+        if self.mode not in ("pt", "sft"):
+            raise SystemExit(f"preprocess: --mode must be pt or sft, got {self.mode!r}")
+        if self.check not in ("none", "abc2midi"):
+            raise SystemExit(f"preprocess: --check must be none or abc2midi, got {self.check!r}")
+        if self.max_len < 16:
+            raise SystemExit(f"preprocess: --max_len must be >= 16, got {self.max_len}")
+        if not 0 <= self.val_ratio < 1:
+            raise SystemExit(f"preprocess: --val_ratio must be in [0, 1), got {self.val_ratio}")
+        if self.workers < 1 or self.chunk_size < 1:
+            raise SystemExit("preprocess: --workers and --chunk_size must be >= 1")
+        if self.make_sft_from_metadata and self.mode != "sft":
+            raise SystemExit("preprocess: --make_sft_from_metadata needs --mode sft")
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def load_tokenizer(path: str):
+    """An HF tokenizer from a dir / hub id, or from a SentencePiece ``.model`` (wrapped via a temp dir:
+    ``LlamaTokenizer(vocab_file=...)`` silently builds a 3-token tokenizer in transformers 5). A missing
+    pad token becomes ``<unk>`` (never EOS); a missing chat template becomes the SFT format's."""
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    try:
+        if p.is_file() and p.suffix == ".model":
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copyfile(p, Path(tmp) / "tokenizer.model")
+                tok = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else path, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - many loader errors; add what to do
+        raise SystemExit(f"{path}: cannot load a tokenizer ({type(e).__name__}: {str(e)[:300]}); pass an HF "
+                         "tokenizer dir or a SentencePiece .model") from None
+    if tok.bos_token_id is None or tok.eos_token_id is None:
+        raise SystemExit(f"{path}: tokenizer needs BOS and EOS tokens")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token_id is None or tok.unk_token_id == tok.eos_token_id:
+            raise SystemExit(f"{path}: tokenizer has no pad token distinct from EOS (and no <unk> to use)")
+        tok.pad_token = tok.unk_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_tokenizer_copy(tok, src: str, dst: Path) -> None:
+    """OUT/tokenizer: the tokenizer as used (incl. pad / chat template fixes) + tokenizer.model."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    tok.save_pretrained(dst)
+    s = Path(src).expanduser()
+    model = s if (s.is_file() and s.suffix == ".model") else s / "tokenizer.model"
+    if model.is_file() and not (dst / "tokenizer.model").is_file():
+        shutil.copyfile(model, dst / "tokenizer.model")
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+_TOK = None
+
+
+def _init_worker(tok_dir: str) -> None:
+    global _TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core already
+    from transformers import AutoTokenizer
+
+    _TOK = AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _job(job):
+    """One chunk: optional abc2midi check, then batch tokenisation. Runs in a worker or in-process.
+
+    pt:   items are tune texts -> [(problem, ids int32 array incl. BOS/EOS)]
+    sft:  items are Conversations, or (tune text, [Conversation]) pairs when built from metadata
+          -> [(problem, [(kind, ids, mask)])]
+    """
+    mode, items, check = job
+    tok = _TOK
+    if mode == "pt":
+        problems = [abc2midi_problem(t) for t in items] if check else [None] * len(items)
+        ok = [t for t, p in zip(items, problems) if p is None]
+        enc = iter(tok(ok, add_special_tokens=False)["input_ids"] if ok else [])
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        out = []
+        for p in problems:
+            if p is not None:
+                out.append((p, None))
+            else:
+                ids = next(enc)
+                a = np.empty(len(ids) + 2, dtype=np.int32)
+                a[0], a[-1] = bos, eos
+                a[1:-1] = ids
+                out.append((None, a))
+        return out
+    # sft
+    if items and isinstance(items[0], tuple):
+        problems = [abc2midi_problem(text) if check else None for text, _ in items]
+        groups = [convs if p is None else [] for (_, convs), p in zip(items, problems)]
+    else:
+        problems, groups = [None] * len(items), [[c] for c in items]
+    flat = [c for g in groups for c in g]
+    enc = iter(encode_conversations(tok, flat))
+    out = []
+    for p, g in zip(problems, groups):
+        docs = []
+        for c in g:
+            ids, mask = next(enc)
+            docs.append((c.kind, np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)))
+        out.append((p, docs))
+    return out
+
+
+def _ordered(jobs: Iterable, pool, inflight: int) -> Iterator:
+    """(job, result) in submission order with at most ``inflight`` jobs queued (flat memory; unlike
+    Pool.imap, which drains the whole input iterator into its task queue)."""
+    if pool is None:
+        for j in jobs:
+            yield j, _job(j)
+        return
+    q: deque = deque()
+    for j in jobs:
+        q.append((j, pool.apply_async(_job, (j,))))
+        if len(q) >= inflight:
+            j0, r = q.popleft()
+            yield j0, r.get()
+    while q:
+        j0, r = q.popleft()
+        yield j0, r.get()
+
+
+def _chunks(it: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+
+class BlockWriter(ShardWriter):
+    """ShardWriter that can keep a document inside one block: :meth:`add_whole` pads the rest of the
+    current block (mask 0, positions continuing, like the final padding) when the document does not fit."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.num_mid_padding = 0
+
+    def add_whole(self, ids, mask) -> None:
+        n = len(ids)
+        if self._fill and self._fill + n > self.max_len:
+            pad = self.max_len - self._fill
+            last = int(self._pos[self._fill - 1])
+            self._pos[self._fill:] = np.arange(last + 1, last + 1 + pad)
+            self.num_mid_padding += pad
+            self._flush()
+        self.add(ids, mask)
+
+    def close(self) -> dict:
+        st = super().close()
+        st["num_padding_tokens"] += self.num_mid_padding
+        return st
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("tunesmith", "numpy", "transformers", "tokenizers", "datasets", "music21", "sentencepiece"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file() and not overwrite:
+        raise SystemExit(f"{out}: exists, is not empty and holds no previous preprocess output; "
+                         "pass --overwrite or choose another -o")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)   # no stale meta beside half-written shards
+
+
+def run(cfg: PreprocessConfig) -> dict:
+    """Runs the whole job; returns the meta dict (also written to OUT/meta.json)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    _prepare_out(out, cfg.overwrite)
+    tok = load_tokenizer(cfg.tokenizer)
+    tok_dir = out / "tokenizer"
+    save_tokenizer_copy(tok, cfg.tokenizer, tok_dir)
+    if not getattr(tok, "is_fast", False):
+        print(f"warning: {cfg.tokenizer} is a slow (python) tokenizer; preprocessing will be slow", file=sys.stderr)
+    vocab = len(tok)
+
+    stats = CorpusStats()
+    rejects_f = open(out / "rejects.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    first_rejects: list[Reject] = []
+
+    def on_reject(r: Reject) -> None:
+        rejects_f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        if len(first_rejects) < 50:
+            first_rejects.append(r)
+
+    check = cfg.check == "abc2midi"
+    if check:
+        from data_preprocess.abctools import require
+
+        require("abc2midi")
+    lim = {"stats": stats, "on_reject": on_reject, "dedup": cfg.dedup, "limit": cfg.limit}
+    from_records = cfg.mode == "sft" and not cfg.make_sft_from_metadata
+    if from_records:
+        source = iter_sft_records(cfg.input, stats, on_reject, limit=cfg.limit, dedup=cfg.dedup)
+    else:
+        source = iter_tunes(cfg.input, text_field=cfg.text_field, max_line_len=cfg.max_line_len, **lim)
+
+    def jobs() -> Iterator:
+        for chunk in _chunks(source, cfg.chunk_size):
+            if cfg.mode == "pt":
+                payload = [t.text for t in chunk]
+            elif from_records:
+                payload = chunk
+            else:
+                payload = [(t.text, metadata_conversations(t)) for t in chunk]
+            keys = [c.key for c in chunk] if from_records else [t.body_hash for t in chunk]
+            locs = [(c.file, c.index) for c in chunk]
+            yield (cfg.mode, payload, check), keys, locs
+
+    writers = {s: (BlockWriter if cfg.mode == "sft" else ShardWriter)(out, s, cfg.max_len, vocab, tok.pad_token_id)
+               for s in SPLITS}
+    sft_counts = {"conversations": 0, "text2music": 0, "music2text": 0, "truncated": 0, "truncated_tokens": 0,
+                  "dropped_no_target": 0}
+    longest = 0
+    pool = None
+    if cfg.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            cfg.workers, initializer=_init_worker, initargs=(str(tok_dir),))
+    else:
+        global _TOK
+        _TOK = tok
+    bar = tqdm(unit=" tunes" if not from_records else " records", disable=not cfg.progress, dynamic_ncols=True,
+               desc=f"preprocess {cfg.mode}")
+    job_meta: deque = deque()
+
+    def job_iter():
+        for job, keys, locs in jobs():
+            job_meta.append((keys, locs))
+            yield job
+
+    try:
+        for job, result in _ordered(job_iter(), pool, inflight=2 * cfg.workers + 1):
+            keys, locs = job_meta.popleft()
+            for key, (file, index), (problem, docs) in zip(keys, locs, result):
+                if problem is not None:
+                    stats.kept -= 1
+                    stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
+                    continue
+                w = writers[split_of(key, cfg.val_ratio, cfg.seed)]
+                if cfg.mode == "pt":
+                    longest = max(longest, len(docs))
+                    w.add(docs)
+                    continue
+                for kind, ids, mask in docs:
+                    longest = max(longest, len(ids))
+                    if len(ids) > cfg.max_len:
+                        sft_counts["truncated"] += 1
+                        sft_counts["truncated_tokens"] += len(ids) - cfg.max_len
+                        ids, mask = ids[:cfg.max_len], mask[:cfg.max_len]
+                        if not mask.any():
+                            sft_counts["dropped_no_target"] += 1
+                            continue
+                    sft_counts["conversations"] += 1
+                    sft_counts[kind] = sft_counts.get(kind, 0) + 1
+                    w.add_whole(ids, mask)
+            bar.update(len(result))
+            bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), dup=stats.duplicates,
+                            refresh=False)
+    finally:
+        bar.close()
+        rejects_f.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    split_stats = {s: w.close() for s, w in writers.items()}
+
+    tokens = sum(s["num_tokens"] for s in split_stats.values())
+    blocks = sum(s["num_blocks"] for s in split_stats.values())
+    counts = {**stats.to_json(), "sequences": sum(s["num_docs"] for s in split_stats.values()), "tokens": tokens,
+              "target_tokens": sum(s["num_target_tokens"] for s in split_stats.values()), "blocks": blocks,
+              "packing_efficiency": tokens / (blocks * cfg.max_len) if blocks else 0.0,
+              "longest_sequence_tokens": longest,
+              "split_sizes": {s: split_stats[s]["num_docs"] for s in SPLITS}}
+    if cfg.mode == "sft":
+        counts["sft"] = sft_counts
+    if cfg.mode == "sft" and sft_counts["truncated"]:
+        print(f"warning: {sft_counts['truncated']} conversations longer than --max_len {cfg.max_len} were "
+              f"truncated ({sft_counts['truncated_tokens']} tokens cut; {sft_counts['dropped_no_target']} "
+              "dropped because no answer token was left)", file=sys.stderr)
+    elapsed = time.time() - t0
+    meta = {
+        "mode": cfg.mode, "max_len": cfg.max_len, "vocab_size": vocab, "pad_id": tok.pad_token_id,
+        "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "splits": split_stats,
+        "tokenizer": {**tokenizer_identity(tok_dir, tok), "source": str(cfg.tokenizer)},
+        "input": str(cfg.input), "counts": counts,
+        "sft_format": "<s>Human: {prompt} </s> Assistant: {answer} </s> " if cfg.mode == "sft" else None,
+        "config": asdict(cfg), "versions": _versions(), "elapsed_s": round(elapsed, 3),
+        "tunes_per_s": round(stats.tunes_read / elapsed, 1) if elapsed else None,
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+    }
+    write_meta(out, meta)
+    meta["_first_rejects"] = first_rejects
+    return meta
+
+
+def summary_table(meta: dict) -> str:
+    c = meta["counts"]
+    rows = [("input", meta["input"]), ("mode", meta["mode"]), ("files", c["files"]),
+            ("tunes read" if meta["mode"] == "pt" or c.get("sft", {}).get("text2music") is not None else "records",
+             c["tunes_read"]),
+            ("kept", c["kept"]), ("duplicates", c["duplicates"]), ("rejected", c["rejected_total"])]
+    rows += [(f"  {k}", v) for k, v in c["rejected"].items()]
+    if c.get("replaced_chars"):
+        rows.append(("undecodable chars replaced", c["replaced_chars"]))
+    if "sft" in c:
+        rows += [(f"sft {k}", v) for k, v in c["sft"].items()]
+    rows += [("sequences", c["sequences"]), ("tokens", c["tokens"]), ("target tokens", c["target_tokens"]),
+             ("blocks", f"{c['blocks']} x {meta['max_len']}"), ("packing efficiency", f"{c['packing_efficiency']:.4f}"),
+             ("train / val sequences", f"{c['split_sizes']['train']} / {c['split_sizes']['val']}"),
+             ("tokenizer", f"{meta['tokenizer']['path']} (vocab {meta['vocab_size']}, {meta['tokenizer']['hash']})"),
+             ("time", f"{meta['elapsed_s']:.1f} s ({meta['tunes_per_s']} tunes/s, {meta['tokens_per_s']:.0f} tokens/s)")]
+    w = max(len(str(k)) for k, _ in rows)
+    return "\n".join(f"{k!s:<{w}}  {v}" for k, v in rows)
+
+
+def parser() -> argparse.ArgumentParser:
+    S = argparse.SUPPRESS
+    ap = argparse.ArgumentParser(prog="python -m data_preprocess.preprocess", description=__doc__.split("\n")[0],
+                                 argument_default=S)
+    ap.add_argument("-t", "--tokenizer", help="HF tokenizer dir / hub id, or a SentencePiece .model")
+    ap.add_argument("-i", "--input", help="dir of .abc/.txt, a .jsonl, a datasets dir/file/hub id, or music21 (default)")
+    ap.add_argument("-o", "--output_dir", help="output dir (shards, meta.json, rejects.jsonl, tokenizer/)")
+    ap.add_argument("--mode", choices=("pt", "sft"))
+    ap.add_argument("--max_len", type=int)
+    ap.add_argument("-w", "--workers", type=int, help="worker processes (default 1: in-process)")
+    ap.add_argument("--val_ratio", type=float)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--text_field", help="JSONL/datasets field holding the ABC text (default text)")
+    ap.add_argument("--limit", type=int, help="stop after N kept tunes/records (quick runs)")
+    ap.add_argument("--check", choices=("none", "abc2midi"), help="abc2midi: reject tunes the real abc2midi fails on")
+    ap.add_argument("--strict", action="store_const", const=True, help="exit 1 if any tune was rejected")
+    ap.add_argument("--make_sft_from_metadata", action="store_const", const=True,
+                    help="sft: build instructions from the ABC metadata of the corpus")
+    ap.add_argument("--max_line_len", type=int)
+    ap.add_argument("--no_dedup", dest="dedup", action="store_const", const=False)
+    ap.add_argument("--chunk_size", type=int, help="tunes per batch / worker job")
+    ap.add_argument("--overwrite", action="store_const", const=True)
+    ap.add_argument("--no_progress", dest="progress", action="store_const", const=False)
+    ap.add_argument("--config", help="YAML/JSON file of options (overridden by flags and key=value)")
+    ap.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
+    return ap
+
+
+def main(argv=None) -> int:
+    cfg = cfgmod.build(PreprocessConfig, parser(), argv)
+    meta = run(cfg)
+    first = meta.pop("_first_rejects")
+    print(summary_table(meta))
+    print(f"wrote {Path(cfg.output_dir) / 'meta.json'}")
+    n_rej = meta["counts"]["rejected_total"]
+    if n_rej:
+        print(f"{n_rej} tunes rejected; list: {Path(cfg.output_dir) / 'rejects.jsonl'}")
+    if cfg.strict and n_rej:
+        for r in first:
+            print(f"  rejected {r.file} tune {r.index}: {r.reason}: {r.detail}", file=sys.stderr)
+        if n_rej > len(first):
+            print(f"  ... and {n_rej - len(first)} more in rejects.jsonl", file=sys.stderr)
+        print(f"--strict: {n_rej} rejected tunes", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
