@@ -1,0 +1,251 @@
+"""Text-to-audio generation with a LLaMA trained on codec tokens: caption -> codes -> codec -> WAV.
+
+    python -m inference.audio --model OUT/final --prompt "jig in D major" --out x.wav [--seconds 5]
+    python -m inference.audio --model OUT/final --prompts_file prompts.txt --out_dir wavs/    # batch form
+    python inference/predict.py --audio --prompt "a jig in D major" --out x.wav              # same flags
+
+The model's tokenizer carries the audio spec written by ``data_preprocess.audio`` (codec identity, layout,
+token ids; key ``tunesmith_audio`` in tokenizer_config.json), so a checkpoint knows how to decode itself;
+``--codec`` overrides the codec directory (e.g. after moving it).
+
+Sampling is restricted at every step to the tokens the layout allows there
+(:class:`data_preprocess.audio_layout.LayoutConstraint`), so every output decodes. With ``--cfg_scale`` > 1
+and a model trained with caption dropout, classifier-free guidance mixes the captioned and the
+caption-less (``<s> <boa>``) predictions: ``uncond + scale * (cond - uncond)`` (MusicGen).
+Outputs: the WAV, the codes (``.npy``, ``[K, T]`` int64; ``--codes_only`` skips decoding) and a JSON record
+with timing (real-time factor = generation seconds / audio seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_preprocess.audio_codec import Codec, write_wav
+from data_preprocess.audio_layout import AudioVocab, LayoutConstraint, make_layout
+
+log = logging.getLogger("tunesmith.audio")
+
+
+@dataclass
+class AudioGenConfig:
+    """One generation job (flags, ``--config`` YAML/JSON and ``key=value`` use these names)."""
+
+    model: str = ""                 # HF model dir (a checkpoint's hf/ or final/)
+    lora: str = ""                  # optional PEFT adapter dir on top of ``model``
+    tokenizer: str = ""             # default: the adapter's, else the model's
+    codec: str = ""                 # default: the codec path recorded in the tokenizer's audio spec
+    prompt: str = ""
+    prompts_file: str = ""          # batch form: one caption per line
+    out: str = "generated.wav"      # single prompt: the WAV path (codes next to it as .npy)
+    out_dir: str = "generated_audio"  # batch form: NNN.wav / NNN.npy + results.json
+    seconds: float = 5.0            # audio length to generate
+    min_seconds: float | None = None  # None = ``seconds`` (exact length); lower lets the model stop earlier
+    temperature: float = 1.0
+    top_k: int = 250                # MusicGen's default; 0 = off
+    top_p: float = 0.0              # 0 = off
+    cfg_scale: float | None = None  # None = 3.0 when the data had caption dropout, else 1.0 (off)
+    batch_size: int = 4
+    seed: int = 0
+    codes_only: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def audio_spec(tokenizer) -> dict:
+    """The audio spec that ``data_preprocess.audio`` stored in the tokenizer; a clear error if absent."""
+    spec = getattr(tokenizer, "init_kwargs", {}).get("tunesmith_audio")
+    if not spec:
+        raise ValueError("this tokenizer has no audio tokens/spec (tokenizer_config.json key 'tunesmith_audio'); "
+                         "use the tokenizer written by `python -m data_preprocess.audio` (OUT/tokenizer) or a "
+                         "checkpoint trained on those shards")
+    return spec
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p and 0.0 < top_p < 1.0:
+        srt, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(srt, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(srt, dim=-1) > top_p      # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+@torch.inference_mode()
+def generate_codes(model, tokenizer, prompts: list[str], seconds: float, min_seconds: float | None = None,
+                   temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0, cfg_scale: float = 1.0,
+                   generator: torch.Generator | None = None) -> list[np.ndarray]:
+    """Generates one ``[K, T]`` code array per caption, ``T`` in ``[min_seconds, seconds] * frame_rate``.
+
+    One batched KV-cached decode; with ``cfg_scale`` != 1 the batch also holds the caption-less rows.
+    """
+    spec = audio_spec(tokenizer)
+    vocab = AudioVocab.from_dict(spec["vocab"])
+    layout = make_layout(spec["layout"], vocab)
+    fr = float(spec["codec"]["frame_rate"])
+    max_frames = max(1, round(seconds * fr))
+    min_frames = max_frames if min_seconds is None else max(1, min(max_frames, round(min_seconds * fr)))
+    dev = next(model.parameters()).device
+    bos = tokenizer.bos_token_id
+    cap_max = int(spec.get("max_caption_tokens", 64))
+    rows = [[bos] + tokenizer.encode(p, add_special_tokens=False)[:cap_max] + [vocab.boa_id] for p in prompts]
+    B = len(rows)
+    guided = cfg_scale is not None and cfg_scale != 1.0
+    if guided:
+        rows += [[bos, vocab.boa_id]] * B
+    n_ctx = getattr(model.config, "max_position_embeddings", None)
+    need = max(map(len, rows)) + layout.num_tokens(max_frames) + 1
+    if n_ctx and need > n_ctx:
+        raise ValueError(f"{seconds:g} s needs {need} positions but the model has {n_ctx}; lower --seconds")
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)     # left padding
+    attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    cons = [LayoutConstraint(layout, min_frames, max_frames) for _ in range(B)]
+    bodies: list[list[int]] = [[] for _ in range(B)]
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    past, last_pos = out.past_key_values, pos[:, -1]
+    logits = out.logits[:, -1].float()
+    V = logits.shape[-1]
+    for _ in range(layout.num_tokens(max_frames) + 1):
+        if guided:
+            logits = logits[B:] + cfg_scale * (logits[:B] - logits[B:])
+        nxt = torch.full((B,), vocab.eoa_id, dtype=torch.long, device=dev)
+        for i, c in enumerate(cons):
+            if c.done:
+                continue
+            allowed = c.allowed()
+            if len(allowed) == 1 and allowed[0][1] - allowed[0][0] == 1:
+                tok = allowed[0][0]                                  # forced by the layout
+            else:
+                keep = torch.zeros(V, dtype=torch.bool, device=dev)
+                for lo, hi in allowed:
+                    keep[lo:hi] = True
+                lg = logits[i].masked_fill(~keep, float("-inf"))
+                if temperature <= 0:
+                    tok = int(lg.argmax())
+                else:
+                    lg = _filter((lg / temperature)[None], top_k, top_p)[0]
+                    tok = int(torch.multinomial(torch.softmax(lg, -1), 1, generator=generator))
+            c.push(tok)
+            if not c.done:
+                bodies[i].append(tok)
+            nxt[i] = tok
+        if all(c.done for c in cons):
+            break
+        step = torch.cat([nxt, nxt]) if guided else nxt
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=step[:, None], attention_mask=attn, position_ids=last_pos[:, None],
+                    past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1].float()
+    return [layout.decode(b, strict=c.done) for b, c in zip(bodies, cons)]
+
+
+def run(cfg: AudioGenConfig) -> list[dict]:
+    """Loads model + codec, generates every prompt, writes WAV/NPY/JSON; returns the per-prompt records."""
+    from inference.loading import load_model
+
+    if not cfg.model:
+        raise SystemExit("--model is required (an HF model dir, e.g. OUTPUT_DIR/final)")
+    if bool(cfg.prompt) == bool(cfg.prompts_file):
+        raise SystemExit("give exactly one of --prompt or --prompts_file")
+    prompts = [cfg.prompt] if cfg.prompt else [ln.strip() for ln in Path(cfg.prompts_file).read_text().splitlines()
+                                               if ln.strip()]
+    if not prompts:
+        raise SystemExit(f"{cfg.prompts_file}: no prompts (one caption per line)")
+    loaded = load_model(cfg.model, cfg.lora or None, cfg.tokenizer or None, cfg.device, cfg.dtype)
+    spec = audio_spec(loaded.tokenizer)
+    cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else (3.0 if spec.get("caption_dropout", 0) > 0 else 1.0)
+    if cfg_scale != 1.0 and not spec.get("caption_dropout"):
+        log.warning("classifier-free guidance requested but the training data had no caption dropout: the "
+                    "caption-less branch was never trained")
+    codec = None
+    if not cfg.codes_only:
+        codec = Codec(cfg.codec or spec["codec"]["path"], device=str(loaded.device))
+        if codec.num_codebooks != spec["vocab"]["num_codebooks"] or codec.codebook_size != spec["vocab"]["codebook_size"]:
+            raise SystemExit(f"codec {codec.path} has {codec.num_codebooks}x{codec.codebook_size} codes, the model "
+                             f"was trained on {spec['vocab']['num_codebooks']}x{spec['vocab']['codebook_size']}")
+    gen = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    single = bool(cfg.prompt)
+    out_dir = Path(cfg.out).parent if single else Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for b in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[b:b + cfg.batch_size]
+        t0 = time.perf_counter()
+        codes = generate_codes(loaded.model, loaded.tokenizer, batch, cfg.seconds, cfg.min_seconds, cfg.temperature,
+                               cfg.top_k, cfg.top_p, cfg_scale, gen)
+        t_gen = time.perf_counter() - t0
+        for j, (prompt, c) in enumerate(zip(batch, codes)):
+            stem = Path(cfg.out).with_suffix("") if single else out_dir / f"{b + j:03d}"
+            np.save(f"{stem}.npy", c)
+            secs = c.shape[1] / float(spec["codec"]["frame_rate"])
+            rec = {"prompt": prompt, "codes": f"{stem}.npy", "num_frames": int(c.shape[1]), "seconds": secs,
+                   "gen_seconds_batch": t_gen, "real_time_factor": t_gen / max(1e-9, sum(x.shape[1] for x in codes)
+                                                                            / float(spec["codec"]["frame_rate"])),
+                   "cfg_scale": cfg_scale, "layout": spec["layout"]}
+            if codec is not None:
+                audio = codec.decode(c)[0]
+                rec["wav"] = write_wav(f"{stem}.wav", audio, codec.sample_rate)
+                rec["sample_rate"] = codec.sample_rate
+                rec["random_codec"] = codec.random_init
+            records.append(rec)
+            log.info("%s -> %s (%.2f s, %d frames)", prompt, rec.get("wav", rec["codes"]), secs, c.shape[1])
+    results = {"config": asdict(cfg), "results": records}
+    (Path(f"{Path(cfg.out).with_suffix('')}.json") if single else out_dir / "results.json").write_text(
+        json.dumps(results, indent=2) + "\n")
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    S = argparse.SUPPRESS
+    ap = argparse.ArgumentParser(prog="python -m inference.audio", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=S, help="YAML/JSON file with AudioGenConfig fields")
+    ap.add_argument("--model", "--base_model", dest="model", default=S)
+    ap.add_argument("--lora", "--lora_model", dest="lora", default=S)
+    ap.add_argument("--tokenizer", "--tokenizer_path", dest="tokenizer", default=S)
+    ap.add_argument("--codec", default=S)
+    ap.add_argument("--prompt", default=S)
+    ap.add_argument("--prompts_file", default=S)
+    ap.add_argument("--out", default=S)
+    ap.add_argument("--out_dir", "--output_dir", dest="out_dir", default=S)
+    ap.add_argument("--seconds", type=float, default=S)
+    ap.add_argument("--min_seconds", type=float, default=S)
+    ap.add_argument("--temperature", type=float, default=S)
+    ap.add_argument("--top_k", type=int, default=S)
+    ap.add_argument("--top_p", type=float, default=S)
+    ap.add_argument("--cfg_scale", type=float, default=S)
+    ap.add_argument("--batch_size", type=int, default=S)
+    ap.add_argument("--seed", type=int, default=S)
+    ap.add_argument("--codes_only", action="store_true", default=S)
+    ap.add_argument("--device", default=S)
+    ap.add_argument("--dtype", default=S)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of AudioGenConfig fields")
+    return ap
+
+
+def main(argv=None) -> int:
+    from data_preprocess.audio import config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(build_parser().parse_args(argv), AudioGenConfig)
+    records = run(cfg)
+    print(json.dumps(records, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
