@@ -230,13 +230,13 @@ def validate(text: str, file: str, index: int, max_line_len: int = DEFAULT_MAX_L
 # ------------------------------------------------------------------------------------------ readers
 
 
-def _split_text(text: str, at_start: bool = True) -> list[str]:
+def _split_text(text: str, at_start: bool = True, whole: bool = True) -> list[str]:
     """Cuts a string into tune texts at ``X:`` lines. The part before the first ``X:`` (the file
     header) is kept only if it has a ``K:`` field, or if there is no ``X:`` at all (then the whole text
     is one tune)."""
     starts = [m.start() for m in _TUNE_START_S.finditer(text)]
-    if not starts:
-        return [text] if text.strip() else []
+    if not starts:   # a whole text without X: is one tune; a file-header block only if it has K:
+        return [text] if text.strip() and (whole or _HAS_KEY_S.search(text)) else []
     parts = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
     head = text[:starts[0]]
     if at_start and head.strip() and _HAS_KEY_S.search(head):
@@ -244,12 +244,12 @@ def _split_text(text: str, at_start: bool = True) -> list[str]:
     return parts
 
 
-def _split_bytes(block: bytes, at_start: bool) -> list[bytes]:
+def _split_bytes(block: bytes, at_start: bool, whole: bool) -> list[bytes]:
     starts = [m.start() + 1 for m in _TUNE_START_B.finditer(block)]
     if block.startswith(b"X:"):
         starts.insert(0, 0)
     if not starts:
-        return [block] if block.strip() else []
+        return [block] if block.strip() and (whole or _HAS_KEY_B.search(block)) else []
     parts = [block[a:b] for a, b in zip(starts, starts[1:] + [len(block)])]
     head = block[:starts[0]]
     if at_start and head.strip() and _HAS_KEY_B.search(head):
@@ -257,10 +257,10 @@ def _split_bytes(block: bytes, at_start: bool) -> list[bytes]:
     return parts
 
 
-def _file_blocks(path: Path, stats: CorpusStats) -> Iterator[tuple[bytes, bool, bool]]:
+def _file_blocks(path: Path, stats: CorpusStats) -> Iterator[tuple[bytes, bool, bool, bool]]:
     """Streams a file as blocks of whole tunes (cut before an ``X:`` line), reading 8 MB at a time, so
     memory is one block plus one tune whatever the file size. CR / CRLF become LF here. Yields
-    (block, at_file_start, oversize); an oversize block is one tune larger than ``MAX_SEGMENT_BYTES``
+    (block, at_file_start, oversize, whole_file); an oversize block is one tune larger than ``MAX_SEGMENT_BYTES``
     (garbage; only its start is kept, to be rejected)."""
     buf = b""
     at_start, oversize = True, False
@@ -277,10 +277,10 @@ def _file_blocks(path: Path, stats: CorpusStats) -> Iterator[tuple[bytes, bool, 
             cut = len(buf) if eof else buf.rfind(b"\nX:") + 1   # whole tunes end before the last X:
             if cut > 0 and oversize:
                 first = buf.find(b"\nX:") + 1 or len(buf)
-                yield buf[:first], at_start, True
+                yield buf[:first], at_start, True, False
                 buf, cut, at_start, oversize = buf[first:], cut - first, False, False
             if cut > 0:
-                yield buf[:cut], at_start, False
+                yield buf[:cut], at_start, False, at_start and eof
                 buf, at_start = buf[cut:], False
             if eof:
                 return
@@ -329,7 +329,7 @@ def _iter_files(files: Iterable[Path], stats: CorpusStats, max_line_len: int) ->
     for path in files:
         stats.files += 1
         file, n = str(path), 0
-        for block, at_start, oversize in _file_blocks(path, stats):
+        for block, at_start, oversize, whole in _file_blocks(path, stats):
             if oversize:
                 yield Reject(file, n, "line_too_long", f"one tune larger than {MAX_SEGMENT_BYTES >> 20} MB")
                 n += 1
@@ -342,13 +342,13 @@ def _iter_files(files: Iterable[Path], stats: CorpusStats, max_line_len: int) ->
             if fast:
                 text, _ = normalise(text)
                 long_lines = _long_line(max_line_len).search(text) is not None
-                for part in _split_text(text, at_start):
+                for part in _split_text(text, at_start, whole):
                     part = part.strip("\n")
                     if part:
                         yield validate(part + "\n", file, n, max_line_len, 0, check_lines=long_lines)
                         n += 1
             else:
-                for seg in _split_bytes(block, at_start):
+                for seg in _split_bytes(block, at_start, whole):
                     raw, bad, recoded = decode_bytes(seg)
                     stats.recoded_cp1252 += recoded
                     if raw.strip():

@@ -51,7 +51,7 @@ from data_preprocess.sft import (
     iter_sft_records,
     metadata_conversations,
 )
-from data_preprocess.shards import SPLITS, ShardWriter, write_meta
+from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
 from data_preprocess.train_tokenizer import CHAT_TEMPLATE, tokenizer_identity
 
 
@@ -404,6 +404,7 @@ def run(cfg: PreprocessConfig) -> dict:
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
     }
     write_meta(out, meta)
+    meta = read_meta(out)                 # exactly what training will read (incl. dtypes, format)
     meta["_first_rejects"] = first_rejects
     return meta
 

@@ -1,0 +1,224 @@
+"""Shard building: packing invariants, worker determinism, SFT masking/truncation, metadata SFT, the CLI,
+tokenizer round trip on real tunes, the abc2midi check path, the music21 corpus end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from data_preprocess.corpus import iter_tunes, split_of
+from data_preprocess.preprocess import PreprocessConfig, run
+from data_preprocess.sft import describe_key, metadata_conversations
+from data_preprocess.shards import SPLITS, open_split, read_meta
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tunes_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "abc"
+    d.mkdir()
+    long_body = "".join(f"|:ABcd efga|bagf edcB|{'GABc ' * (i % 4 + 1)}:|\n" for i in range(60))
+    (d / "a.abc").write_text(
+        "X:1\nT:Short\nM:6/8\nR:jig\nK:D\nDFA dAF|GBd gdB:|\n\n"
+        f"X:2\nT:Very long\nM:4/4\nK:G\n{long_body}\n"
+        "X:3\nT:Middle\nM:3/4\nK:Am\nA2 B2 c2|e4 d2|c6:|\n\n"
+        "X:4\nT:Duplicate of 1\nM:6/8\nR:jig\nK:D\nDFA dAF|GBd gdB:|\n\n"
+        "X:5\nT:no key\nabc\n")
+    (d / "b.abc").write_text("".join(f"X:{i}\nT:Tune {i}\nM:2/4\nL:1/8\nK:{'DGAEC'[i % 5]}\n"
+                                     f"{'abcdefg'[i % 7]}2 {'ABCDEFG'[(i * 3) % 7]}2|c{i % 9}B A2:|\n\n"
+                                     for i in range(40)))
+    return d
+
+
+def _docs(data_dir: Path, split: str, meta: dict):
+    """Reassembles documents from the packed blocks: (ids, mask) per document, continuation pieces
+    (a block that starts inside a document) glued back onto their document."""
+    s = open_split(data_dir, split, meta)
+    toks, mask, pos = (np.asarray(a).reshape(-1) for a in (s.tokens, s.loss_mask, s.pos))
+    L = meta["max_len"]
+    n_real = meta["splits"][split]["num_tokens"] + meta["splits"][split]["num_padding_tokens"]
+    assert n_real == len(toks)
+    docs, cur = [], None
+    for i in range(len(toks)):
+        if pos[i] == 0 and toks[i] == meta["bos_id"]:
+            cur = ([], [])
+            docs.append(cur)
+        elif pos[i] == 0:
+            assert i % L == 0, "a segment start that is not a document (BOS) must be a block start"
+        if cur is not None:
+            cur[0].append(int(toks[i]))
+            cur[1].append(int(mask[i]))
+    return docs
+
+
+def test_pt_packing_invariants(tmp_path, tokenizer_dir):
+    src = _tunes_dir(tmp_path)
+    out = tmp_path / "pt"
+    meta = run(PreprocessConfig(tokenizer=str(tokenizer_dir), input=str(src), output_dir=str(out), max_len=64,
+                                val_ratio=0.2, progress=False))
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    tunes = list(iter_tunes(str(src)))
+    assert meta["counts"]["kept"] == len(tunes) == 43 and meta["counts"]["duplicates"] == 1
+    assert meta["counts"]["rejected"] == {"no_key": 1}
+    expect = {s: [] for s in SPLITS}
+    for t in tunes:
+        expect[split_of(t.body_hash, 0.2, 0)].append([tok.bos_token_id] + tok.encode(t.text, add_special_tokens=False)
+                                                      + [tok.eos_token_id])
+    assert expect["val"] and expect["train"]
+    total = 0
+    for s in SPLITS:
+        st = meta["splits"][s]
+        assert st["num_tokens"] == sum(map(len, expect[s]))        # no token lost, BOS/EOS included
+        sp = open_split(out, s, meta)
+        assert int((np.asarray(sp.tokens) != meta["pad_id"]).sum()) == st["num_tokens"]
+        assert int(np.asarray(sp.loss_mask).sum()) == st["num_tokens"]   # pt: every real token a target
+        docs = _docs(out, s, meta)
+        # strip the final padding (mask 0) and compare document by document, in input order
+        got = [[t for t, m in zip(ids, mk) if m] for ids, mk in docs]
+        assert got == expect[s]
+        total += st["num_tokens"]
+    assert total == meta["counts"]["tokens"]
+    # the long tune straddles several 64-token blocks and positions restart at each block
+    longest = max(len(d) for d in expect["train"] + expect["val"])
+    assert longest > 3 * 64 and meta["counts"]["longest_sequence_tokens"] == longest
+    assert sum(meta["splits"][s]["num_split_docs"] for s in SPLITS) >= 3
+    assert 0.5 < meta["counts"]["packing_efficiency"] <= 1.0
+    assert (out / "tokenizer" / "tokenizer.model").is_file()
+    assert read_meta(out)["tokenizer"]["hash"] == meta["tokenizer"]["hash"]
+
+
+def test_workers_give_identical_output(tmp_path, tokenizer_dir):
+    src = _tunes_dir(tmp_path)
+    outs = []
+    for w in (1, 2):
+        out = tmp_path / f"w{w}"
+        run(PreprocessConfig(tokenizer=str(tokenizer_dir), input=str(src), output_dir=str(out), max_len=64,
+                             workers=w, chunk_size=5, progress=False))
+        outs.append(out)
+    for s in SPLITS:
+        for kind in ("tokens", "loss_mask", "pos"):
+            assert (outs[0] / f"{s}.{kind}.bin").read_bytes() == (outs[1] / f"{s}.{kind}.bin").read_bytes()
+
+
+def test_sft_masking_truncation_and_bad_records(tmp_path, tokenizer_dir):
+    recs = [
+        {"instruction": "Write a jig in D.", "input": "", "output": "X:1\nK:D\nDFA dAF|\n"},
+        {"instruction": "Continue this tune:", "input": "X:1\nK:G\nGAB", "output": "cde|\n"},
+        {"messages": [{"role": "system", "content": "You are a composer."},
+                      {"role": "user", "content": "A reel please."}, {"role": "assistant", "content": "X:1\nK:A\nABcd|\n"},
+                      {"role": "user", "content": "Now in G."}, {"role": "assistant", "content": "X:2\nK:G\nGABc|\n"}]},
+        {"instruction": "Long one", "output": "abcdefg " * 200},
+    ]
+    lines = [json.dumps(r) for r in recs] + ["{broken", json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+                                             json.dumps(recs[0])]
+    src = tmp_path / "sft.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "sft"
+    meta = run(PreprocessConfig(tokenizer=str(tokenizer_dir), input=str(src), output_dir=str(out), mode="sft",
+                                max_len=256, val_ratio=0.0, progress=False))
+    c = meta["counts"]
+    assert c["rejected"] == {"bad_json": 1, "bad_record": 1} and c["duplicates"] == 1
+    assert c["sft"]["truncated"] == 1 and c["sft"]["truncated_tokens"] > 0 and c["sft"]["conversations"] == 4
+    rej = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["reason"]) for r in rej] == [(f"{src}:5", "bad_json"), (f"{src}:6", "bad_record")]
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    docs = _docs(out, "train", meta)
+    assert len(docs) == 4
+    eos = tok.eos_token_id
+    answers = [[recs[0]["output"]], [recs[1]["output"]],
+               [m["content"] for m in recs[2]["messages"] if m["role"] == "assistant"]]
+    for (ids, mask), ans in zip(docs[:3], answers):
+        ids, mask = np.array(ids), np.array(mask)
+        real = ids != meta["pad_id"]
+        ids, mask = ids[real], mask[real]
+        # target tokens are exactly the answers, each followed by " " and EOS
+        target = ids[mask == 1]
+        pieces = np.split(target, np.where(target == eos)[0] + 1)[:-1]
+        assert [tok.decode(p[:-1]) for p in pieces] == [a + " " for a in ans]
+        assert all(p[-1] == eos for p in pieces)
+        # the whole sequence is the ChatMusician format
+        text = tok.decode(ids, skip_special_tokens=False).replace(" </s> ", "</s>").replace("</s> ", "</s>")
+        assert text.startswith("<s>") and "Human: " in text and text.count("Assistant: ") == len(ans)
+        assert ids[0] == tok.bos_token_id and mask[0] == 0
+    ids, mask = (np.array(x) for x in docs[3])
+    assert len(ids) == 256 and mask[-1] == 1   # the truncated one fills one whole block, still has targets
+    # no conversation straddles blocks in sft mode: every document starts its own segment inside a block
+    assert meta["splits"]["train"]["num_split_docs"] == 0
+
+
+def test_sft_from_metadata_music21_end_to_end(tmp_path, tokenizer_dir):
+    out = tmp_path / "m21"
+    meta = run(PreprocessConfig(tokenizer=str(tokenizer_dir), input="music21", output_dir=str(out), mode="sft",
+                                make_sft_from_metadata=True, limit=30, max_len=1024, progress=False))
+    c = meta["counts"]
+    assert c["kept"] == 30 and c["sft"]["text2music"] == 30 and c["sft"]["music2text"] >= 25
+    assert c["sequences"] == c["sft"]["conversations"] == sum(c["split_sizes"].values())
+    tunes = list(iter_tunes("music21", limit=30))
+    kinds = [metadata_conversations(t) for t in tunes]
+    prompts = {conv.turns[0][1].split("\n")[0] for cs in kinds for conv in cs if conv.kind == "text2music"}
+    assert len(prompts) > 5                                  # templates vary
+    t2m = next(cv for cv in kinds[0] if cv.kind == "text2music")
+    assert t2m.turns[1][1] == tunes[0].text.rstrip("\n")     # the answer is the tune itself
+    m2t = next(cv for cv in kinds[0] if cv.kind == "music2text")
+    assert describe_key(tunes[0].meta["key"]) in m2t.turns[1][1] and "T:" not in m2t.turns[0][1]
+    assert describe_key("Dmix") == "D mixolydian" and describe_key("F#m") == "F sharp minor"
+    assert describe_key("Bb") == "B flat major" and describe_key("E Minor") == "E minor" and describe_key("none") is None
+
+
+def test_tokenizer_round_trip_on_real_tunes(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [t.text for t in iter_tunes("music21", limit=400)]
+    texts += ["X:1\nT:Caf\u00e9 \u00e6\u00f8\u00e5 \u266f\nK:D\n\"Am\"A2 {g}f/e/ | [CEG] z4 \\\n  (3abc ||\n"]
+    enc = tok(texts, add_special_tokens=False)["input_ids"]
+    bad = [t for t, ids in zip(texts, enc) if tok.decode(ids) != t]
+    assert not bad, bad[0][:200]
+
+
+def test_abc2midi_check_path(tmp_path, tokenizer_dir):
+    from data_preprocess.abctools import require
+
+    require("abc2midi")
+    src = tmp_path / "c.abc"
+    src.write_text("X:1\nT:fine\nM:4/4\nL:1/8\nK:D\nABcd efga|\n\nX:2\nT:broken key\nK:Q\nabc|\n\n"
+                   "X:3\nT:fine too\nM:3/4\nL:1/4\nK:G\nGAB|\n")
+    out = tmp_path / "chk"
+    meta = run(PreprocessConfig(tokenizer=str(tokenizer_dir), input=str(src), output_dir=str(out), max_len=64,
+                                check="abc2midi", workers=2, progress=False))
+    assert meta["counts"]["rejected"] == {"abc2midi": 1} and meta["counts"]["kept"] == 2
+    rej = json.loads((out / "rejects.jsonl").read_text())
+    assert rej["index"] == 1 and rej["reason"] == "abc2midi" and "abc2midi" in rej["detail"]
+
+
+def test_cli_subprocess_strict_and_meta(tmp_path, tokenizer_dir):
+    src = _tunes_dir(tmp_path)
+    out = tmp_path / "cli"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "data_preprocess.preprocess", "-t", str(tokenizer_dir), "-i", str(src), "-o", str(out),
+           "--mode", "pt", "--max_len", "128", "-w", "1", "--no_progress", "--strict", "val_ratio=0.1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "no_key" in p.stderr and "a.abc tune 4" in p.stderr         # the reject is listed
+    assert "packing efficiency" in p.stdout                             # the summary table
+    meta = read_meta(out)
+    for k in ("mode", "max_len", "vocab_size", "pad_id", "bos_id", "eos_id", "splits", "tokenizer", "counts",
+              "versions"):
+        assert k in meta
+    assert meta["config"]["val_ratio"] == 0.1 and meta["tokenizer"]["vocab_size"] == meta["vocab_size"]
+    assert meta["counts"]["files"] == 2 and meta["counts"]["tunes_read"] == 45
+    assert AutoTokenizer.from_pretrained(out / "tokenizer").pad_token_id == meta["pad_id"]
+    bad = subprocess.run(cmd[:-2] + ["nonsense_key=1"], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300, check=False)
+    assert bad.returncode != 0 and "unknown option 'nonsense_key'" in bad.stderr
+
+
+@pytest.mark.parametrize("field", ["tokenizer", "output_dir"])
+def test_config_requires_paths(field):
+    kw = {"tokenizer": "t", "output_dir": "o", field: ""}
+    with pytest.raises(SystemExit, match=field.split("_")[0]):
+        PreprocessConfig(**kw)
