@@ -42,6 +42,40 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+def adapter_vocab_size(lora_model: str | os.PathLike) -> int | None:
+    """Rows of the full ``embed_tokens`` / ``lm_head`` copies a PEFT adapter carries (``modules_to_save``
+    or ``save_embedding_layers``), or None when it carries none. The base must be resized to exactly this
+    before the adapter is attached (it may differ from ``len(tokenizer)``, e.g. padded to a multiple)."""
+    p = Path(lora_model)
+    rows = None
+    if (p / "adapter_model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(p / "adapter_model.safetensors"), "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    elif (p / "adapter_model.bin").is_file():
+        sd = torch.load(p / "adapter_model.bin", map_location="cpu", weights_only=True)
+        shapes = {k: list(v.shape) for k, v in sd.items()}
+    else:
+        return None
+    for k, shape in shapes.items():
+        if ("embed_tokens" in k or "lm_head" in k) and "lora_" not in k and len(shape) == 2:
+            rows = max(rows or 0, int(shape[0]))
+    return rows
+
+
+def resize_for_adapter(model, tokenizer, lora_model: str | None = None) -> int:
+    """Grows the base's embeddings to what the adapter (or else the tokenizer) needs; new rows are the
+    mean of the old ones (training's rule, deterministic). Returns the final number of rows."""
+    from training.model import resize_embeddings
+
+    need = len(tokenizer)
+    if lora_model:
+        need = adapter_vocab_size(lora_model) or need
+    resize_embeddings(model, need)
+    return model.get_input_embeddings().weight.shape[0]
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module
@@ -66,9 +100,7 @@ def load_model(base_model: str, lora_model: str | None = None, tokenizer_path: s
     tok = load_tokenizer(tok_src, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dt, trust_remote_code=trust_remote_code,
                                                  use_safetensors=None)
-    n_vocab = model.get_input_embeddings().weight.shape[0]
-    if len(tok) > n_vocab:
-        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    resize_for_adapter(model, tok, lora_model)
     if lora_model:
         from peft import PeftModel
 
