@@ -1,0 +1,461 @@
+"""Training throughput: tokens/s/device, MFU, peak memory and a step-time breakdown of tunesmith's
+DeepSpeed engine, optionally against ``transformers.Trainer`` on the same job.
+
+    python -m benchmarks.train_throughput --model llama-tiny --train_type full --seq_len 256 --micro_batch 4 \\
+        --zero 2 --steps 10 --compare hf_trainer                                  # CPU, seconds
+    python -m benchmarks.train_throughput --model llama2-7b --train_type lora --seq_len 2048 --micro_batch 4 \\
+        --zero 2 --steps 20 --compare hf_trainer                                  # one H100
+
+What runs (each runner in its own subprocess, so memory peaks and compile/allocator state never leak):
+
+``tunesmith``   the engine's own building blocks -- ``training.config`` (ds_config "auto" filling),
+                ``training.model.build_model`` (preset random init, PEFT LoRA with modules_to_save,
+                gradient checkpointing), ``param_groups``, ``deepspeed.initialize``,
+                ``training.data.make_batch`` on packed blocks, ``training.train.token_losses``, and the
+                engine's ``engine.backward(loss_sum / n_targets)`` + ``engine.step()``. The loop is timed
+                at four points (data -> forward -> backward -> optimizer step; CUDA synchronised at each),
+                which the engine's own loop does not expose.
+``hf_trainer``  the same model (same builder, seed, LoRA config), the same blocks, sequence length,
+                micro batch and the *same filled DeepSpeed config dict* through ``transformers.Trainer``
+                (``TrainingArguments(deepspeed=...)``), timed per step by a ``TrainerCallback``.
+
+Data: ``--data_dir`` (a ``data_preprocess`` output: real packed ABC shards and their tokenizer) or, by
+default, synthetic packed blocks: documents of random length (mean ``seq_len/4``) of uniform random
+token ids over a ``--vocab_size`` vocabulary, positions reset per document -- the same layout
+``data_preprocess`` writes. Throughput does not depend on token values.
+
+Figures: tokens/s/device = ``micro_batch * seq_len`` per step / mean step time over the timed steps
+(the first ``--warmup`` steps are excluded). MFU by :mod:`benchmarks.flops` (model FLOPs: 6N + causal
+attention for full, the honest LoRA count for LoRA); HFU adds the recompute of gradient checkpointing.
+Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS of the runner process on CPU.
+JSON goes to ``--output``; a markdown table is printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.common import (
+    default_output,
+    environment,
+    markdown_table,
+    opt,
+    parse_config,
+    write_json,
+)
+
+RUNNERS = ("tunesmith", "hf_trainer")
+
+
+@dataclass
+class ThroughputConfig:
+    model: str = opt("llama-small", "training preset (random init) or HF model dir")
+    train_type: str = opt("lora", "full | lora")
+    seq_len: int = opt(512, "tokens per packed block")
+    micro_batch: int = opt(4, "sequences per forward (= per optimizer step; no accumulation)")
+    zero: int = opt(2, "ZeRO stage 0-3 (ds_configs/zero{N}.json)")
+    ds_config: str | None = opt(None, "a DeepSpeed JSON instead of ds_configs/zero{zero}.json")
+    steps: int = opt(10, "timed optimizer steps")
+    warmup: int = opt(2, "untimed steps first (allocator, autotuning, compile)")
+    compare: str = opt("", "'hf_trainer' to also run transformers.Trainer on the same job")
+    lora_r: int = opt(64, "LoRA rank")
+    lora_modules_to_save: str = opt("embed_tokens,lm_head", "modules trained in full next to LoRA ('' = none)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward")
+    loss: str = opt("engine", "engine (training.train.token_losses) | chunked (training.fused_loss) -- tunesmith only")
+    data_dir: str | None = opt(None, "packed shards from data_preprocess (default: synthetic)")
+    vocab_size: int = opt(32000, "vocabulary of synthetic data / preset (ignored with --data_dir)")
+    precision: str = opt("auto", "auto (bf16 GPU, fp32 CPU) | bf16 | fp32")
+    lr: float = opt(1e-4, "learning rate (constant)")
+    seed: int = opt(0, "seed of init and data")
+    output: str | None = opt(None, "JSON path (default outputs/benchmarks/train_throughput_<model>_<type>.json)")
+
+    def validate(self):
+        if self.train_type not in ("full", "lora"):
+            raise SystemExit(f"--train_type must be full or lora, got {self.train_type!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise SystemExit(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.compare not in ("", "hf_trainer"):
+            raise SystemExit(f"--compare must be '' or 'hf_trainer', got {self.compare!r}")
+        if self.loss not in ("engine", "chunked"):
+            raise SystemExit(f"--loss must be engine or chunked, got {self.loss!r}")
+        if self.loss == "chunked" and self.zero == 3:
+            raise SystemExit("--loss chunked reads the lm_head weight outside its module, which ZeRO-3 partitions; "
+                             "use --zero 2 (or --loss engine)")
+        for name in ("seq_len", "micro_batch", "steps"):
+            if getattr(self, name) < 1:
+                raise SystemExit(f"--{name} must be >= 1")
+        if self.warmup < 0:
+            raise SystemExit("--warmup must be >= 0")
+        if self.data_dir and not (Path(self.data_dir) / "meta.json").is_file():
+            raise SystemExit(f"--data_dir {self.data_dir}: no meta.json; make it with python -m data_preprocess.preprocess")
+
+    def ds_path(self) -> str:
+        return self.ds_config or f"ds_configs/zero{self.zero}.json"
+
+    def runners(self) -> list[str]:
+        return ["tunesmith"] + ([self.compare] if self.compare else [])
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class SyntheticVocab:
+    """The few tokenizer facts a random-init preset needs (its size and special ids) when the benchmark
+    runs on synthetic token ids; a real tokenizer is used with ``--data_dir``."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def synthetic_split(n_blocks: int, seq_len: int, vocab: int, seed: int):
+    """``n_blocks`` packed blocks in the shard layout: BOS doc EOS back to back, positions reset per doc."""
+    import numpy as np
+
+    from data_preprocess.shards import Split
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab, size=(n_blocks, seq_len), dtype=np.int64)
+    pos = np.zeros((n_blocks, seq_len), dtype=np.int64)
+    for b in range(n_blocks):
+        i = 0
+        while i < seq_len:
+            n = int(min(seq_len - i, max(8, rng.exponential(seq_len / 4))))
+            tokens[b, i] = 1
+            tokens[b, i + n - 1] = 2
+            pos[b, i:i + n] = np.arange(n)
+            i += n
+    return Split(tokens, np.ones_like(tokens, dtype=np.uint8), pos)
+
+
+def load_data(cfg: ThroughputConfig, n_blocks: int):
+    """(split, tokenizer-or-vocab, seq_len) of the job."""
+    if cfg.data_dir:
+        from transformers import AutoTokenizer
+
+        from data_preprocess.shards import open_split, read_meta
+
+        meta = read_meta(cfg.data_dir)
+        if meta["max_len"] != cfg.seq_len:
+            raise SystemExit(f"--data_dir {cfg.data_dir} has max_len {meta['max_len']}, not --seq_len {cfg.seq_len}")
+        tok = AutoTokenizer.from_pretrained(str(Path(cfg.data_dir) / "tokenizer"))
+        return open_split(cfg.data_dir, "train", meta), tok
+    return synthetic_split(n_blocks, cfg.seq_len, cfg.vocab_size, cfg.seed), SyntheticVocab(cfg.vocab_size)
+
+
+def step_rows(n_blocks: int, steps: int, micro: int, seed: int) -> list:
+    """Block indices of every step, identical for both runners (the engine's shuffled stream)."""
+    from training.data import BlockStream
+
+    stream = BlockStream(n_blocks, seed)
+    return [stream.take(s * micro, micro) for s in range(steps)]
+
+
+# --------------------------------------------------------------------------------------------- runners
+
+
+def _train_config(cfg: ThroughputConfig, mode: str):
+    from training.config import TrainConfig
+
+    mts = [m for m in cfg.lora_modules_to_save.split(",") if m.strip()]
+    return TrainConfig(mode=mode, model=cfg.model, train_type=cfg.train_type, lora_r=cfg.lora_r,
+                       lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, lora_modules_to_save=mts,
+                       gradient_checkpointing=cfg.gradient_checkpointing, micro_batch_size=cfg.micro_batch,
+                       global_batch_size=cfg.micro_batch, lr=cfg.lr, ds_config=cfg.ds_path(),
+                       precision=cfg.precision, seed=cfg.seed, report_to=[])
+
+
+def _setup(cfg: ThroughputConfig):
+    """Everything both runners share: device, typed engine config, filled ds config, model, data."""
+    import torch
+
+    from training.config import (
+        detect_environment,
+        fill_ds_config,
+        read_ds_config,
+        resolve_precision,
+    )
+    from training.model import build_model
+
+    env = detect_environment()
+    tcfg = _train_config(cfg, "pt")
+    precision = resolve_precision(tcfg, env)
+    n_blocks = max(64, cfg.micro_batch * (cfg.steps + cfg.warmup))
+    split, tok = load_data(cfg, n_blocks)
+    model, info = build_model(tcfg, tok, precision)
+    ds = fill_ds_config(read_ds_config(tcfg), tcfg, 1, precision, _model_config(model)["hidden_size"],
+                        env.device == "cpu")
+    device = torch.device("cuda", 0) if env.device == "cuda" else torch.device("cpu")
+    rows = step_rows(len(split), cfg.steps + cfg.warmup, cfg.micro_batch, cfg.seed)
+    return tcfg, precision, split, tok, model, info, ds, device, rows
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def run_tunesmith(cfg: ThroughputConfig) -> dict:
+    import deepspeed
+    import torch
+
+    from training.data import make_batch
+    from training.model import DTYPES, param_groups
+    from training.train import all_sum, token_losses
+
+    tcfg, precision, split, _tok, model, info, ds, device, rows = _setup(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tcfg.weight_decay),
+                                           config=ds)
+    mask_dtype = DTYPES[precision]
+    if cfg.loss == "chunked":
+        from training.fused_loss import chunked_causal_lm_loss
+
+        module = engine.module
+
+        def loss_fn(batch):
+            hidden = module.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                          attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+            return chunked_causal_lm_loss(hidden, module.get_output_embeddings().weight, batch.labels,
+                                          num_items=1)  # sum of token losses, like token_losses
+    else:
+        def loss_fn(batch):
+            return token_losses(engine, batch)[0]
+
+    engine.train()
+    times = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": []}
+    losses = []
+    for s, r in enumerate(rows):
+        _sync(device)
+        t0 = time.perf_counter()
+        batch = make_batch(split, r, tcfg.doc_attention, mask_dtype).to(device)
+        _sync(device)
+        t1 = time.perf_counter()
+        n_targets = all_sum([batch.num_targets], device)[0]  # the engine all-reduces the step's target count
+        for g in engine.optimizer.param_groups:
+            g["lr"] = cfg.lr
+        loss_sum = loss_fn(batch)
+        _sync(device)
+        t2 = time.perf_counter()
+        engine.backward(loss_sum / max(n_targets, 1), scale_wrt_gas=False)
+        _sync(device)
+        t3 = time.perf_counter()
+        engine.step()
+        _sync(device)
+        t4 = time.perf_counter()
+        losses.append(loss_sum.item() / max(n_targets, 1))
+        if s >= cfg.warmup:
+            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+                times[k].append(v)
+    out = {"step_times": times["step"], "breakdown_s": {k: sum(v) / len(v) for k, v in times.items() if k != "step"},
+           "losses": losses, "peak_memory_gb": _peak_memory(device), "precision": precision,
+           "n_params": info.n_params, "n_trainable": info.n_trainable, "modules_to_save": info.modules_to_save,
+           "model_config": _model_config(model), "ds_config": ds}
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def run_hf_trainer(cfg: ThroughputConfig) -> dict:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from training.data import make_batch
+    from training.model import DTYPES
+
+    tcfg, precision, split, _tok, model, info, ds, device, rows = _setup(cfg)
+    mask_dtype = DTYPES[precision]
+    flat = [int(i) for r in rows for i in r]
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(flat)
+
+        def __getitem__(self, i):
+            b = make_batch(split, [flat[i]], tcfg.doc_attention, mask_dtype)
+            return {"input_ids": b.input_ids[0], "labels": b.labels[0], "position_ids": b.position_ids[0],
+                    "attention_mask": b.attention_mask[0]}
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.t0, self.times = None, []
+
+        def on_step_begin(self, args, state, control, **kw):
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            _sync(device)
+            self.times.append(time.perf_counter() - self.t0)
+
+    adam = ds.get("optimizer", {}).get("params", {})
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hf_trainer_"), per_device_train_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=1, max_steps=len(rows), learning_rate=cfg.lr, lr_scheduler_type="constant",
+        weight_decay=tcfg.weight_decay, adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2,
+        adam_epsilon=tcfg.adam_eps, max_grad_norm=tcfg.grad_clip, bf16=precision == "bf16", fp16=False,
+        deepspeed=ds, gradient_checkpointing=False,  # the builder already enabled it when asked
+        logging_steps=10**9, save_strategy="no", report_to=[], disable_tqdm=True, seed=cfg.seed,
+        dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device.type == "cpu")
+    assert not adam or adam.get("lr") == cfg.lr
+    timer = Timer()
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[timer])
+    # the Trainer shuffles with its own sampler; throughput does not depend on which blocks
+    trainer.train()
+    times = timer.times[cfg.warmup:]
+    out = {"step_times": times, "breakdown_s": {}, "losses": [], "peak_memory_gb": _peak_memory(device),
+           "precision": precision, "n_params": info.n_params, "n_trainable": info.n_trainable,
+           "modules_to_save": info.modules_to_save, "model_config": _model_config(model), "ds_config": ds}
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def _model_config(model) -> dict:
+    c = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
+    return {k: getattr(c, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "vocab_size", "tie_word_embeddings")}
+
+
+# ----------------------------------------------------------------------------------------- orchestration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(runner: str, cfg: ThroughputConfig, workdir: Path) -> dict:
+    """Runs one runner in a fresh ``python -m benchmarks.train_throughput --worker RUNNER CFG OUT`` process
+    as rank 0 of a world of 1; returns its JSON."""
+    cfg_path, out_path = workdir / f"{runner}.cfg.json", workdir / f"{runner}.out.json"
+    cfg_path.write_text(json.dumps(asdict(cfg)))
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    repo = Path(__file__).resolve().parents[1]
+    # the DeepSpeed CPU ops compiled once are shared with the tests and the trainer (scripts/env.sh sets the same)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tunesmith" / "torch_extensions"))
+    env["PYTHONPATH"] = os.pathsep.join([str(repo)] + [p for p in [env.get("PYTHONPATH")] if p])
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", runner, str(cfg_path), str(out_path)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, env=env, cwd=str(repo), capture_output=True, text=True)
+    if proc.returncode != 0 or not out_path.is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise RuntimeError(f"{runner} runner failed (exit {proc.returncode}):\n{tail}")
+    res = json.loads(out_path.read_text())
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
+    """tokens/s, MFU, HFU of one runner's raw step times."""
+    from benchmarks.flops import Shape, train_flops_per_token
+
+    mc = res["model_config"]
+    shape = Shape(mc["num_hidden_layers"], mc["hidden_size"], mc["intermediate_size"], mc["num_attention_heads"],
+                  mc["num_key_value_heads"], mc["vocab_size"], bool(mc["tie_word_embeddings"]))
+    mts = res.get("modules_to_save") or []
+    fl = train_flops_per_token(shape, cfg.seq_len, cfg.train_type, lora_r=cfg.lora_r,
+                               trainable_embed="embed_tokens" in mts, trainable_lm_head="lm_head" in mts,
+                               recompute=cfg.gradient_checkpointing)
+    times = res["step_times"]
+    mean = sum(times) / len(times)
+    tps = cfg.micro_batch * cfg.seq_len / mean
+    return {"tokens_per_s": tps, "step_s_mean": mean, "step_s_min": min(times), "step_s_max": max(times),
+            "mfu": tps * fl.model / peak.flops, "hfu": tps * fl.hardware / peak.flops,
+            "flops_per_token": fl.as_dict(), "peak_memory_gb": res["peak_memory_gb"]}
+
+
+def run(cfg: ThroughputConfig) -> dict:
+    import torch
+
+    from benchmarks.flops import device_peak
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the peak is measured before any runner starts (on CPU: a big fp32 matmul on an idle process)
+    dtype = torch.float32 if device.type == "cpu" and cfg.precision in ("auto", "fp32") else torch.bfloat16
+    peak = device_peak(device, dtype)
+    results, rows = {}, []
+    with tempfile.TemporaryDirectory(prefix="tunesmith_tp_") as tmp:
+        from tqdm.auto import tqdm
+
+        for runner in tqdm(cfg.runners(), desc="train_throughput", unit="runner"):
+            raw = spawn(runner, cfg, Path(tmp))
+            results[runner] = {**summarise(cfg, raw, peak), "raw": raw}
+    for name, r in results.items():
+        bd = r["raw"]["breakdown_s"]
+        rows.append([name, f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_memory_gb']:.2f}",
+                     f"{1000 * r['step_s_mean']:.0f}"] +
+                    ([f"{1000 * bd[k]:.0f}" for k in ("data", "forward", "backward", "optimizer")] if bd else ["-"] * 4))
+    ratio = None
+    if "hf_trainer" in results:
+        ratio = results["tunesmith"]["tokens_per_s"] / results["hf_trainer"]["tokens_per_s"]
+    first = next(iter(results.values()))["raw"]
+    out = {"benchmark": "train_throughput", "config": asdict(cfg), "device": peak.as_dict(),
+           "precision": first["precision"], "n_params": first["n_params"], "n_trainable": first["n_trainable"],
+           "results": {k: {kk: vv for kk, vv in v.items() if kk != "raw"} | {"breakdown_s": v["raw"]["breakdown_s"],
+                                                                          "losses": v["raw"]["losses"],
+                                                                          "step_times": v["raw"]["step_times"]}
+                       for k, v in results.items()},
+           "ds_config": first["ds_config"], "tunesmith_vs_hf_trainer": ratio, "environment": environment()}
+    path = cfg.output or default_output("train_throughput", cfg.model, extra=f"_{cfg.train_type}")
+    write_json(path, out)
+    print(f"\n{cfg.model} {cfg.train_type}, seq {cfg.seq_len} x micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}, "
+          f"{first['precision']}, {first['n_params'] / 1e6:.2f} M params ({first['n_trainable'] / 1e6:.2f} M trainable)"
+          f", {peak.device} (peak {peak.flops / 1e12:.2f} TFLOP/s, {peak.source}), {cfg.steps} timed steps")
+    print(markdown_table(["runner", "tokens/s/device", "MFU", "peak mem GB", "step ms", "data ms", "fwd ms",
+                          "bwd ms", "opt ms"], rows))
+    if ratio is not None:
+        print(f"tunesmith / hf_trainer tokens/s: {ratio:.2f}x")
+    print(f"results -> {path}")
+    out["output"] = str(path)
+    return out
+
+
+def worker(runner: str, cfg_path: str, out_path: str) -> None:
+    cfg = ThroughputConfig(**json.loads(Path(cfg_path).read_text()))
+    res = {"tunesmith": run_tunesmith, "hf_trainer": run_hf_trainer}[runner](cfg)
+    Path(out_path).write_text(json.dumps(res, default=str))
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # internal: one runner in its own process (see spawn)
+        worker(*argv[1:4])
+        return None
+    return run(parse_config(ThroughputConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()

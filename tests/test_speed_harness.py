@@ -1,0 +1,58 @@
+"""CI-sized runs of the speed harness on CPU: benchmarks.train_throughput (tunesmith's DeepSpeed engine vs
+transformers.Trainer, each in its own subprocess) and benchmarks.generate_speed. They check that the
+figures are sane and consistent, never how fast anything is (speed targets live in benchmarks/RESULTS.md)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import generate_speed, train_throughput
+
+
+@pytest.mark.slow
+def test_train_throughput_tiny_lora_vs_hf_trainer(tmp_path):
+    out = tmp_path / "tt.json"
+    res = train_throughput.main(["--model", "llama-tiny", "--train_type", "lora", "--lora_r", "8", "--seq_len", "64",
+                                 "--micro_batch", "2", "--zero", "2", "--steps", "2", "--warmup", "1",
+                                 "--vocab_size", "400", "--compare", "hf_trainer", "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["tunesmith_vs_hf_trainer"] == pytest.approx(res["tunesmith_vs_hf_trainer"])
+    assert saved["device"]["source"] == "measured"
+    for runner in ("tunesmith", "hf_trainer"):
+        r = saved["results"][runner]
+        assert len(r["step_times"]) == 2 and r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["step_s_mean"])
+        assert 0 < r["mfu"] < 1 and r["peak_memory_gb"] > 0
+        # LoRA r=8 + embed_tokens/lm_head trained: 2N + 2N + 2*V*h + 6*N_lora + attention
+        fl = r["flops_per_token"]
+        assert fl["backward_weight"] == 2 * 400 * 64 and fl["adapters"] > 0
+    ours = saved["results"]["tunesmith"]
+    assert set(ours["breakdown_s"]) == {"data", "forward", "backward", "optimizer"}
+    assert sum(ours["breakdown_s"].values()) == pytest.approx(ours["step_s_mean"], rel=0.05)
+    # a random init over 400 tokens starts at ln(400) = 5.99 nats
+    assert all(5.5 < v < 6.5 for v in ours["losses"])
+    assert saved["n_trainable"] < saved["n_params"]
+
+
+def test_generate_speed_tiny(tmp_path, tiny_model_dir):
+    out = tmp_path / "gs.json"
+    res = generate_speed.main(["--model", str(tiny_model_dir), "--batch", "2", "--prompt_len", "8",
+                               "--new_tokens", "6", "--repeats", "1", "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {"hf_default", "tunesmith", "static"}
+    for r in saved["results"].values():
+        assert r["decode_tokens_per_s"] > 0 and r["time_s"] > r["time_2_tokens_s"] > 0
+        assert 0 < r["pct_of_bandwidth_bound"] < 100  # a tiny model on CPU is nowhere near the bound
+    b = saved["bytes_per_decode_step"]
+    assert b["total"] == b["weights"] + b["embedding_rows"] + b["kv_cache"]
+    assert res["bandwidth_bound_tokens_per_s"] == pytest.approx(2 * saved["device"]["bandwidth"] / b["total"])
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(SystemExit, match="train_type"):
+        train_throughput.main(["--train_type", "qlora"])
+    with pytest.raises(SystemExit, match="ZeRO-3"):
+        train_throughput.main(["--loss", "chunked", "--zero", "3"])
+    with pytest.raises(SystemExit, match="paths"):
+        generate_speed.main(["--paths", "vllm"])
