@@ -1,0 +1,376 @@
+"""Shared machinery of the evaluators: typed configs, model loading, batched log-likelihood scoring,
+batched generation, result files and markdown tables.
+
+Every benchmark is a dataclass config + a ``run(cfg) -> dict`` function; ``parse_config`` builds the CLI
+from the dataclass (``--field value`` flags, ``--config file.yaml|json``, trailing ``key=value``
+overrides; precedence: defaults < config file < flags < overrides).
+
+Log-likelihood scoring follows lm-evaluation-harness: context and continuation are tokenised *jointly*
+and split at the length of the tokenised context (so a space that BPE merges into the continuation is
+scored as part of it), inputs are right-padded, and a request's score is the sum of the log-probs of its
+continuation tokens. Requests whose model input is identical (e.g. the four one-token answer letters of
+an MMLU question after the same prompt) share one forward pass.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def _bool(s: str | bool) -> bool:
+    if isinstance(s, bool):
+        return s
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _field_types(cls) -> dict[str, type]:
+    """Concrete Python type of each dataclass field (Optional[X] -> X)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        out[f.name] = args[0] if args and typing.get_origin(t) in (typing.Union, types.UnionType) else t
+    return out
+
+
+def _convert(cls, name: str, value, where: str):
+    types = _field_types(cls)
+    if name not in types:
+        raise SystemExit(f"{where}: unknown option '{name}'; valid: {', '.join(sorted(types))}")
+    if value is None:
+        return None
+    t = types[name]
+    try:
+        if t is bool:
+            return _bool(value)
+        if isinstance(value, str) and value.lower() in ("none", "null") and t is not str:
+            return None
+        return t(value)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise SystemExit(f"{where}: option '{name}' expects {t.__name__}, got {value!r} ({e})") from None
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{p}: config file not found")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"{p}: config must be a mapping of option -> value")
+    return data
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str = ""):
+    """CLI for dataclass ``cls``: ``--name value`` per field, ``--config FILE`` and ``key=value``."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML or JSON file with any of the options below")
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        t = types[f.name]
+        helptext = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{helptext} (default: {default!r})"}
+        if t is bool:
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)  # --x / --no-x
+        else:
+            ap.add_argument(f"--{f.name}", type=str, **kw)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides applied last")
+    ns = vars(ap.parse_args(argv))
+    values: dict = {}
+    if ns.get("config"):
+        for k, v in load_config_file(ns["config"]).items():
+            values[k] = _convert(cls, k, v, ns["config"])
+    for k, v in ns.items():
+        if k not in ("config", "overrides"):
+            values[k] = _convert(cls, k, v, f"--{k}")
+    for item in ns.get("overrides") or []:
+        if "=" not in item:
+            raise SystemExit(f"override {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        values[k.strip()] = _convert(cls, k.strip(), v, f"override {item!r}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise SystemExit(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def opt(default, help: str):
+    """A dataclass field with a help string (shown by ``--help``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelArgs:
+    """Options every model-based benchmark shares."""
+
+    model: str = opt(None, "HF model dir or hub id (a merged model, or the base for --lora_model)")
+    lora_model: str | None = opt(None, "PEFT adapter dir to apply on top of --model")
+    tokenizer: str | None = opt(None, "tokenizer dir (default: the adapter dir, else the model dir)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = opt("auto", "auto | fp32 | bf16 | fp16")
+    batch_size: int = opt(8, "sequences per forward pass")
+    max_length: int | None = opt(None, "max tokens per sequence (default: the model's max_position_embeddings)")
+    add_bos: bool = opt(True, "prepend the BOS token to every sequence (LLaMA convention)")
+    output: str | None = opt(None, "result JSON path (default: outputs/benchmarks/<bench>_<model>.json)")
+    seed: int = opt(0, "random seed (sampling, subsets)")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def load(cfg: ModelArgs):
+    """Loads the model of ``cfg`` via inference.loading (base + adapter or merged dir)."""
+    from inference.loading import load_model
+
+    if not cfg.model:
+        raise SystemExit("--model is required (an HF model dir, or the base model for --lora_model)")
+    loaded = load_model(cfg.model, cfg.lora_model, tokenizer_path=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype)
+    return loaded
+
+
+def model_max_length(model, override: int | None = None) -> int:
+    if override:
+        return int(override)
+    conf = getattr(model, "config", None)
+    return int(getattr(conf, "max_position_embeddings", 2048) or 2048)
+
+
+@dataclass
+class Score:
+    """Log-likelihood of one continuation: sum of token log-probs, token count, greedy match."""
+
+    logprob: float
+    n_tokens: int
+    is_greedy: bool
+    token_logprobs: list[float] | None = None  # per continuation token, when asked for
+
+
+def _split_space(context: str, continuation: str) -> tuple[str, str]:
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        return context[:-n_space], context[-n_space:] + continuation
+    return context, continuation
+
+
+def encode_pairs(tok, pairs: list[tuple[str, str]], add_bos: bool = True,
+                 chunk: int = 1024) -> list[tuple[list[int], list[int]]]:
+    """lm-eval-harness tokenisation: trailing context whitespace moves to the continuation, the two are
+    encoded jointly and split at the length of the separately encoded context. Contexts shared by
+    several pairs are encoded once; strings are encoded in batches (fast tokenizers run in parallel)."""
+    pairs = [_split_space(c, x) for c, x in pairs]
+
+    def enc(texts: list[str]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for b in range(0, len(texts), chunk):
+            out += tok(texts[b:b + chunk], add_special_tokens=False)["input_ids"]
+        return out
+
+    uniq_ctx = sorted({c for c, _ in pairs if c})
+    ctx_len = dict(zip(uniq_ctx, (len(e) for e in enc(uniq_ctx))))
+    wholes = enc([c + x for c, x in pairs])
+    out = []
+    for (c, _), whole in zip(pairs, wholes):
+        n_ctx = min(ctx_len.get(c, 0), len(whole) - 1)  # a continuation always has at least one token
+        ctx, cont = whole[:n_ctx], whole[n_ctx:]
+        if add_bos and tok.bos_token_id is not None:
+            ctx = [tok.bos_token_id] + ctx
+        if not ctx:  # nothing to condition on: EOS as the start symbol (lm-eval does the same)
+            ctx = [tok.eos_token_id]
+        out.append((ctx, cont))
+    return out
+
+
+def encode_pair(tok, context: str, continuation: str, add_bos: bool = True) -> tuple[list[int], list[int]]:
+    """One (context, continuation) pair, tokenised as :func:`encode_pairs` does."""
+    return encode_pairs(tok, [(context, continuation)], add_bos)[0]
+
+
+def _forward_logits(model, input_ids, attention_mask, keep: torch.Tensor):
+    """Logits at sequence positions ``keep`` only (saves the [B, T, V] tensor on big vocabularies)."""
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
+        return out.logits, keep
+    except TypeError:  # a model without logits_to_keep: full logits, indexed afterwards
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits[:, keep], keep
+
+
+@torch.no_grad()
+def score_continuations(model, requests: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
+                        max_length: int = 2048, device=None, desc: str = "scoring", progress: bool = True,
+                        per_token: bool = False) -> list[Score]:
+    """Sum of log P(continuation | context) for token-id pairs, batched and right-padded.
+
+    The model input of a request is ``(context + continuation)[:-1]`` (left-truncated to ``max_length``),
+    so requests with the same input (one-token continuations of one context) share a forward pass.
+    """
+    device = device or next(model.parameters()).device
+    groups: dict[tuple[int, ...], list[int]] = {}
+    conts: list[list[int]] = []
+    for i, (ctx, cont) in enumerate(requests):
+        if not cont:
+            raise ValueError(f"request {i}: empty continuation")
+        if len(cont) > max_length:
+            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}")
+        inp = (list(ctx) + list(cont))[-(max_length + 1):][:-1]
+        groups.setdefault(tuple(inp), []).append(i)
+        conts.append(list(cont))
+    uniq = sorted(groups, key=len, reverse=True)  # longest first: memory errors show up at once
+    results: list[Score | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc=desc, disable=not progress, unit="req")
+    for b in range(0, len(uniq), batch_size):
+        batch = uniq[b:b + batch_size]
+        T = max(len(x) for x in batch)
+        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for r, inp in enumerate(batch):
+            ids[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+            mask[r, :len(inp)] = 1
+        # positions whose logits are needed: the last len(cont) positions of each row
+        need: set[int] = set()
+        for r, inp in enumerate(batch):
+            for i in groups[inp]:
+                need.update(range(len(inp) - len(conts[i]), len(inp)))
+        keep = torch.tensor(sorted(need), dtype=torch.long)
+        col = {p: j for j, p in enumerate(keep.tolist())}
+        logits, _ = _forward_logits(model, ids.to(device), mask.to(device), keep.to(device))
+        for r, inp in enumerate(batch):
+            for i in groups[inp]:
+                c = conts[i]
+                cols = [col[p] for p in range(len(inp) - len(c), len(inp))]
+                lp = torch.log_softmax(logits[r, cols].float(), dim=-1)
+                target = torch.tensor(c, device=lp.device)
+                tok_lp = lp.gather(1, target[:, None]).squeeze(1)
+                greedy = bool((lp.argmax(-1) == target).all())
+                results[i] = Score(float(tok_lp.sum()), len(c), greedy, tok_lp.tolist() if per_token else None)
+            bar.update(len(groups[inp]))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def loglikelihood(loaded, pairs: list[tuple[str, str]], batch_size: int = 8, max_length: int | None = None,
+                  add_bos: bool = True, desc: str = "scoring", progress: bool = True) -> list[Score]:
+    """String-level :func:`score_continuations`: ``pairs`` of (context, continuation)."""
+    tok = loaded.tokenizer
+    reqs = encode_pairs(tok, pairs, add_bos)
+    return score_continuations(loaded.model, reqs, tok.pad_token_id, batch_size,
+                               model_max_length(loaded.model, max_length), loaded.device, desc, progress)
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+@torch.no_grad()
+def generate(loaded, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+             add_bos: bool = True, seed: int = 0, desc: str = "generating", progress: bool = True) -> list[str]:
+    """Completions (new text only) of ``prompts``: left-padded batches through ``model.generate``.
+
+    Greedy when ``do_sample`` is False; otherwise sampling with the given temperature/top-p/top-k from
+    a seeded generator, so a run is reproducible on the same hardware.
+    """
+    model, tok = loaded.model, loaded.tokenizer
+    torch.manual_seed(seed)
+    limit = model_max_length(model) - max_new_tokens
+    outs: list[str] = []
+    for b in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        enc = [tok.encode(p, add_special_tokens=False) for p in prompts[b:b + batch_size]]
+        if add_bos and tok.bos_token_id is not None:
+            enc = [[tok.bos_token_id] + e for e in enc]
+        enc = [e[-limit:] if limit > 0 else e for e in enc]
+        T = max(len(e) for e in enc)
+        ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), T), dtype=torch.long)
+        for r, e in enumerate(enc):
+            ids[r, T - len(e):] = torch.tensor(e, dtype=torch.long)
+            mask[r, T - len(e):] = 1
+        kw = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tok.pad_token_id,
+                  "eos_token_id": tok.eos_token_id, "repetition_penalty": repetition_penalty}
+        if do_sample:
+            kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        gen = model.generate(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kw)
+        for row in gen[:, T:]:
+            outs.append(tok.decode(row.tolist(), skip_special_tokens=True))
+    return outs
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation; std 0 for a single value."""
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def default_output(bench: str, model: str | None, lora: str | None = None, extra: str = "") -> Path:
+    name = Path(lora or model or "data").name or "model"
+    return Path("outputs") / "benchmarks" / f"{bench}_{name}{extra}.json"
+
+
+def environment() -> dict:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(p)
+    return p
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
+    return p

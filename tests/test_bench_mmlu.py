@@ -1,0 +1,89 @@
+"""MMLU evaluator on the hand-made fixtures in both CSV layouts (tests/fixtures/mmlu_*)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import mmlu
+from benchmarks.common import ModelArgs, load
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load(ModelArgs(model=str(tiny_model_dir), device="cpu", dtype="fp32"))
+
+
+def test_both_layouts_read_identically():
+    for subj in ("astronomy", "world_religions"):
+        for split in ("dev", "test"):
+            a = mmlu.read_csv(FIX / "mmlu_original" / split / f"{subj}_{split}.csv", subj)
+            b = mmlu.read_csv(FIX / "mmlu_header" / split / f"{subj}_{split}.csv", subj)
+            assert a == b and len(a) >= 2
+    q = mmlu.read_csv(FIX / "mmlu_header" / "test" / "astronomy_test.csv", "astronomy")[2]
+    assert q.answer == 3 and q.choices[3] == "Gravity"
+
+
+def test_prompt_format():
+    dev = mmlu.read_csv(FIX / "mmlu_original" / "dev" / "astronomy_dev.csv", "astronomy")
+    q = mmlu.read_csv(FIX / "mmlu_original" / "test" / "astronomy_test.csv", "astronomy")[0]
+    p = mmlu.build_prompt(q, dev[:1])
+    assert p == ("The following are multiple choice questions (with answers) about astronomy.\n\n"
+                 "Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Earth\nD. Mars\nAnswer: B\n\n"
+                 "Which is the largest planet of the Solar System?\nA. Jupiter\nB. Neptune\nC. Earth\nD. Uranus\n"
+                 "Answer:")
+
+
+def test_categories_cover_57_subjects():
+    assert len(mmlu.SUBCATEGORY) == 57
+    assert {mmlu.category(s) for s in mmlu.SUBCATEGORY} == {"STEM", "humanities", "social sciences", "other"}
+    assert mmlu.category("astronomy") == "STEM" and mmlu.category("world_religions") == "humanities"
+
+
+def test_bad_csv_names_file_and_line(tmp_path):
+    (tmp_path / "test").mkdir()
+    f = tmp_path / "test" / "x_test.csv"
+    f.write_text("q1,a,b,c,d,A\nq2,a,b,c,d,E\n")
+    with pytest.raises(ValueError, match=r"x_test.csv:2: answer must be a letter"):
+        mmlu.read_csv(f, "x")
+
+
+def test_run_matches_independent_argmax_and_layouts_agree(tiny_model_dir, tmp_path, loaded):
+    results = {}
+    for layout in ("mmlu_original", "mmlu_header"):
+        cfg = mmlu.MMLUConfig(model=str(tiny_model_dir), data_dir=str(FIX / layout), shots=5, batch_size=3,
+                              output=str(tmp_path / f"{layout}.json"), device="cpu")
+        results[layout] = mmlu.run(cfg, loaded)
+    a, b = results.values()
+    assert a["accuracy_micro"] == b["accuracy_micro"] and a["n_questions"] == 5 and a["n_subjects"] == 2
+    assert set(a["categories"]) == {"STEM", "humanities"}
+    recs = [json.loads(ln) for ln in Path(a["per_question"]).read_text().splitlines()]
+    tok, model = loaded.tokenizer, loaded.model
+    for rec in recs[:3]:
+        dev = mmlu.read_csv(FIX / "mmlu_original" / "dev" / f"{rec['subject']}_dev.csv", rec["subject"])
+        q = mmlu.read_csv(FIX / "mmlu_original" / "test" / f"{rec['subject']}_test.csv", rec["subject"])[rec["index"]]
+        prompt = mmlu.build_prompt(q, dev)
+        ctx = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+        lps = []
+        for letter in "ABCD":
+            full = [tok.bos_token_id] + tok.encode(prompt + " " + letter, add_special_tokens=False)
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([full])).logits[0], -1)
+            lps.append(float(sum(lp[i - 1, full[i]] for i in range(len(ctx), len(full)))))
+        assert rec["pred"] == "ABCD"[max(range(4), key=lambda j: lps[j])]
+        assert rec["logprobs"] == pytest.approx(lps, abs=1e-4)
+    micro = sum(r["correct"] for r in recs) / len(recs)
+    assert a["accuracy_micro"] == pytest.approx(micro)
+
+
+def test_cli_smoke(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert mmlu.main(["--model", str(tiny_model_dir), "--data_dir", str(FIX / "mmlu_header"), "--shots", "2",
+                      "--limit", "1", "--device", "cpu", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| all (micro) | 2 |" in printed
+    assert json.loads(out.read_text())["shots"] == 2

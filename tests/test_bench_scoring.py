@@ -1,0 +1,84 @@
+"""Shared log-likelihood scorer and the config CLI of the benchmarks (benchmarks/common.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.common import (
+    ModelArgs,
+    encode_pair,
+    encode_pairs,
+    load,
+    loglikelihood,
+    mean_std,
+    parse_config,
+    score_continuations,
+)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load(ModelArgs(model=str(tiny_model_dir), device="cpu", dtype="fp32"))
+
+
+def _plain_logprob(model, ids: list[int], n_cont: int) -> float:
+    """Independent reference: one unpadded forward pass, sum of the last n_cont token log-probs."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return float(sum(lp[i - 1, ids[i]] for i in range(len(ids) - n_cont, len(ids))))
+
+
+def test_encode_pair_splits_at_context_boundary(loaded):
+    tok = loaded.tokenizer
+    ctx, cont = encode_pair(tok, "X:1\nK:G\n", "abc|", add_bos=True)
+    assert ctx[0] == tok.bos_token_id
+    assert tok.decode(ctx[1:] + cont) == "X:1\nK:G\nabc|"
+    # trailing whitespace of the context moves to the continuation
+    ctx2, cont2 = encode_pair(tok, "Answer: ", "B", add_bos=False)
+    assert tok.decode(cont2).endswith("B") and tok.decode(ctx2 + cont2) == "Answer: B"
+    assert encode_pairs(tok, [("Answer:", " A"), ("Answer:", " B")], add_bos=False)[0][0] == \
+        encode_pair(tok, "Answer:", " A", add_bos=False)[0]
+
+
+def test_batched_scores_equal_plain_forward(loaded):
+    """Right-padded, deduplicated, batched scoring == one plain forward pass per request."""
+    tok, model = loaded.tokenizer, loaded.model
+    pairs = [("X:1\nM:6/8\nK:D\n", "dAF A2B|"), ("X:1\nM:6/8\nK:D\n", "c3 d2e|"), ("Q", " A"), ("Q", " B"),
+             ("T:a much longer context line to force padding of the others\nK:C\n", "CDEF|")]
+    got = loglikelihood(loaded, pairs, batch_size=2, progress=False)
+    for (c, x), s in zip(pairs, got):
+        ctx, cont = encode_pair(tok, c, x)
+        ref = _plain_logprob(model, ctx + cont, len(cont))
+        assert s.n_tokens == len(cont)
+        assert s.logprob == pytest.approx(ref, abs=1e-4)
+
+
+def test_left_truncation_keeps_continuation(loaded):
+    ctx = list(range(10, 60))
+    cont = [5, 6, 7]
+    (s,) = score_continuations(loaded.model, [(ctx, cont)], pad_id=3, max_length=16, progress=False)
+    ref = _plain_logprob(loaded.model, (ctx + cont)[-17:], 3)
+    assert s.logprob == pytest.approx(ref, abs=1e-4)
+
+
+def test_mean_std():
+    assert mean_std([0.5]) == (0.5, 0.0)
+    m, s = mean_std([0.25, 0.75])
+    assert m == 0.5 and s == pytest.approx(0.25)
+
+
+def test_parse_config_precedence(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"model": "from_file", "batch_size": 3, "add_bos": False}))
+    cfg = parse_config(ModelArgs, ["--config", str(cfg_file), "--batch_size", "5", "device=cpu"])
+    assert (cfg.model, cfg.batch_size, cfg.add_bos, cfg.device) == ("from_file", 5, False, "cpu")
+    cfg = parse_config(ModelArgs, ["--model", "m", "--no-add_bos", "max_length=none"])
+    assert cfg.add_bos is False and cfg.max_length is None
+    assert parse_config(ModelArgs, ["--add_bos", "max_length=7"]).max_length == 7
+    with pytest.raises(SystemExit, match="unknown option 'bogus'"):
+        parse_config(ModelArgs, ["bogus=1"])
+    with pytest.raises(SystemExit, match="expects int"):
+        parse_config(ModelArgs, ["--batch_size", "many"])
