@@ -1,18 +1,13 @@
 """training/merge.py: a LoRA adapter trained with added tokens + modules_to_save merges into a model whose
 logits equal the adapter model's; a real ZeRO-3 DeepSpeed checkpoint becomes an HF dir that plain
-transformers loads and that computes what the live engine computed."""
+transformers loads and that equals the engine's own (live-checked) HF export."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 ADDED = ["<bar>", "<beat>", "<tie>", "<triplet>"]
 TEXT = "X:1\nT:Probe\nM:6/8\nL:1/8\nK:D\n<bar>dAF A2B<beat>c3 d2e<tie>|]"
 
@@ -130,85 +125,75 @@ def test_compare_flags_a_real_difference():
     assert not res["ok"] and res["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
 
 
-# A real DeepSpeed ZeRO-3 run in a child process (its own process group / env), writing the checkpoint
-# layout of CONTRACTS.md; the live engine's gathered logits are saved as the reference.
-DS_SCRIPT = r"""
-import json, os, socket, sys
-import torch
-s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-import deepspeed
-from peft import LoraConfig, get_peft_model
-from transformers import AutoTokenizer, LlamaForCausalLM
-from training.model import resize_embeddings
-from training.presets import preset_config
+@pytest.fixture(scope="module")
+def zero3_runs(tokenizer_dir, tmp_path_factory):
+    """Two real training/train.py runs under DeepSpeed ZeRO-3 (llama-tiny, fp32, 2 steps): LoRA with
+    embed_tokens/lm_head in modules_to_save, and full fine-tuning. Launched side by side (DeepSpeed start-up
+    dominates on CPU)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-tiny, root = sys.argv[1], sys.argv[2]
-tok = AutoTokenizer.from_pretrained(tiny)
-tok.add_tokens(["<bar>", "<beat>"])
-os.makedirs(f"{root}/tokenizer"); tok.save_pretrained(f"{root}/tokenizer")
-ids = tok(["X:1\nK:D\n<bar>abc def<beat>|]", "X:2\nK:G\nGAB<bar>cde|]"], return_tensors="pt", padding=True).input_ids
-LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-        "modules_to_save": ["embed_tokens", "lm_head"]}
-for kind in ("lora", "full"):
-    out = f"{root}/{kind}"
-    torch.manual_seed(0)
-    cfg = preset_config("llama-tiny", vocab_size=len(tok) - 2, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model = LlamaForCausalLM(cfg)
-    meta = {"model_source": "llama-tiny", "train_type": kind, "vocab_size": len(tok),
-            "tokenizer": f"{root}/tokenizer", "global_step": 3, "zero_stage": 3, "dtype": "fp32"}
-    if kind == "lora":  # the random base is saved once (as the engine does) so the adapter has a real base
-        model.save_pretrained(f"{out}/base_model"); tok.save_pretrained(f"{out}/base_model")
-        meta["base_model_dir"] = f"{out}/base_model"
-        resize_embeddings(model, len(tok))
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                 target_modules=LORA["target_modules"],
-                                                 modules_to_save=LORA["modules_to_save"]))
-        meta["lora"] = LORA
-    else:
-        resize_embeddings(model, len(tok))
-    ds_cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
-              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
-    for _ in range(3):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-    tag = "step-00000003"
-    engine.save_checkpoint(f"{out}/checkpoints", tag=tag)
-    json.dump(meta, open(f"{out}/checkpoints/{tag}/tunesmith.json", "w"))
-    open(f"{out}/checkpoints/latest", "w").write(tag)
-    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        torch.save(engine.module(input_ids=ids).logits.float(), f"{out}/ref_logits.pt")
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
-"""
+    from test_train_fixtures import run_train, write_shards
+
+    root = tmp_path_factory.mktemp("zero3_runs")
+    data = write_shards(tokenizer_dir, root / "pt", "pt", n_tunes=30, n_val=4)
+    common = [f"data_dir={data}", "model=llama-tiny", "max_steps=2", "global_batch_size=2", "micro_batch_size=2",
+              "lr=3e-3", "save_every=2", "eval_every=0", "report_to=none", "ds_config=ds_configs/zero3.json"]
+    jobs = {"lora": ["train_type=lora", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0"], "full": ["train_type=full"]}
+    with ThreadPoolExecutor(2) as ex:
+        futs = {k: ex.submit(run_train, [*common, *extra, f"output_dir={root / k}"]) for k, extra in jobs.items()}
+        for f in futs.values():
+            f.result()
+    return root
+
+
+def _probe(model, tok):
+    ids = tok(["X:1\nT:Probe\nM:6/8\nK:D\n|:dAF A2B|c3 d2e:|", "Human: a reel </s> Assistant: X:1"],
+              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**ids).logits.float()
 
 
 @pytest.mark.slow
-def test_zero3_checkpoint_to_hf_dir_loads_with_plain_transformers(tiny_model_dir, tmp_path):
+def test_zero3_checkpoint_to_hf_dir_loads_with_plain_transformers(zero3_runs, tmp_path):
+    """The DeepSpeed checkpoint (zero_to_fp32 reconstruction, model rebuilt from tunesmith.json) becomes an
+    HF dir that plain transformers loads and that equals the engine's own HF export (which the engine
+    checked against its live logits), for LoRA and full training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from inference.loading import load_model
     from training.merge import main
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(tiny_model_dir), str(tmp_path)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for kind, src in (("lora", tmp_path / "lora"), ("full", tmp_path / "full" / "checkpoints" / "step-00000003")):
-        ckpt = tmp_path / kind / "checkpoints" / "step-00000003"
-        assert list(ckpt.glob("zero_pp_rank_0_mp_rank_00_optim_states.pt"))  # a real ZeRO checkpoint
+    for kind in ("lora", "full"):
+        run = zero3_runs / kind
+        ckpt = run / "checkpoints" / "step-00000002"
+        assert (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # a real ZeRO checkpoint
+        meta = json.loads((ckpt / "tunesmith.json").read_text())
+        assert meta["zero_stage"] == 3 and meta["train_type"] == kind
         out = tmp_path / f"hf_{kind}"
+        src = run if kind == "lora" else ckpt  # OUTPUT_DIR (via checkpoints/latest) or an explicit step dir
         assert main(["--deepspeed_checkpoint", str(src), "--output_dir", str(out)]) == 0
-        model = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no peft, no tunesmith
-        tok = AutoTokenizer.from_pretrained(out)
-        assert model.config.vocab_size == len(tok)
-        ids = tok(["X:1\nK:D\n<bar>abc def<beat>|]", "X:2\nK:G\nGAB<bar>cde|]"], return_tensors="pt",
-                  padding=True).input_ids
-        with torch.no_grad():
-            got = model(input_ids=ids).logits
-        ref = torch.load(tmp_path / kind / "ref_logits.pt", weights_only=True)
-        assert (got - ref).abs().max().item() < 1e-4, kind
         info = json.loads((out / "merge_info.json").read_text())
-        assert info["verified"] and info["tunesmith"]["zero_stage"] == 3
+        assert info["verified"] and info["checkpoint"] == str(ckpt)
+
+        merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers: no peft, no tunesmith
+        tok = AutoTokenizer.from_pretrained(out)
+        assert merged.config.vocab_size == len(tok) and tok.pad_token_id != tok.eos_token_id
+        if kind == "lora":
+            export = load_model(str(run / "base_model"), str(run / "final"), device="cpu", dtype="fp32")
+        else:
+            export = load_model(str(run / "final"), device="cpu", dtype="fp32")
+        ref = _probe(export.model, export.tokenizer)
+        base = load_model(meta["base_model_dir"] or str(run / "final"), device="cpu", dtype="fp32")
+        got = _probe(merged, tok)
+        assert (got - ref).abs().max().item() < 1e-4, kind
+        if kind == "lora":  # the trained adapter really changes the model
+            assert (got - _probe(base.model, base.tokenizer)).abs().max().item() > 1e-3
+
+    # the adapter exported by the engine merges to the same model as the DeepSpeed checkpoint
+    out2 = tmp_path / "hf_lora_from_adapter"
+    assert main(["--base_model", str(zero3_runs / "lora" / "base_model"), "--lora_model",
+                 str(zero3_runs / "lora" / "final"), "--output_dir", str(out2)]) == 0
+    a = AutoModelForCausalLM.from_pretrained(out2).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_lora").eval()
+    tok = AutoTokenizer.from_pretrained(out2)
+    assert (_probe(a, tok) - _probe(b, tok)).abs().max().item() < 1e-5

@@ -261,7 +261,7 @@ def load_deepspeed_model(path: str, tokenizer_path: str | None, dtype: torch.dty
     for key in ("model_source", "train_type"):
         if key not in meta:
             raise SystemExit(f"{where}: field {key!r} is missing")
-    tok_field = meta.get("tokenizer")
+    tok_field = meta.get("tokenizer_dir") or meta.get("tokenizer")
     tok_field = tok_field.get("path") if isinstance(tok_field, dict) else tok_field
     tok_src = tokenizer_path or _resolve_path(tok_field, ckpt_dir)
     if not tok_src or not _has_tokenizer(tok_src):
