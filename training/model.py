@@ -44,8 +44,11 @@ def default_modules_to_save(cfg: TrainConfig, resized: bool) -> list[str]:
     return []
 
 
-def build_model(cfg: TrainConfig, tok, precision: str) -> tuple[torch.nn.Module, ModelInfo]:
-    """Returns the (PEFT-wrapped for LoRA) model on CPU, in the training dtype, identical on every rank."""
+def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None) -> tuple[torch.nn.Module, ModelInfo]:
+    """Returns the (PEFT-wrapped for LoRA) model on CPU, in the training dtype, identical on every rank.
+
+    ``save_base_to``: a dir where the (resized) base model + tokenizer are saved before LoRA wraps it -- the
+    real base an adapter trained on a random-init preset needs for merging and inference."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[precision]
@@ -65,6 +68,9 @@ def build_model(cfg: TrainConfig, tok, precision: str) -> tuple[torch.nn.Module,
     model.config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if save_base_to is not None:
+        model.save_pretrained(str(save_base_to), safe_serialization=True)
+        tok.save_pretrained(str(save_base_to))
     if cfg.train_type == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -196,14 +196,13 @@ def main(argv=None) -> int:
     if rank == 0:
         dev_mem = torch.cuda.get_device_properties(device).total_memory if env.device == "cuda" else None
         estimate_memory(cfg, tok, stage, *offloads(ds), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), dev_mem)
-    model, info = build_model(cfg, tok, precision)
-    base_model_dir = None
-    if lora:
-        base_model_dir = str((out / "base_model").resolve()) if info.from_preset else cfg.model
-        if info.from_preset and rank == 0 and not (out / "base_model" / "config.json").exists():
-            # the adapter's base is a random init: save it once so merge/inference have a real base dir
-            model.get_base_model().save_pretrained(str(out / "base_model"), safe_serialization=True)
-            tok.save_pretrained(str(out / "base_model"))
+    # an adapter on a random-init preset needs its base: saved once (rank 0) to OUTPUT_DIR/base_model
+    from training.presets import PRESETS
+
+    base_dir = out / "base_model"
+    base_model_dir = (str(base_dir.resolve()) if cfg.model in PRESETS else cfg.model) if lora else None
+    save_base = lora and cfg.model in PRESETS and rank == 0 and not (base_dir / "config.json").exists()
+    model, info = build_model(cfg, tok, precision, save_base_to=base_dir if save_base else None)
     if rank == 0:
         log.info("model: %.2f M parameters, %.2f M trainable%s", info.n_params / 1e6, info.n_trainable / 1e6,
                  f" (LoRA r={cfg.lora_r}, modules_to_save={info.modules_to_save})" if lora else "")
