@@ -118,6 +118,7 @@ def generate_codes(model, tokenizer, prompts: list[str], seconds: float, min_sec
     past, last_pos = out.past_key_values, pos[:, -1]
     logits = out.logits[:, -1].float()
     V = logits.shape[-1]
+    masks: dict[tuple, torch.Tensor] = {}
     for _ in range(layout.num_tokens(max_frames) + 1):
         if guided:
             logits = logits[B:] + cfg_scale * (logits[:B] - logits[B:])
@@ -129,10 +130,13 @@ def generate_codes(model, tokenizer, prompts: list[str], seconds: float, min_sec
             if len(allowed) == 1 and allowed[0][1] - allowed[0][0] == 1:
                 tok = allowed[0][0]                                  # forced by the layout
             else:
-                keep = torch.zeros(V, dtype=torch.bool, device=dev)
-                for lo, hi in allowed:
-                    keep[lo:hi] = True
-                lg = logits[i].masked_fill(~keep, float("-inf"))
+                key = tuple(allowed)
+                if key not in masks:                                 # a handful of distinct sets per layout
+                    keep = torch.zeros(V, dtype=torch.bool, device=dev)
+                    for lo, hi in allowed:
+                        keep[lo:hi] = True
+                    masks[key] = ~keep
+                lg = logits[i].masked_fill(masks[key], float("-inf"))
                 if temperature <= 0:
                     tok = int(lg.argmax())
                 else:
@@ -219,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", "--tokenizer_path", dest="tokenizer", default=S)
     ap.add_argument("--codec", default=S)
     ap.add_argument("--prompt", default=S)
-    ap.add_argument("--prompts_file", default=S)
+    ap.add_argument("--prompts_file", "--data_file", dest="prompts_file", default=S, help="batch: one caption per line")
     ap.add_argument("--out", default=S)
     ap.add_argument("--out_dir", "--output_dir", dest="out_dir", default=S)
     ap.add_argument("--seconds", type=float, default=S)

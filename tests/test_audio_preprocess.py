@@ -155,3 +155,21 @@ def test_key_names_and_bad_config(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown AudioPrepConfig"):
         main(["-t", "x", "-o", str(tmp_path), "crop_secs=3"])
+
+
+def test_datasets_input(tmp_path, tokenizer_dir, tiny_codec):
+    """A `datasets` audio dataset (save_to_disk dir) is read undecoded: WAV bytes, caption column."""
+    import datasets
+
+    paths = []
+    for i, secs in enumerate((1.0, 2.0)):
+        t = np.arange(int(secs * 16000)) / 16000
+        paths.append(write_wav(tmp_path / f"x{i}.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 16000))
+    ds = datasets.Dataset.from_dict({"audio": paths, "caption": ["a waltz", "a march"]})
+    ds.cast_column("audio", datasets.Audio()).save_to_disk(str(tmp_path / "ds"))
+    meta = run_audio(AudioPrepConfig(tokenizer=str(tokenizer_dir), output_dir=str(tmp_path / "out"),
+                                     input=str(tmp_path / "ds"), codec=str(tiny_codec), crop_seconds=1.0,
+                                     caption_dropout=0.0, val_ratio=0.0))
+    c = meta["counts"]
+    assert c["source_kind"] == "datasets" and c["crops"] == {"train": 3, "val": 0} and c["num_skipped"] == 0
+    assert c["seconds"]["train"] == pytest.approx(3.0)
