@@ -52,7 +52,11 @@ from data_preprocess.sft import (
     metadata_conversations,
 )
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
-from data_preprocess.train_tokenizer import CHAT_TEMPLATE, tokenizer_identity
+from data_preprocess.train_tokenizer import (
+    CHAT_TEMPLATE,
+    batch_encode,
+    tokenizer_identity,
+)
 
 
 @dataclass
@@ -163,7 +167,7 @@ def _job(job):
     if mode == "pt":
         problems = [abc2midi_problem(t) for t in items] if check else [None] * len(items)
         ok = [t for t, p in zip(items, problems) if p is None]
-        enc = iter(tok(ok, add_special_tokens=False)["input_ids"] if ok else [])
+        enc = iter(batch_encode(tok, ok) if ok else [])
         bos, eos = tok.bos_token_id, tok.eos_token_id
         out = []
         for p in problems:
@@ -198,10 +202,21 @@ def _ordered(jobs: Iterable, pool, inflight: int) -> Iterator:
     """(job, result) in submission order with at most ``inflight`` jobs queued (flat memory; unlike
     Pool.imap, which drains the whole input iterator into its task queue)."""
     if pool is None:
-        for j in jobs:
-            yield j, _job(j)
+        # in-process: a helper thread encodes (Rust releases the GIL) while this one parses the next chunk
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as ex:
+            q: deque = deque()
+            for j in jobs:
+                q.append((j, ex.submit(_job, j)))
+                if len(q) >= 2:
+                    j0, f = q.popleft()
+                    yield j0, f.result()
+            while q:
+                j0, f = q.popleft()
+                yield j0, f.result()
         return
-    q: deque = deque()
+    q = deque()
     for j in jobs:
         q.append((j, pool.apply_async(_job, (j,))))
         if len(q) >= inflight:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_preprocess.corpus import CorpusStats, Reject, Tune, load_hf_dataset
+from data_preprocess.train_tokenizer import batch_encode
 
 ROLES = ("system", "user", "assistant")
 
@@ -260,7 +261,7 @@ def encode_conversations(tok, convs: list[Conversation]) -> list[tuple[list[int]
     starting with BOS (mask 0)."""
     all_pieces = [conversation_pieces(c) for c in convs]
     texts = [t for ps in all_pieces for t, _ in ps if t is not None]
-    enc = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    enc = batch_encode(tok, texts) if texts else []
     bos, eos = tok.bos_token_id, tok.eos_token_id
     out, j = [], 0
     for ps in all_pieces:

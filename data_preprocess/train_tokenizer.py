@@ -80,6 +80,16 @@ def save_hf_tokenizer(sp_model: bytes, out_dir: str | Path, model_max_length: in
     return tok
 
 
+def batch_encode(tok, texts: list[str]) -> list[list[int]]:
+    """The fast tokenizer's batch encode without special tokens. Calls the Rust backend's
+    ``encode_batch_fast`` (no offsets; same ids as ``tok(texts, add_special_tokens=False)``, which is
+    the fallback for tokenizers without a backend) -- ~20-30 % less time than the transformers wrapper."""
+    bt = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    if bt is not None and hasattr(bt, "encode_batch_fast"):
+        return [e.ids for e in bt.encode_batch_fast(texts, add_special_tokens=False)]
+    return tok(texts, add_special_tokens=False)["input_ids"]
+
+
 def tokenizer_identity(path: str | Path, tok) -> dict:
     """Path, vocab size and a content hash: shards and checkpoints record it to catch mismatches."""
     h = hashlib.sha256(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]

@@ -16,6 +16,7 @@ from data_preprocess.corpus import iter_tunes, split_of
 from data_preprocess.preprocess import PreprocessConfig, run
 from data_preprocess.sft import describe_key, metadata_conversations
 from data_preprocess.shards import SPLITS, open_split, read_meta
+from data_preprocess.train_tokenizer import batch_encode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,6 +179,7 @@ def test_tokenizer_round_trip_on_real_tunes(tokenizer_dir):
     enc = tok(texts, add_special_tokens=False)["input_ids"]
     bad = [t for t, ids in zip(texts, enc) if tok.decode(ids) != t]
     assert not bad, bad[0][:200]
+    assert batch_encode(tok, texts) == enc        # the pipeline's fast path gives the wrapper's ids
 
 
 def test_abc2midi_check_path(tmp_path, tokenizer_dir):
