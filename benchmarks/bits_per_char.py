@@ -109,7 +109,7 @@ def _shard_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
     meta = read_meta(cfg.data)
     split = open_split(cfg.data, cfg.split, meta)
     special = {meta.get("bos_id"), meta.get("eos_id"), meta.get("pad_id")} - {None}
-    reqs, chars, text = [], 0, []
+    reqs, counted, chars, text = [], [], 0, []
     n_blocks = len(split) if not cfg.limit else min(cfg.limit, len(split))
     for b in range(n_blocks):
         toks = np.asarray(split.tokens[b], dtype=np.int64)
@@ -120,13 +120,17 @@ def _shard_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
             keep = [i for i in range(1, len(seg)) if mask[a + i] and seg[i] not in special]
             if not keep:
                 continue
-            # score the whole piece, count only the kept (text, target) tokens
+            # score the whole piece; count only the kept (loss-mask, non-special) targets
+            kept = set(keep)
+            flags = [i in kept for i in range(1, len(seg))]
             for ctx, cont in windows(seg, max_len, stride):
                 reqs.append((ctx, cont))
+                counted.append(flags[:len(cont)])
+                flags = flags[len(cont):]
             piece = tok.decode([seg[i] for i in keep])
             chars += len(piece)
             text.append(piece)
-    return reqs, chars, "".join(text), n_blocks, special
+    return reqs, counted, chars, "".join(text), n_blocks
 
 
 def run(cfg: BPCConfig, loaded=None) -> dict:
@@ -145,16 +149,17 @@ def run(cfg: BPCConfig, loaded=None) -> dict:
         raise SystemExit(f"--stride {stride} exceeds max_length {max_len}")
     t0 = time.time()
     if is_shards:
-        reqs, chars, text, n_docs, special = _shard_requests(cfg, tok, max_len, stride)
+        reqs, counted, chars, text, n_docs = _shard_requests(cfg, tok, max_len, stride)
     else:
         reqs, chars, text, n_docs = _text_requests(cfg, tok, max_len, stride)
         special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None}
-    # score every continuation token, then drop special targets (EOS etc.) from the sum
+        counted = [[t not in special for t in cont] for _, cont in reqs]
+    # every window is scored whole; only the counted targets (text, not special/prompt) enter the sum
     per_tok = _token_logprobs(loaded, reqs, cfg)
     nll, n_tok = 0.0, 0
-    for (_, cont), lps in zip(reqs, per_tok):
-        for t, lp in zip(cont, lps):
-            if t not in special:
+    for flags, lps in zip(counted, per_tok):
+        for keep, lp in zip(flags, lps):
+            if keep:
                 nll -= lp
                 n_tok += 1
     bits = nll / LN2

@@ -58,20 +58,22 @@ def test_shards_dir_and_cli(tiny_model_dir, tmp_path, capsys, loaded):
     tok = loaded.tokenizer
     out = tmp_path / "shards"
     stats = {}
-    for split in ("train", "val"):
-        w = ShardWriter(out, split, max_len=32, vocab_size=len(tok), pad_id=tok.pad_token_id)
-        for t in TUNES:
-            w.add([tok.bos_token_id] + tok.encode(t, add_special_tokens=False) + [tok.eos_token_id])
+    enc = [tok.encode(t, add_special_tokens=False) for t in TUNES]
+    for split, max_len in (("train", 32), ("val", 256)):
+        w = ShardWriter(out, split, max_len=max_len, vocab_size=len(tok), pad_id=tok.pad_token_id)
+        w.add([tok.bos_token_id] + enc[0] + [tok.eos_token_id])
+        # an SFT-style document: its first 10 text tokens are prompt (loss mask 0) and are not counted
+        ids = [tok.bos_token_id] + enc[1] + [tok.eos_token_id]
+        w.add(ids, [0] * 11 + [1] * (len(ids) - 11))
         stats[split] = w.close()
-    write_meta(out, {"mode": "pt", "max_len": 32, "vocab_size": len(tok), "pad_id": tok.pad_token_id,
+    write_meta(out, {"mode": "pt", "max_len": 256, "vocab_size": len(tok), "pad_id": tok.pad_token_id,
                      "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "splits": stats})
     tok.save_pretrained(out / "tokenizer")
     res_file = tmp_path / "s.json"
     assert bpc.main(["--model", str(tiny_model_dir), "--data", str(out), "--device", "cpu",
                      "--output", str(res_file)]) == 0
     res = json.loads(res_file.read_text())
-    assert res["input"] == "shards"
-    # every text token of the val split is a target except each block-continuation piece's first token
-    n_text = sum(len(tok.encode(t, add_special_tokens=False)) for t in TUNES)
-    assert n_text - stats["val"]["num_blocks"] <= res["n_tokens"] <= n_text
+    assert res["input"] == "shards" and stats["val"]["num_blocks"] == 1
+    assert res["n_tokens"] == len(enc[0]) + len(enc[1]) - 10  # BOS/EOS/pad and masked prompt excluded
+    assert res["n_chars"] == len(TUNES[0]) + len(tok.decode(enc[1][10:]))
     assert res["bits_per_char"] > 0 and "bits per character" in capsys.readouterr().out
