@@ -1,0 +1,63 @@
+"""Helpers (no tests) for tests/test_predict*.py and tests/test_demo*.py: a tiny LLaMA that has really
+been fine-tuned (AdamW, a few hundred steps, seconds on CPU) to answer one prompt with one ABC tune in the
+chat format. A random model never writes ABC or EOS; this one does, honestly, because it memorised the
+tune -- so chat, extraction, rendering and EOS stopping are exercised on real model output."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PROMPT = "Write a short tune in D major."
+TUNE = "X:1\nT:Memorised\nM:4/4\nL:1/4\nQ:1/4=180\nK:D\nD F A d|c B A2|]\n"
+# a reply the way a chat model phrases it: a sentence, then the tune
+REPLY = "Here it is:\n" + TUNE
+
+
+def memorised_model(base_dir: Path, out_dir: Path, max_steps: int = 300) -> Path:
+    """Fine-tunes the tiny model in ``base_dir`` until greedy decoding of the chat prompt for ``PROMPT``
+    reproduces ``REPLY`` followed by EOS (checked with a real ``generate``); saves it (with the
+    tokenizer) to ``out_dir``. One thread: on a shared 2-core machine torch's 2 threads are ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _memorise(base_dir, out_dir, max_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _memorise(base_dir: Path, out_dir: Path, max_steps: int) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    msgs = [{"role": "user", "content": PROMPT}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    p_ids = tok(prompt).input_ids
+    a_ids = tok(REPLY, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = torch.tensor([p_ids + a_ids])
+    target = torch.tensor(a_ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(max_steps):
+        logits = model(input_ids=ids).logits[0, len(p_ids) - 1:-1]
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.05 and bool((logits.argmax(-1) == target).all()):
+            model.eval()
+            with torch.no_grad():
+                out = model.generate(torch.tensor([p_ids]), attention_mask=torch.ones(1, len(p_ids), dtype=torch.long),
+                                     max_new_tokens=len(a_ids) + 4, do_sample=False, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+            model.train()
+            if out[0, len(p_ids):].tolist() == a_ids:
+                break
+    else:
+        raise AssertionError(f"tiny model did not memorise the tune in {max_steps} steps (loss {loss.item():.3f})")
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
