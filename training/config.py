@@ -341,7 +341,8 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         train = open_split(cfg.data_dir, "train", meta)
         val = open_split(cfg.data_dir, "val", meta) if (Path(cfg.data_dir) / "val.tokens.bin").exists() else None
     except (FileNotFoundError, ValueError) as e:
-        bad(f"data_dir: {e}")
+        bad(f"data_dir: {e}. Fix: (re)build it with `python -m data_preprocess.preprocess -o {cfg.data_dir} ...` "
+            "or point data_dir at a preprocess output dir")
     if len(train) == 0:
         bad(f"data_dir {cfg.data_dir}: the train split has no blocks. Fix: preprocess more data or a smaller --max_len")
     if meta["mode"] != cfg.mode:
