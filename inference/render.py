@@ -117,6 +117,7 @@ def main(argv=None) -> int:
             return 2
         text, stem = p.read_text(encoding="utf-8", errors="replace"), p.stem
     res = render_text(text, a.output_dir, stem, wav=a.wav, svg=a.svg, timeout=a.timeout)
+    Path(a.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(a.output_dir) / f"{safe_stem(stem)}.render.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     if res["note"]:
