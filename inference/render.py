@@ -25,6 +25,9 @@ from data_preprocess import abctools
 from inference.abc_extract import extract_abc
 
 
+_TMP_ABC = re.compile(r"\S*/ts_(?:ps|abc)_[^/\s]+/tune\.abc")
+
+
 def safe_stem(stem: str) -> str:
     """A file-name-safe stem (tune titles and user input end up in file names)."""
     s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(stem)).strip("._")
@@ -56,9 +59,12 @@ def render_tune(abc: str, out_dir: str | Path, stem: str = "tune", midi: bool = 
     abc_path.write_text(abc if abc.endswith("\n") else abc + "\n", encoding="utf-8")
     rec["abc"] = str(abc_path)
 
+    def tidy(msg: str) -> str:  # the tools name their private temp copy; name the file we wrote instead
+        return _TMP_ABC.sub(abc_path.name, msg)
+
     def collect(tool: str, res: abctools.ToolResult) -> str | None:
-        rec["errors"] += [f"{tool}: {e}" for e in res.errors]
-        rec["warnings"] += [f"{tool}: {w}" for w in res.warnings]
+        rec["errors"] += [f"{tool}: {tidy(e)}" for e in res.errors]
+        rec["warnings"] += [f"{tool}: {tidy(w)}" for w in res.warnings]
         if not res.ok and not res.errors:
             rec["errors"].append(f"{tool}: produced no output (rc={res.returncode}): {res.log.strip()[-300:]}")
         return res.output

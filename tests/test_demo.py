@@ -1,0 +1,116 @@
+"""inference/demo.py in a real headless browser (Debian chromium driven by Playwright): type a prompt, get a
+streamed reply, see the sheet music and the audio player; paste ABC into the render box; screenshot.
+
+The model is the tiny LLaMA fine-tuned in tests/test_predict_fixtures.py to answer one prompt with one
+tune (a random model never writes ABC): its reply is real model output, sampled with the page's default
+sliders, and goes through the same extraction + abcm2ps/abc2midi/fluidsynth path as any reply."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_predict_fixtures import PROMPT, TUNE, memorised_model
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCALE = "X:1\nT:Pasted scale\nM:4/4\nL:1/4\nK:G\nG A B c|d e f g|]\n"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    memo = memorised_model(tiny_model_dir, tmp_path_factory.mktemp("demo_model"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "inference" / "demo.py"), "--model", str(memo), "--port", "0",
+                             "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        deadline = time.time() + 180
+        while time.time() < deadline and url is None:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                raise AssertionError(f"demo exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            m = re.search(r"(http://\S+/)", line)
+            url = m.group(1) if m else None
+        assert url, "demo printed no URL"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_binds_loopback_and_rejects_bad_input(server):
+    assert server.startswith("http://127.0.0.1:")
+    code, err = _post(server + "api/chat", {"messages": [{"role": "user", "content": "hi"}], "sampling": {"top_p": 0}})
+    assert code == 400 and "top_p" in err["error"]
+    code, err = _post(server + "api/chat", {"messages": []})
+    assert code == 400 and "messages" in err["error"]
+    code, err = _post(server + "api/render", {"abc": "X:1\nK:C\nC(((D|]]]] &&&\n"})
+    assert code == 200 and err["tunes"][0]["errors"]  # broken ABC: tool errors reported, not a crash
+    for bad in ("files/../../etc/passwd", "files/x/..%2f..%2fetc%2fpasswd", "files/abc/nothing.svg"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server + bad, timeout=10)
+        assert e.value.code == 404
+
+
+def test_chat_in_browser_shows_sheet_music_and_audio(server, artifacts_dir):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(server)
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.input_value("#temperature") == "0.2" and page.input_value("#top_k") == "40"
+            page.fill("#prompt", PROMPT)
+            page.click("#send")
+            reply = page.wait_for_selector(".msg.assistant[data-done]", timeout=120_000)
+            assert reply.get_attribute("data-done") == "1", reply.inner_text()
+            text = reply.query_selector("pre").inner_text()
+            assert TUNE.strip() in text
+            # sheet music: the abcm2ps SVG, actually loaded and drawn by the browser
+            img = reply.query_selector("img.sheet")
+            page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=img)
+            assert img.get_attribute("src").endswith(".svg")
+            # audio: an <audio> element whose WAV the browser can load and knows the duration of
+            audio = reply.query_selector("audio")
+            page.wait_for_function("a => a.readyState >= 1 && a.duration > 1", arg=audio, timeout=30_000)
+            assert audio.get_attribute("src").endswith(".wav")
+            # the history is kept by the page: a second turn sends both messages
+            page.fill("#prompt", "Another one?")
+            with page.expect_request("**/api/chat") as req:
+                page.click("#send")
+            sent = json.loads(req.value.post_data)["messages"]
+            assert [m["role"] for m in sent] == ["user", "assistant", "user"] and sent[1]["content"] == text
+            page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-done]", timeout=120_000)
+
+            # the render box: any pasted ABC
+            page.fill("#abc-input", SCALE)
+            page.click("#render-btn")
+            rendered = page.wait_for_selector(".msg.render[data-done='1']", timeout=60_000)
+            page.wait_for_function("img => img.complete && img.naturalWidth > 100",
+                                   arg=rendered.query_selector("img.sheet"))
+            assert rendered.query_selector("audio") is not None
+            reply.scroll_into_view_if_needed()
+            page.screenshot(path=str(artifacts_dir / "demo.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (artifacts_dir / "demo.png").stat().st_size > 10_000
