@@ -24,7 +24,6 @@ if __package__ in (None, ""):  # `python inference/render.py`: make the repo roo
 from data_preprocess import abctools
 from inference.abc_extract import extract_abc
 
-
 _TMP_ABC = re.compile(r"\S*/ts_(?:ps|abc)_[^/\s]+/tune\.abc")
 
 
