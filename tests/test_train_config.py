@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_train_fixtures import REPO, run_train, write_shards
+from test_train_fixtures import REPO, write_shards
 
 from training.config import (
     ConfigError,
@@ -155,10 +155,16 @@ def _with(tmp_path, name, edit):
     return p
 
 
-def test_cli_refuses_before_loading_a_model(pt_dir, tmp_path):
-    p = run_train([f"data_dir={pt_dir}", "model=llama-tiny", "precision=fp16", f"output_dir={tmp_path}"], expect_rc=2)
-    last = p.stdout.strip().splitlines()[-1]
-    assert last.startswith("config error: precision=fp16 needs a GPU") and "Fix: precision=fp32" in last
+def test_cli_refuses_before_loading_a_model(pt_dir, tmp_path, capsys, monkeypatch):
+    """train.py's entry point: exit code 2 and the one-line message on stderr, before anything starts."""
+    from training.train import main
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(k, "")  # recorded, so main()'s launcher defaults are undone after the test
+        monkeypatch.delenv(k)
+    rc = main([f"data_dir={pt_dir}", "model=llama-tiny", "precision=fp16", f"output_dir={tmp_path}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("config error: precision=fp16 needs a GPU") and "Fix: precision=fp32" in last
     assert not (tmp_path / "job.json").exists()  # nothing was started
 
 
