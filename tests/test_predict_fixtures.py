@@ -14,16 +14,22 @@ TUNE = "X:1\nT:Memorised\nM:4/4\nL:1/4\nQ:1/4=180\nK:D\nD F A d|c B A2|]\n"
 REPLY = "Here it is:\n" + TUNE
 
 
+_TRAINED: dict[str, Path] = {}  # base dir -> trained dir, so test modules of one session train once
+
+
 def memorised_model(base_dir: Path, out_dir: Path, max_steps: int = 300) -> Path:
     """Fine-tunes the tiny model in ``base_dir`` until greedy decoding of the chat prompt for ``PROMPT``
     reproduces ``REPLY`` followed by EOS (checked with a real ``generate``); saves it (with the
-    tokenizer) to ``out_dir``. One thread: on a shared 2-core machine torch's 2 threads are ~40x slower."""
+    tokenizer) to ``out_dir`` (once per ``base_dir`` and session). One thread: on a shared 2-core machine torch's 2 threads are ~40x slower."""
+    if str(base_dir) in _TRAINED and (_TRAINED[str(base_dir)] / "config.json").is_file():
+        return _TRAINED[str(base_dir)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _memorise(base_dir, out_dir, max_steps)
+        _TRAINED[str(base_dir)] = _memorise(base_dir, out_dir, max_steps)
     finally:
         torch.set_num_threads(threads)
+    return _TRAINED[str(base_dir)]
 
 
 def _memorise(base_dir: Path, out_dir: Path, max_steps: int) -> Path:
