@@ -86,6 +86,24 @@ def load_config_file(path: str) -> dict:
     return data
 
 
+_BOOL_WORDS = {"1", "0", "true", "false", "yes", "no", "y", "n", "on", "off"}
+
+
+def _expand_bool_flags(cls, argv: list[str]) -> list[str]:
+    """``--x`` alone -> ``--x=true``, ``--no-x`` -> ``--x=false``; ``--x false`` is left as is."""
+    bools = {name for name, t in _field_types(cls).items() if t is bool}
+    out = []
+    for i, a in enumerate(argv):
+        name = a[2:] if a.startswith("--") and "=" not in a else None
+        if name in bools and not (i + 1 < len(argv) and argv[i + 1].lower() in _BOOL_WORDS):
+            out.append(f"--{name}=true")
+        elif name and name.startswith("no-") and name[3:] in bools:
+            out.append(f"--{name[3:]}=false")
+        else:
+            out.append(a)
+    return out
+
+
 def parse_config(cls, argv: list[str] | None = None, description: str = ""):
     """CLI for dataclass ``cls``: ``--name value`` per field, ``--config FILE`` and ``key=value``."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,11 +115,11 @@ def parse_config(cls, argv: list[str] | None = None, description: str = ""):
         default = f.default if f.default is not dataclasses.MISSING else None
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{helptext} (default: {default!r})"}
         if t is bool:
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)  # --x / --no-x
+            ap.add_argument(f"--{f.name}", type=_bool, **kw)  # --x, --x true|false, --no-x (see below)
         else:
             ap.add_argument(f"--{f.name}", type=str, **kw)
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied last")
-    ns = vars(ap.parse_args(argv))
+    ns = vars(ap.parse_args(_expand_bool_flags(cls, sys.argv[1:] if argv is None else list(argv))))
     values: dict = {}
     if ns.get("config"):
         for k, v in load_config_file(ns["config"]).items():

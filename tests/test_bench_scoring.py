@@ -78,6 +78,8 @@ def test_parse_config_precedence(tmp_path):
     cfg = parse_config(ModelArgs, ["--model", "m", "--no-add_bos", "max_length=none"])
     assert cfg.add_bos is False and cfg.max_length is None
     assert parse_config(ModelArgs, ["--add_bos", "max_length=7"]).max_length == 7
+    assert parse_config(ModelArgs, ["--add_bos", "false"]).add_bos is False
+    assert parse_config(ModelArgs, ["--add_bos", "--model", "m"]).add_bos is True
     with pytest.raises(SystemExit, match="unknown option 'bogus'"):
         parse_config(ModelArgs, ["bogus=1"])
     with pytest.raises(SystemExit, match="expects int"):
