@@ -131,7 +131,8 @@ def bench_generation(model, tok, codec: Codec, layout: str, seconds: float, batc
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--codec", default="random-tiny", help="codec dir, or random-tiny / random-small")
+    ap.add_argument("--codec", default="random-tiny", help="codec dir, or random-tiny / random-small / "
+                    "random-encodec_32khz (the real codec's size, random weights)")
     ap.add_argument("--model", default="", help="trained audio model dir (its tokenizer must match --codec)")
     ap.add_argument("--preset", default="llama-tiny", help="random model to time when --model is not given")
     ap.add_argument("--device", default="auto")

@@ -29,14 +29,18 @@ log = logging.getLogger("tunesmith.audio")
 RANDOM_MARKER = "tunesmith_random_codec.json"
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aiff", ".aif")
 
-# Small random EnCodec geometries. "tiny": unit tests (8 kHz, 25 frames/s, 4 x 32). "small": the CPU demo
-# of scripts/train_audio.sh (16 kHz, 25 frames/s, 4 x 256). Both are causal and unnormalised like
-# facebook/encodec_32khz, so the same code path serves the real codec.
+# Random EnCodec geometries. "tiny": unit tests (8 kHz, 25 frames/s, 4 x 32). "small": the CPU demo of
+# scripts/train_audio.sh (16 kHz, 25 frames/s, 4 x 256). "encodec_32khz": the architecture and sizes of
+# facebook/encodec_32khz's config (32 kHz, 50 frames/s, 4 x 2048, 64 filters, 2 LSTM layers) with random
+# weights, for honest codec speed figures without downloading it.
 RANDOM_CODECS = {
     "tiny": {"sampling_rate": 8000, "upsampling_ratios": [5, 4, 4, 4], "codebook_size": 32, "num_filters": 4,
-                 "hidden_size": 16, "codebook_dim": 16, "num_lstm_layers": 1},
+             "hidden_size": 16, "codebook_dim": 16, "num_lstm_layers": 1, "use_causal_conv": True},
     "small": {"sampling_rate": 16000, "upsampling_ratios": [8, 5, 4, 4], "codebook_size": 256, "num_filters": 8,
-                  "hidden_size": 32, "codebook_dim": 32, "num_lstm_layers": 1},
+              "hidden_size": 32, "codebook_dim": 32, "num_lstm_layers": 1, "use_causal_conv": True},
+    "encodec_32khz": {"sampling_rate": 32000, "upsampling_ratios": [8, 5, 4, 4], "codebook_size": 2048,
+                      "num_filters": 64, "hidden_size": 128, "codebook_dim": 128, "num_lstm_layers": 2,
+                      "use_causal_conv": False, "use_conv_shortcut": False},
 }
 
 
@@ -148,8 +152,8 @@ def make_random_codec(out_dir: str | os.PathLike, geometry: str = "tiny", num_co
     hop = int(np.prod(g["upsampling_ratios"]))
     frame_rate = math.ceil(g["sampling_rate"] / hop)
     bw = num_codebooks * frame_rate * math.ceil(math.log2(g["codebook_size"])) / 1000.0
-    cfg = EncodecConfig(**g, target_bandwidths=[bw], audio_channels=1, normalize=False, use_causal_conv=True,
-                        chunk_length_s=None, overlap=None, num_residual_layers=1)
+    cfg = EncodecConfig(**g, target_bandwidths=[bw], audio_channels=1, normalize=False, chunk_length_s=None,
+                        overlap=None, num_residual_layers=1)
     torch.manual_seed(seed)
     model = EncodecModel(cfg).eval()
     _init_codebooks(model, g["sampling_rate"])
