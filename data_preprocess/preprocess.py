@@ -451,7 +451,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-t", "--tokenizer", help="HF tokenizer dir / hub id, or a SentencePiece .model")
     ap.add_argument("-i", "--input", help="dir of .abc/.txt, a .jsonl, a datasets dir/file/hub id, or music21 (default)")
     ap.add_argument("-o", "--output_dir", help="output dir (shards, meta.json, rejects.jsonl, tokenizer/)")
-    ap.add_argument("--mode", choices=("pt", "sft"))
+    ap.add_argument("--mode", choices=("pt", "sft"),
+                    help="pt | sft here; --mode audio is handled by data_preprocess.audio (see its --help)")
     ap.add_argument("--max_len", type=int)
     ap.add_argument("-w", "--workers", type=int, help="worker processes (default 1: in-process)")
     ap.add_argument("--val_ratio", type=float)
@@ -473,6 +474,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from data_preprocess.audio import maybe_run_from_preprocess
+
+    if (rc := maybe_run_from_preprocess(argv)) is not None:  # --mode audio -> data_preprocess/audio.py
+        return rc
     cfg = cfgmod.build(PreprocessConfig, parser(), argv)
     meta = run(cfg)
     first = meta.pop("_first_rejects")

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="YAML/JSON file of these options (flags override it)")
     add_model_args(ap)
     mode = ap.add_argument_group("mode")
+    mode.add_argument("--audio", action="store_true", help="text-to-audio with a codec-token model; the other flags "
+                      "go to inference.audio (see python -m inference.audio --help)")
     mode.add_argument("--interactive", action="store_true", help="terminal chat")
     mode.add_argument("--with_prompt", action="store_true", help="use the chat template (else raw continuation)")
     mode.add_argument("--data_file", help="batch input: one instruction per line, or .jsonl/.json records")
@@ -232,6 +234,11 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--audio" in argv:  # text-to-audio with a codec-token model (inference/audio.py)
+        from inference.audio import main as audio_main
+
+        return audio_main([x for x in argv if x != "--audio"])
     ap = build_parser()
     a = parse_with_config(ap, argv)
     if not a.interactive and not a.data_file:
