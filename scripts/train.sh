@@ -88,8 +88,9 @@ if [ "${SKIP_SAMPLE:-0}" != 1 ]; then
   echo "$prompt" > "$OUT/sample_prompt.txt"
   say "sample: $prompt"
   python -m inference.predict --base_model "$OUT/merged" --with_prompt --data_file "$OUT/sample_prompt.txt" \
-    --predictions_file "$OUT/sample.json" --max_new_tokens 256 --seed 0
+    --predictions_file "$OUT/sample.json" --max_new_tokens 256 --seed 0 --render "$OUT/sample_render"
   python -c 'import json, sys; print("\n--- sample tune ---\n" + json.load(open(sys.argv[1]))[0]["output"])' \
     "$OUT/sample.json"
+  say "sample rendered (MIDI/WAV/SVG when the reply holds ABC): $OUT/sample_render"
 fi
 say "done. Loss curves: $OUT/pt/loss_curve.png $OUT/sft/loss_curve.png; metrics: $OUT/*/metrics.jsonl"
