@@ -42,7 +42,7 @@ stamp="$VENV/.tunesmith-installed"
 want="$(cat setup.py | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[env] installing tunesmith into $VENV (first run takes ~1-2 min)"
-  python -m pip install -q --upgrade pip >/dev/null
+  python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   if tv="$(python -c 'import torch,sys; sys.stdout.write(torch.__version__.split("+")[0])' 2>/dev/null)"; then
     echo "[env] keeping the installed torch $tv"
     pin="torch==$tv"
