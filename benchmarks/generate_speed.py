@@ -17,8 +17,8 @@ Paths timed (each on the same random prompt ids, batch ``B`` x ``prompt_len``):
                 candidate fast path for inference.
 
 Every path is forced to exactly ``N`` new tokens (``min_new_tokens``), so a random model's early EOS
-cannot flatter it. Decode rate excludes the prompt: ``B * (N - 2) / (t(N) - t(2))`` where ``t(k)`` is the best-of-``repeats``
-wall time of generating ``k`` tokens (prefill and the first steps cancel out); repeats interleave the paths.
+cannot flatter it. Decode rate excludes the prompt: ``B * (N - 2) / (t(N) - t(2))`` where ``t(k)`` is the
+best-of-``repeats`` wall time of generating ``k`` tokens (prefill and the first steps cancel out); repeats interleave the paths.
 
 Bound: a decode step must read every weight once plus the KV cache (:func:`benchmarks.flops.
 decode_bytes_per_step`, at the mean context ``prompt_len + N/2``), so
