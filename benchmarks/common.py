@@ -20,70 +20,26 @@ import math
 import platform
 import sys
 import time
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from data_preprocess.config import _bool as _parse_bool
+
 # --------------------------------------------------------------------------------------------- config
+from data_preprocess.config import _field_types
+from data_preprocess.config import convert as _convert
+from data_preprocess.config import load_file as load_config_file
 
 
 def _bool(s: str | bool) -> bool:
-    if isinstance(s, bool):
-        return s
-    v = str(s).strip().lower()
-    if v in ("1", "true", "yes", "y", "on"):
-        return True
-    if v in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _field_types(cls) -> dict[str, type]:
-    """Concrete Python type of each dataclass field (Optional[X] -> X)."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        t = hints[f.name]
-        args = [a for a in typing.get_args(t) if a is not type(None)]
-        out[f.name] = args[0] if args and typing.get_origin(t) in (typing.Union, types.UnionType) else t
-    return out
-
-
-def _convert(cls, name: str, value, where: str):
-    types = _field_types(cls)
-    if name not in types:
-        raise SystemExit(f"{where}: unknown option '{name}'; valid: {', '.join(sorted(types))}")
-    if value is None:
-        return None
-    t = types[name]
+    """argparse ``type=`` for booleans: true/false/yes/no/1/0/on/off."""
     try:
-        if t is bool:
-            return _bool(value)
-        if isinstance(value, str) and value.lower() in ("none", "null") and t is not str:
-            return None
-        return t(value)
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise SystemExit(f"{where}: option '{name}' expects {t.__name__}, got {value!r} ({e})") from None
-
-
-def load_config_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"{p}: config file not found")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise SystemExit(f"{p}: config must be a mapping of option -> value")
-    return data
+        return _parse_bool(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no", "y", "n", "on", "off"}

@@ -1,7 +1,7 @@
 """Typed job configs for the data tools: a dataclass + argparse flags + ``--config file.yaml|json`` +
 trailing ``key=value`` overrides. Precedence: dataclass defaults < config file < flags < overrides.
 
-(benchmarks/ has its own richer version; data_preprocess is the lowest layer and may not import it.)
+The file/field helpers here are also used by benchmarks/ and inference/ (data_preprocess is the lowest layer).
 """
 from __future__ import annotations
 
@@ -56,7 +56,11 @@ def load_file(path: str) -> dict:
     if p.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise SystemExit(f"{p}:{mark.line + 1 if mark else '?'}: invalid YAML ({getattr(e, 'problem', e)})") from None
     else:
         try:
             data = json.loads(text)

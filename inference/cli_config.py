@@ -4,27 +4,14 @@ names the file and the key, so a typo never silently does nothing."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
 def load_mapping(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"{p}: config file not found")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+    """A YAML/JSON mapping of option -> value (one clear line on a missing or malformed file)."""
+    from data_preprocess.config import load_file
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear line
-        raise SystemExit(f"{p}: cannot parse config ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"{p}: config must be a mapping of option names to values, got {type(data).__name__}")
-    return data
+    return load_file(str(path))
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
