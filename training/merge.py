@@ -159,7 +159,7 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from inference.loading import _has_tokenizer, load_tokenizer, resize_for_adapter
+    from training.hf_io import _has_tokenizer, load_tokenizer, resize_for_adapter
 
     if not (Path(lora_model) / "adapter_config.json").is_file():
         raise SystemExit(f"{lora_model}: no adapter_config.json; --lora_model must be a PEFT adapter dir "
@@ -251,7 +251,7 @@ def load_deepspeed_model(path: str, tokenizer_path: str | None, dtype: torch.dty
     Returns (model, tokenizer, base_rows, meta) where model is a PeftModel for LoRA runs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from inference.loading import _has_tokenizer, load_tokenizer
+    from training.hf_io import _has_tokenizer, load_tokenizer
     from training.model import resize_embeddings
     from training.presets import is_preset, preset_config
 
