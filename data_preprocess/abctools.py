@@ -61,7 +61,7 @@ class ToolResult:
 
 def _run(argv: list[str], timeout: float, cwd: str | None = None) -> tuple[int | None, str, bool]:
     try:
-        p = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        p = subprocess.run(argv, check=False, cwd=cwd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
         out = (p.stdout + p.stderr).decode("utf-8", errors="replace")
         return p.returncode, out, False
     except subprocess.TimeoutExpired as e:

@@ -363,7 +363,9 @@ def _iter_texts(text: str, file: str, max_line_len: int) -> Iterator[Tune | Reje
         yield check_tune(part, file, i, max_line_len, part.count("\ufffd"))
 
 
-def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats, max_line_len: int) -> Iterator[Tune | Reject]:
+def iter_jsonl(path: Path, stats: CorpusStats) -> Iterator[tuple[str, int, object]]:
+    """Yields ``(where, lineno, record)`` for each non-blank line of a JSONL file, or ``(where, lineno,
+    Reject)`` for a line that is not valid JSON (named ``file:line``); counts the file and its bytes."""
     stats.files += 1
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -372,15 +374,21 @@ def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats, max_line_len: i
                 continue
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                yield where, lineno, json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield Reject(where, 0, "bad_json", f"invalid JSON: {str(e)[:120]}")
-                continue
-            text = rec.get(text_field) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                yield Reject(where, 0, "no_text_field", f"no string field '{text_field}' (use --text_field)")
-                continue
-            yield from _iter_texts(text, where, max_line_len)
+                yield where, lineno, Reject(where, 0, "bad_json", f"invalid JSON: {str(e)[:120]}")
+
+
+def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats, max_line_len: int) -> Iterator[Tune | Reject]:
+    for where, _, rec in iter_jsonl(path, stats):
+        if isinstance(rec, Reject):
+            yield rec
+            continue
+        text = rec.get(text_field) if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            yield Reject(where, 0, "no_text_field", f"no string field '{text_field}' (use --text_field)")
+            continue
+        yield from _iter_texts(text, where, max_line_len)
 
 
 def load_hf_dataset(source: str):

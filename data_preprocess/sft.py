@@ -26,13 +26,18 @@ picked by the tune's music hash, so the set is deterministic and varied without 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_preprocess.corpus import CorpusStats, Reject, Tune, load_hf_dataset
+from data_preprocess.corpus import (
+    CorpusStats,
+    Reject,
+    Tune,
+    iter_jsonl,
+    load_hf_dataset,
+)
 from data_preprocess.train_tokenizer import batch_encode
 
 ROLES = ("system", "user", "assistant")
@@ -108,24 +113,16 @@ def iter_sft_records(source: str, stats: CorpusStats, on_reject=None, limit: int
 
     p = Path(source)
     if p.is_file() and p.suffix.lower() in (".jsonl", ".ndjson"):
-        stats.files += 1
-        with open(p, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                stats.bytes_read += len(line)
-                if not line.strip():
-                    continue
-                where = f"{p}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    stats.tunes_read += 1
-                    stats.reject(Reject(where, 0, "bad_json", f"invalid JSON: {str(e)[:120]}"), on_reject)
-                    continue
-                conv = emit(record_to_turns(rec), where, lineno)
-                if conv is not None:
-                    yield conv
-                    if limit is not None and stats.kept >= limit:
-                        return
+        for where, lineno, rec in iter_jsonl(p, stats):
+            if isinstance(rec, Reject):
+                stats.tunes_read += 1
+                stats.reject(rec, on_reject)
+                continue
+            conv = emit(record_to_turns(rec), where, lineno)
+            if conv is not None:
+                yield conv
+                if limit is not None and stats.kept >= limit:
+                    return
     else:
         ds = load_hf_dataset(source)
         stats.files += 1

@@ -54,9 +54,9 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.split, self.max_len, self.pad_id = split, max_len, pad_id
         self.tok_dtype, self.pos_dtype = token_dtype(vocab_size), pos_dtype(max_len)
-        self._f_tok = open(self.out_dir / f"{split}.tokens.bin", "wb")
-        self._f_mask = open(self.out_dir / f"{split}.loss_mask.bin", "wb")
-        self._f_pos = open(self.out_dir / f"{split}.pos.bin", "wb")
+        self._f_tok = open(self.out_dir / f"{split}.tokens.bin", "wb")  # noqa: SIM115 - kept open for the writer's life; close() closes it
+        self._f_mask = open(self.out_dir / f"{split}.loss_mask.bin", "wb")  # noqa: SIM115 - kept open for the writer's life; close() closes it
+        self._f_pos = open(self.out_dir / f"{split}.pos.bin", "wb")  # noqa: SIM115 - kept open for the writer's life; close() closes it
         self._tok = np.full(max_len, pad_id, dtype=self.tok_dtype)
         self._mask = np.zeros(max_len, dtype=np.uint8)
         self._pos = np.zeros(max_len, dtype=self.pos_dtype)

@@ -112,7 +112,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 
 def main(argv=None) -> int:
-    from data_preprocess.corpus import iter_tunes  # the ingest readers (directory, JSONL, datasets, music21)
+    from data_preprocess.corpus import (
+        iter_tunes,  # the ingest readers (directory, JSONL, datasets, music21)
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-i", "--input", default="music21", help="corpus: dir of .abc/.txt, JSONL, datasets dir/id, or 'music21'")
