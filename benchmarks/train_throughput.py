@@ -76,7 +76,9 @@ class ThroughputConfig:
     lora_r: int = opt(64, "LoRA rank")
     lora_modules_to_save: str = opt("embed_tokens,lm_head", "modules trained in full next to LoRA ('' = none)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
-    loss: str = opt("engine", "engine (training.train.token_losses) | chunked (training.fused_loss) -- tunesmith only")
+    loss: str = opt("auto", "the engine's loss (training config `loss`): auto | chunked (training/fused_loss.py, no "
+                            "full logits) | hf (model logits + F.cross_entropy) -- tunesmith only")
+    loss_chunk_size: int = opt(1024, "tokens per chunk of the chunked loss")
     data_dir: str | None = opt(None, "packed shards from data_preprocess (default: synthetic)")
     vocab_size: int = opt(32000, "vocabulary of synthetic data / preset (ignored with --data_dir)")
     precision: str = opt("auto", "auto (bf16 GPU, fp32 CPU) | bf16 | fp32")
@@ -91,11 +93,11 @@ class ThroughputConfig:
             raise SystemExit(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.compare not in ("", "hf_trainer"):
             raise SystemExit(f"--compare must be '' or 'hf_trainer', got {self.compare!r}")
-        if self.loss not in ("engine", "chunked"):
-            raise SystemExit(f"--loss must be engine or chunked, got {self.loss!r}")
+        if self.loss not in ("auto", "chunked", "hf"):
+            raise SystemExit(f"--loss must be auto, chunked or hf, got {self.loss!r}")
         if self.loss == "chunked" and self.zero == 3:
             raise SystemExit("--loss chunked reads the lm_head weight outside its module, which ZeRO-3 partitions; "
-                             "use --zero 2 (or --loss engine)")
+                             "use --zero 2 (or --loss auto / hf)")
         if not 0.0 <= self.memory_fraction <= 1.0:
             raise SystemExit(f"--memory_fraction must be in [0, 1] (0 = no cap), got {self.memory_fraction}")
         if self.memory_fraction:
@@ -188,7 +190,8 @@ def _train_config(cfg: ThroughputConfig, mode: str):
                        lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, lora_modules_to_save=mts,
                        gradient_checkpointing=cfg.gradient_checkpointing, micro_batch_size=cfg.micro_batch,
                        global_batch_size=cfg.micro_batch, lr=cfg.lr, ds_config=cfg.ds_path(),
-                       precision=cfg.precision, seed=cfg.seed, report_to=[])
+                       precision=cfg.precision, seed=cfg.seed, report_to=[], loss=cfg.loss,
+                       loss_chunk_size=cfg.loss_chunk_size)
 
 
 def _setup(cfg: ThroughputConfig):
@@ -250,19 +253,13 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tcfg.weight_decay),
                                            config=ds)
     mask_dtype = DTYPES[precision]
-    if cfg.loss == "chunked":
-        from training.fused_loss import chunked_causal_lm_loss
+    from training.config import zero_stage
+    from training.train import make_loss_head
 
-        module = engine.module
+    head, loss_desc = make_loss_head(engine, tcfg.loss, tcfg.loss_chunk_size, zero_stage(ds))
 
-        def loss_fn(batch):
-            hidden = module.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                          attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-            return chunked_causal_lm_loss(hidden, module.get_output_embeddings().weight, batch.labels,
-                                          num_items=1)  # sum of token losses, like token_losses
-    else:
-        def loss_fn(batch):
-            return token_losses(engine, batch)[0]
+    def loss_fn(batch):
+        return token_losses(engine, batch, head)[0]
 
     engine.train()
     times = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": []}
@@ -294,7 +291,7 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
                 times[k].append(v)
     breakdown = {k: sum(v) / len(v) for k, v in times.items() if k != "step"}
     out = {"step_times": times["step"], "step_cpu_times": cpu_times, "breakdown_s": breakdown,
-           "losses": losses, "peak_memory_gb": _peak_memory(device), "precision": precision,
+           "losses": losses, "loss": loss_desc, "peak_memory_gb": _peak_memory(device), "precision": precision,
            "n_params": info.n_params, "n_trainable": info.n_trainable, "modules_to_save": info.modules_to_save,
            "model_config": _model_config(model), "ds_config": ds}
     import torch.distributed as dist

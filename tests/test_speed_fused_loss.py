@@ -103,3 +103,57 @@ def test_bad_arguments():
         chunked_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), chunk_size=0)
     with pytest.raises(ValueError, match="tokens"):
         chunked_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1, 2]))
+
+
+def _lora_model(target_modules=("q_proj", "v_proj"), modules_to_save=("embed_tokens", "lm_head")):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(preset_config("llama-tiny", vocab_size=300))
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(target_modules),
+                                           modules_to_save=list(modules_to_save)))
+
+
+def test_loss_head_through_peft_equals_the_engine_hf_path():
+    """The wiring the engine uses (training.train.token_losses with a ChunkedLossHead): LoRA + trainable
+    embed_tokens/lm_head copies (ModulesToSaveWrapper), packed positions -- same loss and the same gradient on
+    every trainable parameter as the HF-logits path; in eval (no_grad) the forward-only path gives the value."""
+    from types import SimpleNamespace
+
+    from training.fused_loss import ChunkedLossHead, chunked_unsupported
+    from training.train import token_losses
+
+    model = _lora_model()
+    assert chunked_unsupported(model) is None
+    ids = torch.randint(0, 300, (2, 33))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    pos = torch.cat([torch.arange(20), torch.arange(13)]).repeat(2, 1)  # two packed documents per row
+    batch = SimpleNamespace(input_ids=ids, labels=labels, position_ids=pos, attention_mask=None)
+
+    ref, logits = token_losses(model, batch)
+    assert logits.shape == (2, 33, 300)
+    ref.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n and "lm_head" in n for n in trainable)
+    ref_grads = {n: p.grad.clone() for n, p in trainable.items()}
+    model.zero_grad(set_to_none=True)
+
+    head = ChunkedLossHead(model, chunk_size=10)
+    got, none = token_losses(model, batch, head)
+    assert none is None
+    got.backward()
+    torch.testing.assert_close(got, ref)
+    for n, p in trainable.items():
+        torch.testing.assert_close(p.grad, ref_grads[n], msg=lambda m, n=n: f"{n}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(token_losses(model, batch, head)[0], ref.detach())
+    assert not head.decoder._forward_hooks  # the capture hook is removed after every call
+
+
+def test_where_the_chunked_loss_cannot_run():
+    from training.fused_loss import chunked_unsupported
+
+    assert "LoRA" in chunked_unsupported(_lora_model(target_modules=("q_proj", "lm_head"), modules_to_save=()))
+    assert "ZeRO-3" in chunked_unsupported(_lora_model(), zero_stage=3)
+    assert chunked_unsupported(LlamaForCausalLM(preset_config("llama-tiny", vocab_size=50))) is None

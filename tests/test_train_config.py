@@ -139,6 +139,12 @@ def test_refusals(pt_dir, tmp_path, tokenizer_dir):
     assert "warmup_ratio" in refused(c(warmup_ratio=1.5))
     assert "report_to" in refused(c(report_to=["mlflow"]))
     assert "doc_attention" in refused(c(doc_attention="full"))
+    assert "loss=" in refused(c(loss="liger"))
+    assert "ZeRO-3" in refused(c(loss="chunked", ds_config="ds_configs/zero3.json"))
+    validate(c(loss="auto", ds_config="ds_configs/zero3.json"), CPU1)  # auto falls back to the HF loss there
+    assert "LoRA adapter on lm_head" in refused(c(loss="chunked", train_type="lora",
+                                                  lora_target_modules=["q_proj", "lm_head"]))
+    assert "loss_chunk_size" in refused(c(loss_chunk_size=0))
     ck = tmp_path / "out" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "latest").write_text("step-00000002\n")

@@ -56,6 +56,7 @@ def test_zero3_lora_run_exports_and_logs(z3_lora):
     out = z3_lora["out"]
     ls = losses(out)
     assert sorted(ls) == [1, 2, 3, 4, 5, 6] and _falls(ls), ls
+    assert "loss: HF logits loss (ZeRO-3" in z3_lora["log"]  # loss=auto falls back where chunked cannot run
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in recs if "val_loss" in r]
     assert [r["step"] for r in ev] == [3, 6]
@@ -147,12 +148,18 @@ def test_zero2_full_pt_one_vs_two_ranks(data, tmp_path):
     """Full fine-tuning, block-diagonal attention, a client torch optimizer and gradient checkpointing."""
     args = [f"data_dir={data['pt']}", *COMMON, "doc_attention=block", "ds_config=ds_configs/zero2.json",
             "optimizer=torch", "gradient_checkpointing=true", "save_every=0"]
-    run_train([*args, f"output_dir={tmp_path / 'one'}"])
+    one = run_train([*args, f"output_dir={tmp_path / 'one'}"])
     run_train([*args, f"output_dir={tmp_path / 'two'}"], launcher="torchrun", nproc=2)
     ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert _falls(ref), ref
     for s in ref:
         assert abs(ref[s] - got[s]) <= 1e-4, (s, ref[s], got[s])
+    # loss=auto ran the chunked cross-entropy (no full logits); the HF-logits loss trains the same model
+    assert "loss: chunked cross-entropy" in one.stdout
+    hf = run_train([*args, "loss=hf", f"output_dir={tmp_path / 'hf'}"])
+    assert "loss: loss=hf" in hf.stdout
+    for s, v in losses(tmp_path / "hf").items():
+        assert abs(ref[s] - v) <= 1e-4, (s, ref[s], v)
     job = json.loads((tmp_path / "two" / "job.json").read_text())
     assert job["world_size"] == 2 and "optimizer" not in job["ds_config"]  # the client optimizer replaced it
     assert sorted(p.name for p in (tmp_path / "one" / "checkpoints").glob("step-*")) == ["step-00000006"]

@@ -43,6 +43,11 @@ class TrainConfig:
     lora_modules_to_save: list[str] | None = None
     attn_implementation: str = "sdpa"  # sdpa | eager
     gradient_checkpointing: bool = False
+    loss: str = "auto"               # chunked: cross-entropy from the last hidden state chunk by chunk, the full
+                                     # [tokens, vocab] fp32 logits never exist (training/fused_loss.py);
+                                     # hf: the model's logits + F.cross_entropy; auto: chunked where it can run
+                                     # (not ZeRO-3, not LoRA on lm_head), else hf
+    loss_chunk_size: int = 1024      # tokens per chunk of the chunked loss (peak extra memory chunk x vocab x 4 B)
     # ---- optimisation -----------------------------------------------------------------------------
     max_steps: int = 0               # optimizer steps; 0 = derive from num_epochs
     num_epochs: float = 1.0
@@ -284,7 +289,7 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
 
     choice = {"train_type": ("full", "lora"), "precision": ("auto", "bf16", "fp16", "fp32"),
               "optimizer": ("deepspeed", "torch"), "doc_attention": ("causal", "block"),
-              "attn_implementation": ("sdpa", "eager")}
+              "attn_implementation": ("sdpa", "eager"), "loss": ("auto", "chunked", "hf")}
     for k, allowed in choice.items():
         if getattr(cfg, k) not in allowed:
             bad(f"{k}={getattr(cfg, k)!r} is not one of {list(allowed)}. Fix: {k}={allowed[0]}")
@@ -307,6 +312,11 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         bad(f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]. Fix: min_lr_ratio=0.1")
     if cfg.max_steps < 0 or (cfg.max_steps == 0 and not cfg.num_epochs > 0):
         bad("nothing to train: max_steps=0 and num_epochs<=0. Fix: max_steps=1000 or num_epochs=1")
+    if cfg.loss_chunk_size < 1:
+        bad(f"loss_chunk_size={cfg.loss_chunk_size} must be >= 1. Fix: loss_chunk_size=1024")
+    if cfg.loss == "chunked" and cfg.train_type == "lora" and "lm_head" in cfg.lora_target_modules:
+        bad("loss=chunked reads lm_head's weight, but lora_target_modules puts a LoRA adapter on lm_head. "
+            "Fix: loss=auto (falls back to the HF loss) or drop lm_head from lora_target_modules")
     if cfg.grad_clip < 0:
         bad(f"grad_clip={cfg.grad_clip} must be >= 0 (0 = off). Fix: grad_clip=1.0")
     if cfg.train_type == "lora":
@@ -331,6 +341,9 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
             "DeepSpeedCPUAdam. Fix: add \"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\"}}")
     if off_par and zero_stage(ds) != 3:
         bad(f"{cfg.ds_config}: offload_param needs ZeRO stage 3. Fix: ds_config=ds_configs/zero3_offload.json")
+    if cfg.loss == "chunked" and zero_stage(ds) == 3:
+        bad(f"loss=chunked reads the lm_head weight outside its module, which ZeRO-3 ({cfg.ds_config}) partitions. "
+            "Fix: loss=auto (uses the HF loss under ZeRO-3) or a ZeRO-0/1/2 ds_config")
     if cfg.optimizer == "deepspeed" and "optimizer" not in ds:
         bad(f"optimizer=deepspeed but {cfg.ds_config} has no \"optimizer\" block. Fix: optimizer=torch, or use a ds_configs/*.json")
     # ---- data

@@ -18,14 +18,14 @@ Cost: the same matmuls as the unfused path (forward 2*h*V, backward 4*h*V per to
 is done inside forward, so call it only when a backward follows (training), and use ordinary logits for
 generation/eval when you need them.
 
-Wiring (in the engine's train step)::
-
-    out = model.get_decoder()(input_ids=..., position_ids=..., attention_mask=...)   # no logits
-    loss = chunked_causal_lm_loss(out.last_hidden_state, model.get_output_embeddings().weight, labels)
-
-``get_decoder`` / ``get_output_embeddings`` resolve through PEFT (LoRA layers are injected in place and
-``ModulesToSaveWrapper.weight`` is the trainable copy). Under ZeRO-3 the lm_head weight is partitioned
-outside its module's forward: gather it (``deepspeed.zero.GatheredParameters``) or keep the HF loss there.
+Wiring (the engine, ``training/train.py::token_losses``): :class:`ChunkedLossHead` runs the model through
+the DeepSpeed engine's forward as usual but with ``logits_to_keep`` = an empty index tensor, so lm_head
+multiplies nothing; a forward hook on the decoder (``get_decoder()``) captures ``last_hidden_state``
+(after the final norm) and the loss is computed from it and ``get_output_embeddings().weight``. Those
+resolve through PEFT (LoRA layers are injected in place and ``ModulesToSaveWrapper.weight`` is the trainable
+copy). Not usable -- :func:`chunked_unsupported` says why -- when lm_head itself is a LoRA layer (its weight is
+not the effective one), when the model's forward has no ``logits_to_keep``, or under ZeRO-3 (the lm_head
+weight is partitioned outside its module's forward); the engine then uses the HF logits path.
 """
 from __future__ import annotations
 
@@ -86,6 +86,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+@torch.no_grad()
+def _chunked_ce_sum_nograd(hidden, weight, targets, chunk_size, ignore_index) -> torch.Tensor:
+    """Forward only (eval): sum of token losses, one chunk of logits at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        t = targets[start:start + chunk_size]
+        logits = (hidden[start:start + chunk_size] @ weight.t()).float()
+        total += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+    return total
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int = 1024, ignore_index: int = -100,
                           num_items: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -104,6 +115,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         num_items = (t != ignore_index).sum().clamp_min(1).item()
     elif isinstance(num_items, torch.Tensor):
         num_items = num_items.item()
+    if not torch.is_grad_enabled():  # eval: autograd.Function would still compute the gradients in forward
+        return _chunked_ce_sum_nograd(h, weight, t, chunk_size, ignore_index) / float(num_items)
     return ChunkedLinearCrossEntropy.apply(h, weight, t, num_items, chunk_size, ignore_index)
 
 
@@ -114,3 +127,66 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     last hidden states ``[B, S, h]`` and the lm_head weight, without full logits."""
     shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     return chunked_cross_entropy(hidden, weight, shift, chunk_size, ignore_index, num_items)
+
+
+# ------------------------------------------------------------------------------------------------
+# wiring into a (DeepSpeed-wrapped, maybe PEFT) HF causal LM
+# ------------------------------------------------------------------------------------------------
+def _base_model(model):
+    """The HF ``*ForCausalLM`` under a DeepSpeed engine and/or a PEFT wrapper."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, torch.nn.Module) and hasattr(model, "backward"):   # DeepSpeedEngine -> its module
+        model = inner
+    if hasattr(model, "get_base_model"):               # PeftModel -> the HF model (LoRA injected in place)
+        model = model.get_base_model()
+    return model
+
+
+def chunked_unsupported(model, zero_stage: int = 0) -> str | None:
+    """Why the chunked loss cannot be used on ``model`` (a reason to print), or None when it can."""
+    import inspect
+
+    if zero_stage >= 3:
+        return "ZeRO-3 partitions the lm_head weight outside its module's forward"
+    base = _base_model(model)
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward has no logits_to_keep argument"
+    head = base.get_output_embeddings()
+    if head is None or not hasattr(base, "get_decoder"):
+        return f"{type(base).__name__} has no output embeddings / decoder accessors"
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(head, BaseTunerLayer):
+            return "lm_head is itself a LoRA layer (its weight is not the effective weight)"
+    except ImportError:  # no peft: no LoRA layers either
+        pass
+    if getattr(head, "bias", None) is not None:
+        return "lm_head has a bias"
+    return None
+
+
+class ChunkedLossHead:
+    """``head(engine, input_ids=..., labels=..., ...)`` -> sum of next-token cross-entropies over the targets,
+    computed by :func:`chunked_causal_lm_loss` from the decoder's last hidden state -- the full logits
+    tensor never exists. The forward itself still goes through ``engine(...)`` (DeepSpeed's hooks, autocast,
+    gradient checkpointing, PEFT) with ``logits_to_keep`` = an empty index tensor."""
+
+    def __init__(self, model, chunk_size: int = 1024):
+        base = _base_model(model)
+        self.decoder = base.get_decoder()
+        self.head = base.get_output_embeddings()
+        self.chunk_size = chunk_size
+
+    def __call__(self, engine, labels: torch.Tensor, **inputs) -> torch.Tensor:
+        captured = {}
+
+        def grab(_module, _args, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        handle = self.decoder.register_forward_hook(grab)
+        try:
+            engine(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=labels.device), use_cache=False)
+        finally:
+            handle.remove()
+        return chunked_causal_lm_loss(captured.pop("h"), self.head.weight, labels, self.chunk_size, num_items=1)

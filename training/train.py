@@ -87,27 +87,49 @@ def memory_gb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def all_sum(values: list[float], device) -> list[float]:
+def all_sum(values: list[float] | torch.Tensor, device) -> list[float]:
+    """Sum over ranks of a list of numbers or a (device) tensor; returns Python floats."""
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = values.to(torch.float64).reshape(-1).clone() if isinstance(values, torch.Tensor) else \
+        torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
 
-def token_losses(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropies over the batch's targets, logits). Loss in fp32."""
-    out = engine(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-                 use_cache=False)
-    logits = out.logits
-    loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+def token_losses(engine, batch, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of next-token cross-entropies over the batch's targets, logits). Loss in fp32.
+
+    With ``head`` (a :class:`training.fused_loss.ChunkedLossHead`) the loss is computed chunk by chunk from the
+    last hidden state and no logits are returned; otherwise from the model's logits, shifting the *labels*
+    (position i predicts label i+1), so the logits are never sliced into a non-contiguous copy."""
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "attention_mask": batch.attention_mask}
+    if head is not None:
+        return head(engine, batch.labels, **inputs), None
+    logits = engine(**inputs, use_cache=False).logits
+    targets = F.pad(batch.labels, (0, 1), value=-100)[:, 1:]
+    loss_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=-100, reduction="sum")
     return loss_sum, logits
 
 
+def make_loss_head(engine, loss: str, chunk_size: int, stage: int):
+    """The :class:`ChunkedLossHead` for ``loss`` = chunked | auto (None = the HF logits path), with the reason."""
+    from training.fused_loss import ChunkedLossHead, chunked_unsupported
+
+    if loss == "hf":
+        return None, "loss=hf"
+    why = chunked_unsupported(engine, stage)
+    if why is None:
+        return ChunkedLossHead(engine, chunk_size), f"chunked cross-entropy, {chunk_size} tokens per chunk"
+    if loss == "chunked":
+        raise ConfigError(f"loss=chunked cannot run here: {why}. Fix: loss=auto or loss=hf")
+    return None, f"HF logits loss ({why})"
+
+
 @torch.no_grad()
 def evaluate(engine, split, cfg: TrainConfig, tok, rank: int, world: int, device, mask_dtype,
-             byte_cache: dict) -> dict:
+             byte_cache: dict, head=None) -> dict:
     """Val loss (nats/target token), perplexity and bits per character (UTF-8 byte of decoded target text)."""
     from training.data import make_batch, val_batches
     from training.metrics import safe_exp
@@ -121,7 +143,7 @@ def evaluate(engine, split, cfg: TrainConfig, tok, rank: int, world: int, device
             tgt = batch.labels[:, 1:]
             byte_cache[key] = sum(len(tok.decode(r[r != -100].tolist(), skip_special_tokens=True).encode("utf-8"))
                                   for r in tgt)
-        ls, _ = token_losses(engine, batch.to(device))
+        ls, _ = token_losses(engine, batch.to(device), head)
         loss_sum += ls.item()
         n_targets += batch.num_targets
         n_bytes += byte_cache[key]
@@ -208,11 +230,20 @@ def main(argv=None) -> int:
                  f" (LoRA r={cfg.lora_r}, modules_to_save={info.modules_to_save})" if lora else "")
     groups = param_groups(model, cfg.weight_decay)
     client_opt = None
-    if cfg.optimizer == "torch":
-        client_opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if cfg.optimizer == "torch":  # on GPU the fused kernel (a few launches for all parameters) over foreach
+        client_opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                       fused=env.device == "cuda" or None)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups if client_opt is None else None,
-                                                   optimizer=client_opt, config=ds)
+                                           optimizer=client_opt, config=ds)
     mask_dtype = DTYPES[precision]
+    try:
+        head, loss_desc = make_loss_head(engine, cfg.loss, cfg.loss_chunk_size, stage)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        log.info("loss: %s", loss_desc)
     ck_info = {"model_source": cfg.model, "train_type": cfg.train_type, "mode": cfg.mode,
                "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                         "target_modules": list(cfg.lora_target_modules),
@@ -254,16 +285,16 @@ def main(argv=None) -> int:
         lr = lr_at(step + 1, max_steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
-            ls, _ = token_losses(engine, batch.to(device))
+            ls, _ = token_losses(engine, batch.to(device), head)
             engine.backward(ls * (world / max(n_targets, 1.0)), scale_wrt_gas=False)
             engine.step()  # DeepSpeed applies the update (clip, optimizer) at the accumulation boundary only
-            loss_sum += ls.item()
+            loss_sum += ls.detach()  # stays on the device: one host sync per step (the all-reduce below)
         step += 1
         position += G
         tokens_since += G * L
-        loss = all_sum([loss_sum], device)[0] / max(n_targets, 1.0)
+        loss = all_sum(loss_sum, device)[0] / max(n_targets, 1.0)
         bar.update(1)
         if step % cfg.log_every == 0 or step == max_steps or step == 1:
             gn = engine.get_global_grad_norm()
@@ -277,7 +308,7 @@ def main(argv=None) -> int:
             rec = {"loss": loss, "lr": lr}
         metrics.log(rec, step)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps:
-            ev = evaluate(engine, val_split, cfg, tok, rank, world, device, mask_dtype, byte_cache)
+            ev = evaluate(engine, val_split, cfg, tok, rank, world, device, mask_dtype, byte_cache, head)
             metrics.log(ev, step)
             if rank == 0:
                 log.info("eval step %d: val_loss %.4f ppl %.2f bpc %s", step, ev["val_loss"], ev["val_ppl"],
