@@ -463,6 +463,7 @@ def run(cfg: ThroughputConfig) -> dict:
            "precision": first["precision"], "n_params": first["n_params"], "n_trainable": first["n_trainable"],
            "results": {k: {kk: vv for kk, vv in v.items() if kk != "raw"} | {"breakdown_s": v["raw"]["breakdown_s"],
                                                                           "losses": v["raw"]["losses"],
+                                                                          "loss": v["raw"].get("loss"),
                                                                           "step_times": v["raw"]["step_times"]}
                        for k, v in results.items()},
            "ds_config": first["ds_config"], "tunesmith_vs_hf_trainer": ratio,
@@ -471,7 +472,8 @@ def run(cfg: ThroughputConfig) -> dict:
     write_json(path, out)
     print(f"\n{cfg.model} {cfg.train_type}, seq {cfg.seq_len} x micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}, "
           f"{first['precision']}, {first['n_params'] / 1e6:.2f} M params ({first['n_trainable'] / 1e6:.2f} M trainable)"
-          f", {peak.device} (peak {peak.flops / 1e12:.2f} TFLOP/s, {peak.source}), {cfg.steps} timed steps")
+          f", {peak.device} (peak {peak.flops / 1e12:.2f} TFLOP/s, {peak.source}), {cfg.steps} timed steps; "
+          f"tunesmith loss: {first.get('loss') or '-'}")
     print(markdown_table(["runner", "tokens/s/device", "tokens/CPU-s", "MFU", "peak mem GB", "median step ms", "data ms", "fwd ms",
                           "bwd ms", "opt ms"], rows))
     if ratio is not None:

@@ -33,6 +33,7 @@ def test_train_throughput_tiny_lora_vs_hf_trainer(tmp_path):
     # a random init over 400 tokens starts at ln(400) = 5.99 nats
     assert all(5.5 < v < 6.5 for v in ours["losses"])
     assert saved["n_trainable"] < saved["n_params"]
+    assert ours["loss"].startswith("chunked cross-entropy")  # --loss auto runs the engine's chunked loss here
 
 
 def test_generate_speed_tiny(tmp_path, tiny_model_dir):
@@ -56,3 +57,13 @@ def test_bad_options_are_refused():
         train_throughput.main(["--loss", "chunked", "--zero", "3"])
     with pytest.raises(SystemExit, match="paths"):
         generate_speed.main(["--paths", "vllm"])
+
+
+def test_gpu_suite_refuses_an_unknown_part(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh"), "warp-speed"], cwd=repo, check=False,
+                       capture_output=True, text=True, env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert p.returncode == 2 and "unknown part 'warp-speed'" in p.stderr, p.stderr

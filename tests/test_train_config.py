@@ -90,7 +90,14 @@ def test_valid_job_and_ds_autos(pt_dir, tmp_path):
     assert ds16["fp16"]["enabled"] is True and ds16["fp16"]["loss_scale"] == 0
     cpu = validate(cfg_of(pt_dir, tmp_path), CPU1)
     assert cpu["precision"] == "fp32"
-    assert fill_ds_config(cpu["ds"], cfg_of(pt_dir, tmp_path), 1, "fp32", 64, True)["optimizer"]["params"]["torch_adam"]
+    one = fill_ds_config(cpu["ds"], cfg_of(pt_dir, tmp_path), 1, "fp32", 64, True)
+    assert one["optimizer"]["params"]["torch_adam"]
+    # ZeRO-2 buckets: 2e8 elements; overlap_comm (double-buffered buckets) only with more than one rank
+    z1, z2 = one["zero_optimization"], fill_ds_config(cpu["ds"], cfg_of(pt_dir, tmp_path), 2, "fp32", 64, True)[
+        "zero_optimization"]
+    assert z1["stage"] == 2 and z1["overlap_comm"] is False and z2["overlap_comm"] is True
+    assert z1["reduce_bucket_size"] == z1["allgather_bucket_size"] == 200_000_000
+    assert z["overlap_comm"] is True and z["reduce_bucket_size"] == 64 * 64  # ZeRO-3 on 2 ranks
 
 
 def test_refusals(pt_dir, tmp_path, tokenizer_dir):

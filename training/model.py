@@ -45,7 +45,8 @@ def default_modules_to_save(cfg: TrainConfig, resized: bool) -> list[str]:
 
 
 def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None) -> tuple[torch.nn.Module, ModelInfo]:
-    """Returns the (PEFT-wrapped for LoRA) model on CPU, in the training dtype, identical on every rank.
+    """Returns the (PEFT-wrapped for LoRA) model in the training dtype, identical on every rank: on CPU, or for
+    a preset on a machine with CUDA, on the current GPU.
 
     ``save_base_to``: a dir where the (resized) base model + tokenizer are saved before LoRA wraps it -- the
     real base an adapter trained on a random-init preset needs for merging and inference."""
@@ -55,9 +56,15 @@ def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None) -> tup
     torch.manual_seed(cfg.seed)  # the same random init on every rank and every world size
     if cfg.model in PRESETS:
         mcfg = architecture_config(cfg, tok)
-        model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation,
-                                                 dtype=torch.float32)
-        model.to(dtype)
+        if torch.cuda.is_available():
+            # on a GPU, initialise there, directly in the training dtype: a 7B preset is ~2 s instead of minutes of
+            # CPU init plus a 28 GB fp32 copy (which would also break a capped --memory_fraction run)
+            with torch.device("cuda", torch.cuda.current_device()):
+                model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation,
+                                                     dtype=torch.float32)
+            model.to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                                      trust_remote_code=False)
