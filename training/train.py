@@ -143,7 +143,7 @@ def evaluate(engine, split, cfg: TrainConfig, tok, rank: int, world: int, device
             tgt = batch.labels[:, 1:]
             byte_cache[key] = sum(len(tok.decode(r[r != -100].tolist(), skip_special_tokens=True).encode("utf-8"))
                                   for r in tgt)
-        ls, _ = token_losses(engine, batch.to(device), head)
+        ls = token_losses(engine, batch.to(device), head)[0]
         loss_sum += ls.item()
         n_targets += batch.num_targets
         n_bytes += byte_cache[key]
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
-            ls, _ = token_losses(engine, batch.to(device), head)
+            ls = token_losses(engine, batch.to(device), head)[0]  # no name keeps logits alive in backward
             engine.backward(ls * (world / max(n_targets, 1.0)), scale_wrt_gas=False)
             engine.step()  # DeepSpeed applies the update (clip, optimizer) at the accumulation boundary only
             loss_sum += ls.detach()  # stays on the device: one host sync per step (the all-reduce below)
