@@ -61,7 +61,8 @@ class DemoApp:
             cfg = SamplingConfig(temperature=float(merged["temperature"]), top_k=int(merged["top_k"]),
                                  top_p=float(merged["top_p"]), repetition_penalty=float(merged["repetition_penalty"]),
                                  max_new_tokens=min(int(merged["max_new_tokens"]), MAX_NEW_TOKENS),
-                                 seed=None if merged.get("seed") is None else int(merged["seed"]))
+                                 seed=None if merged.get("seed") is None else int(merged["seed"]),
+                                 cache=self.defaults.cache)  # a server setting (--cache), not a page slider
         except (TypeError, ValueError) as e:
             msg = str(e)
             raise ValueError(msg if msg.startswith("bad sampling") else f"bad sampling settings: {msg}") from None

@@ -22,6 +22,9 @@ class SamplingConfig:
     repetition_penalty: float = 1.1
     max_new_tokens: int = 1536
     seed: int | None = None
+    # KV cache: dynamic (grows per token; HF's default) | static (preallocated for prompt + max_new_tokens; on CUDA
+    # transformers also compiles the decode step). Static pays off for batched decoding (benchmarks/RESULTS.md).
+    cache: str = "dynamic"
 
     def __post_init__(self):
         problems = []
@@ -33,6 +36,8 @@ class SamplingConfig:
             problems.append(f"repetition_penalty={self.repetition_penalty} must be > 0")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.cache not in ("dynamic", "static"):
+            problems.append(f"cache={self.cache!r} must be dynamic or static")
         if problems:
             raise ValueError("bad sampling settings: " + "; ".join(problems))
 
@@ -48,6 +53,8 @@ class SamplingConfig:
         kw = {"max_new_tokens": int(self.max_new_tokens), "use_cache": True,
                   "repetition_penalty": float(self.repetition_penalty),
                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        if self.cache == "static":
+            kw["cache_implementation"] = "static"
         if self.temperature and self.temperature > 0:
             kw.update(do_sample=True, temperature=float(self.temperature), top_k=int(self.top_k),
                       top_p=float(self.top_p))

@@ -57,12 +57,15 @@ def add_sampling_args(ap: argparse.ArgumentParser):
     g.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty)
     g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
     g.add_argument("--seed", type=int, default=None, help="fixes sampling (each reply re-seeded with it)")
+    g.add_argument("--cache", choices=["dynamic", "static"], default=d.cache,
+                   help="KV cache: static preallocates prompt + max_new_tokens (faster batched decoding)")
 
 
 def sampling_from_args(a) -> SamplingConfig:
     try:
         return SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                              repetition_penalty=a.repetition_penalty, max_new_tokens=a.max_new_tokens, seed=a.seed)
+                              repetition_penalty=a.repetition_penalty, max_new_tokens=a.max_new_tokens, seed=a.seed,
+                              cache=a.cache)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 

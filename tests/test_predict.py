@@ -135,6 +135,11 @@ def test_left_padded_batch_equals_single_prompts(tiny):
     assert [b["output"] for b in batch] == [s["output"] for s in single]
     assert [b["prompt_tokens"] for b in batch] == [s["prompt_tokens"] for s in single]
     assert tiny.tokenizer.padding_side == "left"
+    # a static (preallocated) KV cache decodes the same tokens
+    static = SamplingConfig(temperature=0, max_new_tokens=12, repetition_penalty=1.0, cache="static")
+    assert static.generate_kwargs(tiny.tokenizer)["cache_implementation"] == "static"
+    assert [b["output"] for b in generate_batch(tiny.model, tiny.tokenizer, prompts, static)] == \
+        [b["output"] for b in batch]
 
 
 def test_sampling_config_defaults_and_validation():
@@ -153,6 +158,9 @@ def test_sampling_config_defaults_and_validation():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="cache"):
+        SamplingConfig(cache="paged")
+    assert "cache_implementation" not in kw  # dynamic: HF's default cache
 
 
 def test_seed_makes_sampling_reproducible(tiny):
