@@ -76,6 +76,8 @@ class ThroughputConfig:
     lora_r: int = opt(64, "LoRA rank")
     lora_modules_to_save: str = opt("embed_tokens,lm_head", "modules trained in full next to LoRA ('' = none)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
+    compile: bool = opt(False, "tunesmith only: torch.compile the decoder layers (training config `compile`); "
+                               "use --warmup >= 2 so compilation is not timed")
     loss: str = opt("auto", "the engine's loss (training config `loss`): auto | chunked (training/fused_loss.py, no "
                             "full logits) | hf (model logits + F.cross_entropy) -- tunesmith only")
     loss_chunk_size: int = opt(1024, "tokens per chunk of the chunked loss")
@@ -95,6 +97,8 @@ class ThroughputConfig:
             raise SystemExit(f"--compare must be '' or 'hf_trainer', got {self.compare!r}")
         if self.loss not in ("auto", "chunked", "hf"):
             raise SystemExit(f"--loss must be auto, chunked or hf, got {self.loss!r}")
+        if self.compile and self.zero == 3:
+            raise SystemExit("--compile needs ZeRO 0-2 (ZeRO-3's parameter hooks break torch.compile graphs)")
         if self.loss == "chunked" and self.zero == 3:
             raise SystemExit("--loss chunked reads the lm_head weight outside its module, which ZeRO-3 partitions; "
                              "use --zero 2 (or --loss auto / hf)")
@@ -190,7 +194,7 @@ def _train_config(cfg: ThroughputConfig, mode: str):
                        lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, lora_modules_to_save=mts,
                        gradient_checkpointing=cfg.gradient_checkpointing, micro_batch_size=cfg.micro_batch,
                        global_batch_size=cfg.micro_batch, lr=cfg.lr, ds_config=cfg.ds_path(),
-                       precision=cfg.precision, seed=cfg.seed, report_to=[], loss=cfg.loss,
+                       precision=cfg.precision, seed=cfg.seed, report_to=[], loss=cfg.loss, compile=cfg.compile,
                        loss_chunk_size=cfg.loss_chunk_size)
 
 
@@ -249,6 +253,10 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     tcfg, precision, split, _tok, model, info, ds, device, rows = _setup(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if tcfg.compile:
+        from training.model import compile_decoder_layers
+
+        compile_decoder_layers(model)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tcfg.weight_decay),
                                            config=ds)
@@ -268,7 +276,7 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
         _sync(device)
         c0 = time.process_time()
         t0 = time.perf_counter()
-        batch = make_batch(split, r, tcfg.doc_attention, mask_dtype).to(device)
+        batch = make_batch(split, r, tcfg.doc_attention, mask_dtype, device)
         _sync(device)
         t1 = time.perf_counter()
         n_targets = all_sum([batch.num_targets], device)[0]  # the engine all-reduces the step's target count

@@ -211,3 +211,19 @@ def test_block_diagonal_mask():
     allowed = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
                             [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(m[0, 0], allowed)
+
+
+def test_make_batch_on_a_device_equals_host_batch_and_counts_targets_on_the_host(pt_dir):
+    from data_preprocess.shards import open_split
+    from training.data import make_batch
+
+    split = open_split(pt_dir, "train")
+    rows = np.array([0, 1, -1])  # -1: a filler row with no targets
+    for doc_attention in ("causal", "block"):
+        host = make_batch(split, rows, doc_attention)
+        dev = make_batch(split, rows, doc_attention, device="cpu")
+        for f in ("input_ids", "labels", "position_ids", "attention_mask"):
+            assert torch.equal(getattr(host, f), getattr(dev, f)), f
+        assert host.attention_mask.dim() == (4 if doc_attention == "block" else 2)
+        recount = int((host.labels[:, 1:] != -100).sum())
+        assert host.n_targets == dev.n_targets == recount > 0 and host.to("cpu").num_targets == recount

@@ -47,6 +47,8 @@ class TrainConfig:
                                      # [tokens, vocab] fp32 logits never exist (training/fused_loss.py);
                                      # hf: the model's logits + F.cross_entropy; auto: chunked where it can run
                                      # (not ZeRO-3, not LoRA on lm_head), else hf
+    compile: bool = False            # torch.compile each decoder layer (fuses norms/rotary/SwiGLU; ZeRO 0-2 only;
+                                     # the first steps pay the compile time)
     loss_chunk_size: int = 1024      # tokens per chunk of the chunked loss (peak extra memory chunk x vocab x 4 B)
     # ---- optimisation -----------------------------------------------------------------------------
     max_steps: int = 0               # optimizer steps; 0 = derive from num_epochs
@@ -347,6 +349,9 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
             "DeepSpeedCPUAdam. Fix: add \"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\"}}")
     if off_par and zero_stage(ds) != 3:
         bad(f"{cfg.ds_config}: offload_param needs ZeRO stage 3. Fix: ds_config=ds_configs/zero3_offload.json")
+    if cfg.compile and zero_stage(ds) == 3:
+        bad(f"compile=true with ZeRO-3 ({cfg.ds_config}): ZeRO-3 gathers parameters in module hooks that break "
+            "torch.compile's graphs. Fix: compile=false, or a ZeRO-0/1/2 ds_config")
     if cfg.loss == "chunked" and zero_stage(ds) == 3:
         bad(f"loss=chunked reads the lm_head weight outside its module, which ZeRO-3 ({cfg.ds_config}) partitions. "
             "Fix: loss=auto (uses the HF loss under ZeRO-3) or a ZeRO-0/1/2 ds_config")

@@ -91,6 +91,17 @@ def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None) -> tup
     return model, info
 
 
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` every decoder layer in place (parameter names, checkpoints and PEFT are unchanged; the
+    layers share one compiled graph). The embedding, final norm, lm_head and loss stay eager. Returns the count."""
+    from training.fused_loss import _base_model
+
+    layers = _base_model(model).get_decoder().layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 @torch.no_grad()
 def resize_embeddings(model, n_tokens: int) -> None:
     """Grows input and output embeddings to ``n_tokens``; new rows = the mean of the old rows (a neutral

@@ -137,13 +137,13 @@ def evaluate(engine, split, cfg: TrainConfig, tok, rank: int, world: int, device
     engine.eval()
     loss_sum, n_targets, n_bytes = 0.0, 0, 0
     for rows in val_batches(len(split), cfg.micro_batch_size, rank, world, cfg.eval_max_batches):
-        batch = make_batch(split, rows, cfg.doc_attention, mask_dtype)
+        batch = make_batch(split, rows, cfg.doc_attention, mask_dtype, device)
         key = tuple(rows.tolist())
         if key not in byte_cache:  # bytes of the decoded target text: computed once per val batch
             tgt = batch.labels[:, 1:]
             byte_cache[key] = sum(len(tok.decode(r[r != -100].tolist(), skip_special_tokens=True).encode("utf-8"))
                                   for r in tgt)
-        ls = token_losses(engine, batch.to(device), head)[0]
+        ls = token_losses(engine, batch, head)[0]
         loss_sum += ls.item()
         n_targets += batch.num_targets
         n_bytes += byte_cache[key]
@@ -228,6 +228,12 @@ def main(argv=None) -> int:
     if rank == 0:
         log.info("model: %.2f M parameters, %.2f M trainable%s", info.n_params / 1e6, info.n_trainable / 1e6,
                  f" (LoRA r={cfg.lora_r}, modules_to_save={info.modules_to_save})" if lora else "")
+    if cfg.compile:
+        from training.model import compile_decoder_layers
+
+        n = compile_decoder_layers(model)
+        if rank == 0:
+            log.info("torch.compile: %d decoder layers (compiled on the first forward)", n)
     groups = param_groups(model, cfg.weight_decay)
     client_opt = None
     if cfg.optimizer == "torch":  # on GPU the fused kernel (a few launches for all parameters) over foreach
@@ -278,7 +284,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=rank != 0 or not sys.stderr.isatty())
     while step < max_steps:
         micro_rows = step_micro_batches(stream, position, G, cfg.micro_batch_size, rank, world)
-        batches = [make_batch(train_split, rows, cfg.doc_attention, mask_dtype) for rows in micro_rows]
+        batches = [make_batch(train_split, rows, cfg.doc_attention, mask_dtype, device) for rows in micro_rows]
         # the loss of a step is (sum of token losses over ALL micro-batches and ranks) / (their target count);
         # DeepSpeed averages gradients over ranks, hence the factor `world` (and scale_wrt_gas=False below)
         n_targets = all_sum([sum(b.num_targets for b in batches)], device)[0]
@@ -287,7 +293,7 @@ def main(argv=None) -> int:
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
-            ls = token_losses(engine, batch.to(device), head)[0]  # no name keeps logits alive in backward
+            ls = token_losses(engine, batch, head)[0]  # no name keeps the logits alive through backward
             engine.backward(ls * (world / max(n_targets, 1.0)), scale_wrt_gas=False)
             engine.step()  # DeepSpeed applies the update (clip, optimizer) at the accumulation boundary only
             loss_sum += ls.detach()  # stays on the device: one host sync per step (the all-reduce below)
