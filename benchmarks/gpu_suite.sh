@@ -9,6 +9,7 @@
 #   lora7b    7B-shape LoRA r=64 + embed_tokens/lm_head, seq 2048, ZeRO-2, bf16 vs transformers.Trainer
 #             (targets: >= 1.5x HF Trainer, >= 40 % MFU)
 #   loss7b    the same job with the HF-logits loss instead of the chunked one (what the chunked loss buys)
+#   compile7b the same job with torch.compile'd decoder layers (compile=true; keep it as default if it wins)
 #   full1b    1B-shape full fine-tune, seq 2048, ZeRO-2 vs HF Trainer (target >= 45 % MFU)
 #   fit24     7B LoRA + embeddings, micro batch 1, gradient checkpointing, the process capped at 24 GB
 #   decode    7B bf16 decoding, batch 1 and 16, vs model.generate defaults and the bandwidth bound (>= 60 %)
@@ -73,6 +74,8 @@ PYEOF
       tt $TT7 --micro_batch 4 --steps 12 --warmup 3 --compare hf_trainer --output "$OUT/tt_7b_lora.json" ;;
     loss7b)
       tt $TT7 --micro_batch 4 --steps 12 --warmup 3 --loss hf --output "$OUT/tt_7b_lora_hfloss.json" ;;
+    compile7b)
+      tt $TT7 --micro_batch 4 --steps 12 --warmup 3 --compile true --output "$OUT/tt_7b_lora_compile.json" ;;
     full1b)
       tt --model llama-1b --train_type full --seq_len 2048 --micro_batch 8 --zero 2 --precision bf16 --steps 12 \
          --warmup 3 --compare hf_trainer --output "$OUT/tt_1b_full.json" ;;
@@ -84,6 +87,6 @@ PYEOF
         "$PY" -m benchmarks.generate_speed --model llama2-7b --batch $b --new_tokens 128 --repeats 2 \
           --output "$OUT/gen_7b_b$b.json"
       done ;;
-    *) echo "gpu_suite: unknown part '$part' (env smoke lora7b loss7b full1b fit24 decode)" >&2; exit 2 ;;
+    *) echo "gpu_suite: unknown part '$part' (env smoke lora7b loss7b compile7b full1b fit24 decode)" >&2; exit 2 ;;
   esac
 done

@@ -67,3 +67,15 @@ def test_gpu_suite_refuses_an_unknown_part(tmp_path):
     p = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh"), "warp-speed"], cwd=repo, check=False,
                        capture_output=True, text=True, env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert p.returncode == 2 and "unknown part 'warp-speed'" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_train_the_same(tmp_path):
+    """--compile (the engine's compile=true: torch.compile per decoder layer) changes speed, not the numbers."""
+    common = ["--model", "llama-tiny", "--train_type", "full", "--seq_len", "64", "--micro_batch", "2", "--zero", "2",
+              "--steps", "2", "--warmup", "1", "--vocab_size", "400"]
+    eager = train_throughput.main([*common, "--output", str(tmp_path / "eager.json")])
+    compiled = train_throughput.main([*common, "--compile", "true", "--output", str(tmp_path / "compiled.json")])
+    a, b = eager["results"]["tunesmith"]["losses"], compiled["results"]["tunesmith"]["losses"]
+    assert len(a) == len(b) == 3 and a == pytest.approx(b, abs=1e-4)
+    assert json.loads((tmp_path / "compiled.json").read_text())["config"]["compile"] is True

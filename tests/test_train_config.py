@@ -152,6 +152,7 @@ def test_refusals(pt_dir, tmp_path, tokenizer_dir):
     assert "LoRA adapter on lm_head" in refused(c(loss="chunked", train_type="lora",
                                                   lora_target_modules=["q_proj", "lm_head"]))
     assert "loss_chunk_size" in refused(c(loss_chunk_size=0))
+    assert "compile=true with ZeRO-3" in refused(c(compile=True, ds_config="ds_configs/zero3.json"))
     ck = tmp_path / "out" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "latest").write_text("step-00000002\n")
