@@ -115,7 +115,8 @@ def generate_codes(model, tokenizer, prompts: list[str], seconds: float, min_sec
     cons = [LayoutConstraint(layout, min_frames, max_frames) for _ in range(B)]
     bodies: list[list[int]] = [[] for _ in range(B)]
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    past, last_pos = out.past_key_values, pos[:, -1]
+    cache_kw = _cache_kwarg(model)
+    past, last_pos = _out_cache(out), pos[:, -1]
     logits = out.logits[:, -1].float()
     V = logits.shape[-1]
     masks: dict[tuple, torch.Tensor] = {}
@@ -152,9 +153,21 @@ def generate_codes(model, tokenizer, prompts: list[str], seconds: float, min_sec
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=step[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                    past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1].float()
+                    use_cache=True, **{cache_kw: past})
+        past, logits = _out_cache(out), out.logits[:, -1].float()
     return [layout.decode(b, strict=c.done) for b, c in zip(bodies, cons)]
+
+
+def _cache_kwarg(model) -> str:
+    """The KV-cache argument of the model's forward: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _out_cache(out):
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def run(cfg: AudioGenConfig) -> list[dict]:
