@@ -44,9 +44,10 @@ LoRA (frozen base weights; honest count, no weight gradient for frozen weights):
 So LoRA + trainable embeddings + lm_head costs ~4N + 2*V*h + adapters -- about 2/3 of full training,
 and a LoRA MFU computed with 6N would overstate utilisation by ~50 %.
 
-Gradient checkpointing recomputes the forward: that is *hardware* FLOPs (HFU), not model FLOPs; pass
-``recompute=True`` to :func:`train_flops_per_token` to get the HFU numerator (adds 2*N (+2*N_lora) +
-2*L*s*h causal).
+Gradient checkpointing recomputes the forward of the checkpointed decoder layers: that is *hardware* FLOPs
+(HFU), not model FLOPs; pass ``recompute=True`` (every layer) or the fraction of layers checkpointed to
+:func:`train_flops_per_token` to get the HFU numerator (adds fraction x (2*N_body (+2*N_lora) + 2*L*s*h
+causal); the lm_head is outside the layers and is not recomputed).
 
 Sequence packing with per-document (block-diagonal) attention computes less attention than ``s`` would
 say; by convention the formula still uses the block length ``s`` (the attention term is ~4 % of the
@@ -157,7 +158,7 @@ def attention_flops_per_token(shape: Shape, seq_len: int, attention: str = "caus
 def train_flops_per_token(shape: Shape, seq_len: int, train_type: str = "full", lora_r: int = 0,
                           lora_targets=LORA_DEFAULT_TARGETS, trainable_embed: bool = False,
                           trainable_lm_head: bool = False, attention: str = "causal",
-                          recompute: bool = False) -> FlopCount:
+                          recompute: bool | float = False) -> FlopCount:
     """FLOPs per trained token of one optimizer step's forward+backward (see module docstring).
 
     ``train_type`` ``full``: every weight trains (``lora_*``/``trainable_*`` ignored).
@@ -166,8 +167,12 @@ def train_flops_per_token(shape: Shape, seq_len: int, train_type: str = "full", 
     """
     n = float(shape.matmul_params())
     attn = attention_flops_per_token(shape, seq_len, attention)
+    frac = float(recompute)  # True = every decoder layer is checkpointed
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"recompute must be a bool or a fraction of layers in [0, 1], got {recompute!r}")
+    body = float(shape.body_matmul_params())
     if train_type == "full":
-        rec = (2 * n + attn / 3) if recompute else 0.0
+        rec = frac * (2 * body + attn / 3)
         return FlopCount(forward=2 * n, backward_act=2 * n, backward_weight=2 * n, adapters=0.0, attention=attn,
                          recompute=rec)
     if train_type != "lora":
@@ -179,7 +184,7 @@ def train_flops_per_token(shape: Shape, seq_len: int, train_type: str = "full", 
     if trainable_lm_head or (trainable_embed and shape.tie_embeddings):
         weight_grad += 2.0 * shape.lm_head_params()
     # trainable_embed (untied): scatter-add weight gradient, 0 matmul FLOPs by convention
-    rec = (2 * n + 2 * n_lora + attn / 3) if recompute else 0.0
+    rec = frac * (2 * body + 2 * n_lora + attn / 3)
     return FlopCount(forward=2 * n, backward_act=2 * n, backward_weight=weight_grad, adapters=6 * n_lora,
                      attention=attn, recompute=rec)
 

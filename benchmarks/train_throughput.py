@@ -71,11 +71,15 @@ class ThroughputConfig:
     compare: str = opt("", "'hf_trainer' to also run transformers.Trainer on the same job")
     rounds: int = opt(1, "runs of each runner, alternating (A B A B ...); the best round is reported -- use 2-3 "
                          "on a shared machine")
+    memory_gb: float = opt(0.0, "GPU only: cap the runner's CUDA memory at this many GiB, whatever the card "
+                                "(24 = does the job fit a 24 GB GPU?); the fraction is computed from the card's size")
     memory_fraction: float = opt(0.0, "GPU only: cap the runner's CUDA memory to this fraction of the card "
                                       "(e.g. 0.3 of 80 GB = 24 GB) to test whether a job fits a smaller GPU")
     lora_r: int = opt(64, "LoRA rank")
     lora_modules_to_save: str = opt("embed_tokens,lm_head", "modules trained in full next to LoRA ('' = none)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
+    gradient_checkpointing_every: int = opt(1, "with --gradient_checkpointing: recompute 1 of every K decoder "
+                                               "layers (training config gradient_checkpointing_every)")
     compile: bool = opt(False, "tunesmith only: torch.compile the decoder layers (training config `compile`); "
                                "use --warmup >= 2 so compilation is not timed")
     loss: str = opt("auto", "the engine's loss (training config `loss`): auto | chunked (training/fused_loss.py, no "
@@ -104,12 +108,18 @@ class ThroughputConfig:
                              "use --zero 2 (or --loss auto / hf)")
         if not 0.0 <= self.memory_fraction <= 1.0:
             raise SystemExit(f"--memory_fraction must be in [0, 1] (0 = no cap), got {self.memory_fraction}")
-        if self.memory_fraction:
+        if self.memory_gb < 0:
+            raise SystemExit(f"--memory_gb must be >= 0 (0 = no cap), got {self.memory_gb}")
+        if self.memory_gb and self.memory_fraction:
+            raise SystemExit("give --memory_gb or --memory_fraction, not both")
+        if self.memory_fraction or self.memory_gb:
             import torch
 
             if not torch.cuda.is_available():
-                raise SystemExit("--memory_fraction caps CUDA memory; this machine has no GPU")
-        for name in ("seq_len", "micro_batch", "steps", "rounds"):
+                raise SystemExit("--memory_gb / --memory_fraction cap CUDA memory; this machine has no GPU")
+        if self.gradient_checkpointing_every != 1 and not self.gradient_checkpointing:
+            raise SystemExit("--gradient_checkpointing_every needs --gradient_checkpointing")
+        for name in ("seq_len", "micro_batch", "steps", "rounds", "gradient_checkpointing_every"):
             if getattr(self, name) < 1:
                 raise SystemExit(f"--{name} must be >= 1")
         if self.warmup < 0:
@@ -186,13 +196,22 @@ def step_rows(n_blocks: int, steps: int, micro: int, seed: int) -> list:
 # --------------------------------------------------------------------------------------------- runners
 
 
+def memory_cap_fraction(cfg: ThroughputConfig, total_bytes: int) -> float:
+    """The per-process CUDA memory fraction of ``--memory_gb`` (GiB, on a card of ``total_bytes``) or
+    ``--memory_fraction``; 0.0 = no cap."""
+    if cfg.memory_gb:
+        return min(1.0, cfg.memory_gb * 2**30 / total_bytes)
+    return cfg.memory_fraction
+
+
 def _train_config(cfg: ThroughputConfig, mode: str):
     from training.config import TrainConfig
 
     mts = [m for m in cfg.lora_modules_to_save.split(",") if m.strip()]
     return TrainConfig(mode=mode, model=cfg.model, train_type=cfg.train_type, lora_r=cfg.lora_r,
                        lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, lora_modules_to_save=mts,
-                       gradient_checkpointing=cfg.gradient_checkpointing, micro_batch_size=cfg.micro_batch,
+                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       gradient_checkpointing_every=cfg.gradient_checkpointing_every, micro_batch_size=cfg.micro_batch,
                        global_batch_size=cfg.micro_batch, lr=cfg.lr, ds_config=cfg.ds_path(),
                        precision=cfg.precision, seed=cfg.seed, report_to=[], loss=cfg.loss, compile=cfg.compile,
                        loss_chunk_size=cfg.loss_chunk_size)
@@ -211,8 +230,8 @@ def _setup(cfg: ThroughputConfig):
     from training.model import build_model
 
     env = detect_environment()
-    if cfg.memory_fraction and env.device == "cuda":
-        torch.cuda.set_per_process_memory_fraction(cfg.memory_fraction, 0)
+    if env.device == "cuda" and (cfg.memory_fraction or cfg.memory_gb):
+        torch.cuda.set_per_process_memory_fraction(memory_cap_fraction(cfg, torch.cuda.get_device_properties(0).total_memory), 0)
     tcfg = _train_config(cfg, "pt")
     precision = resolve_precision(tcfg, env)
     n_blocks = max(64, cfg.micro_batch * (cfg.steps + cfg.warmup))
@@ -412,6 +431,13 @@ def _median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+def recompute_fraction(cfg: ThroughputConfig, n_layers: int) -> float:
+    """Fraction of decoder layers gradient checkpointing recomputes (layers 0, K, 2K, ...)."""
+    if not cfg.gradient_checkpointing:
+        return 0.0
+    return len(range(0, n_layers, cfg.gradient_checkpointing_every)) / n_layers
+
+
 def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
     """tokens/s, MFU, HFU of one runner's raw step times."""
     from benchmarks.flops import Shape, train_flops_per_token
@@ -422,7 +448,7 @@ def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
     mts = res.get("modules_to_save") or []
     fl = train_flops_per_token(shape, cfg.seq_len, cfg.train_type, lora_r=cfg.lora_r,
                                trainable_embed="embed_tokens" in mts, trainable_lm_head="lm_head" in mts,
-                               recompute=cfg.gradient_checkpointing)
+                               recompute=recompute_fraction(cfg, shape.n_layers))
     times = sorted(res["step_times"])
     mean = sum(times) / len(times)
     median = _median(times)

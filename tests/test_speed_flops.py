@@ -45,7 +45,11 @@ def test_hand_computed_small_config():
     full = train_flops_per_token(SMALL, s, "full")
     assert full.model == 6 * 1232 + 384 == 7776
     assert full.hardware == full.model  # no recompute
-    assert train_flops_per_token(SMALL, s, "full", recompute=True).hardware == 7776 + 2 * 1232 + 128
+    # checkpointing recomputes the decoder layers' forward (2 * 1152 body matmuls + 1/3 of attention), not lm_head
+    assert train_flops_per_token(SMALL, s, "full", recompute=True).hardware == 7776 + 2 * 1152 + 128
+    assert train_flops_per_token(SMALL, s, "full", recompute=0.5).recompute == (2 * 1152 + 128) / 2
+    with pytest.raises(ValueError, match="fraction"):
+        train_flops_per_token(SMALL, s, "full", recompute=1.5)
     # LoRA r=2 on q (8+8) and v (8+4): 2*(16+12)*2 layers = 112 adapter params
     assert SMALL.lora_params(2, ("q_proj", "v_proj")) == 112
     lora = train_flops_per_token(SMALL, s, "lora", lora_r=2, lora_targets=("q_proj", "v_proj"),

@@ -57,6 +57,21 @@ def test_bad_options_are_refused():
         train_throughput.main(["--loss", "chunked", "--zero", "3"])
     with pytest.raises(SystemExit, match="paths"):
         generate_speed.main(["--paths", "vllm"])
+    with pytest.raises(SystemExit, match="not both"):
+        train_throughput.main(["--memory_gb", "24", "--memory_fraction", "0.3"])
+    with pytest.raises(SystemExit, match="needs --gradient_checkpointing"):
+        train_throughput.main(["--gradient_checkpointing_every", "2"])
+
+
+def test_memory_cap_and_recompute_fraction():
+    cfg = train_throughput.ThroughputConfig(memory_gb=24)
+    assert train_throughput.memory_cap_fraction(cfg, 80 * 2**30) == pytest.approx(0.3)     # H100 80 GB
+    assert train_throughput.memory_cap_fraction(cfg, 141 * 2**30) == pytest.approx(24 / 141)  # H200
+    assert train_throughput.memory_cap_fraction(cfg, 16 * 2**30) == 1.0                     # no cap above the card
+    assert train_throughput.memory_cap_fraction(train_throughput.ThroughputConfig(memory_fraction=0.5), 1) == 0.5
+    ck = train_throughput.ThroughputConfig(gradient_checkpointing=True, gradient_checkpointing_every=3)
+    assert train_throughput.recompute_fraction(ck, 32) == 11 / 32  # layers 0, 3, ..., 30
+    assert train_throughput.recompute_fraction(train_throughput.ThroughputConfig(), 32) == 0.0
 
 
 def test_gpu_suite_refuses_an_unknown_part(tmp_path):

@@ -153,6 +153,9 @@ def test_refusals(pt_dir, tmp_path, tokenizer_dir):
                                                   lora_target_modules=["q_proj", "lm_head"]))
     assert "loss_chunk_size" in refused(c(loss_chunk_size=0))
     assert "compile=true with ZeRO-3" in refused(c(compile=True, ds_config="ds_configs/zero3.json"))
+    assert "gradient_checkpointing is off" in refused(c(gradient_checkpointing_every=2))
+    assert "must be >= 1" in refused(c(gradient_checkpointing=True, gradient_checkpointing_every=0))
+    validate(c(gradient_checkpointing=True, gradient_checkpointing_every=2), CPU1)
     ck = tmp_path / "out" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "latest").write_text("step-00000002\n")

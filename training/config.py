@@ -43,6 +43,9 @@ class TrainConfig:
     lora_modules_to_save: list[str] | None = None
     attn_implementation: str = "sdpa"  # sdpa | eager
     gradient_checkpointing: bool = False
+    gradient_checkpointing_every: int = 1  # with gradient_checkpointing: recompute 1 of every K decoder layers
+                                     # (1 = all layers, least memory; 2 = half the layers, half the recompute
+                                     # for more activation memory -- the speed/memory dial between on and off)
     loss: str = "auto"               # chunked: cross-entropy from the last hidden state chunk by chunk, the full
                                      # [tokens, vocab] fp32 logits never exist (training/fused_loss.py);
                                      # hf: the model's logits + F.cross_entropy; auto: chunked where it can run
@@ -320,6 +323,12 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         bad(f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]. Fix: min_lr_ratio=0.1")
     if cfg.max_steps < 0 or (cfg.max_steps == 0 and not cfg.num_epochs > 0):
         bad("nothing to train: max_steps=0 and num_epochs<=0. Fix: max_steps=1000 or num_epochs=1")
+    if cfg.gradient_checkpointing_every < 1:
+        bad(f"gradient_checkpointing_every={cfg.gradient_checkpointing_every} must be >= 1 (1 = every layer). "
+            "Fix: gradient_checkpointing_every=1")
+    if cfg.gradient_checkpointing_every != 1 and not cfg.gradient_checkpointing:
+        bad(f"gradient_checkpointing_every={cfg.gradient_checkpointing_every} selects layers to recompute, but "
+            "gradient_checkpointing is off. Fix: gradient_checkpointing=true (or drop gradient_checkpointing_every)")
     if cfg.loss_chunk_size < 1:
         bad(f"loss_chunk_size={cfg.loss_chunk_size} must be >= 1. Fix: loss_chunk_size=1024")
     if cfg.loss == "chunked" and cfg.train_type == "lora" and "lm_head" in cfg.lora_target_modules:

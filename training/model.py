@@ -74,7 +74,7 @@ def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None) -> tup
     model.config.use_cache = False
     model.config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, cfg.gradient_checkpointing_every)
     if save_base_to is not None:
         model.save_pretrained(str(save_base_to), safe_serialization=True)
         tok.save_pretrained(str(save_base_to))
@@ -89,6 +89,25 @@ def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None) -> tup
     info.n_params = sum(p.numel() for p in model.parameters())
     info.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, info
+
+
+def enable_checkpointing(model, every: int = 1) -> list[int]:
+    """Gradient (activation) checkpointing of 1 in every ``every`` decoder layers (layer i is recomputed in
+    backward iff ``i % every == 0``); the other layers keep their activations. Non-reentrant, so frozen bases
+    (LoRA) need no input-grad hooks. Returns the indices of the checkpointed layers."""
+    from training.fused_loss import _base_model
+
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    chosen = []
+    for i, layer in enumerate(_base_model(model).get_decoder().layers):
+        layer.gradient_checkpointing = i % every == 0
+        if layer.gradient_checkpointing:
+            chosen.append(i)
+    return chosen
 
 
 def compile_decoder_layers(model) -> int:
