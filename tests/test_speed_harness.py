@@ -94,3 +94,19 @@ def test_compiled_decoder_layers_train_the_same(tmp_path):
     a, b = eager["results"]["tunesmith"]["losses"], compiled["results"]["tunesmith"]["losses"]
     assert len(a) == len(b) == 3 and a == pytest.approx(b, abs=1e-4)
     assert json.loads((tmp_path / "compiled.json").read_text())["config"]["compile"] is True
+
+
+@pytest.mark.slow
+def test_zero3_load_memory_tiny(tmp_path):
+    """benchmarks.zero3_load_memory runs both builds on real ranks and reports per-rank memory."""
+    from benchmarks import zero3_load_memory
+
+    out = tmp_path / "z3.json"
+    res = zero3_load_memory.main(["--model", "llama-tiny", "--nproc", "2", "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["peak_ratio_plain_over_zero_init"] == pytest.approx(res["peak_ratio_plain_over_zero_init"])
+    for mode in ("zero_init", "plain"):
+        r = saved["results"][mode]
+        assert [x["rank"] for x in r["ranks"]] == [0, 1] and all(x["world"] == 2 for x in r["ranks"])
+        assert r["peak_after_initialize_gb"] >= r["peak_after_build_gb"] > 0
+    assert len({x["n_params"] for m in saved["results"].values() for x in m["ranks"]}) == 1  # the same model

@@ -81,6 +81,7 @@ def test_zero3_lora_run_exports_and_logs(z3_lora):
     assert Path(info["base_model_dir"]) == (out / "base_model").resolve()
     assert (out / "base_model" / "model.safetensors").is_file() and (out / "final" / "adapter_config.json").is_file()
     assert "[memory]" in z3_lora["log"] and "Estimated memory needed" in z3_lora["log"]
+    assert "built inside deepspeed.zero.Init" in z3_lora["log"]
 
 
 def _adapter(d: Path) -> dict[str, torch.Tensor]:

@@ -44,19 +44,88 @@ def default_modules_to_save(cfg: TrainConfig, resized: bool) -> list[str]:
     return []
 
 
-def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None) -> tuple[torch.nn.Module, ModelInfo]:
+def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None, ds_config: dict | None = None,
+                rank: int = 0) -> tuple[torch.nn.Module, ModelInfo]:
     """Returns the (PEFT-wrapped for LoRA) model in the training dtype, identical on every rank: on CPU, or for
     a preset on a machine with CUDA, on the current GPU.
 
-    ``save_base_to``: a dir where the (resized) base model + tokenizer are saved before LoRA wraps it -- the
-    real base an adapter trained on a random-init preset needs for merging and inference."""
+    ``ds_config``: the filled DeepSpeed config of the job. Under ZeRO-3 the model is built inside
+    ``deepspeed.zero.Init`` (transformers' ``HfDeepSpeedConfig`` route): every parameter is partitioned across
+    the ranks as its module is created, so no rank ever holds the whole model (a 7B bf16 model is 13.5 GB per
+    rank without it -- 108 GB of host memory for 8 ranks on a node). ``from_pretrained`` then loads each
+    tensor into its partitions. Under ZeRO-3 every rank must call this (gathers are collectives).
+
+    ``save_base_to``: a dir where the (resized) base model + tokenizer are saved (by ``rank`` 0) before LoRA wraps
+    it -- the real base an adapter trained on a random-init preset needs for merging and inference."""
+    dtype = DTYPES[precision]
+    zero3 = ds_config is not None and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    hf_ds = None
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # while referenced, from_config/from_pretrained/resize use zero.Init
+    try:
+        model, info = _build(cfg, tok, dtype, zero3, save_base_to, rank)
+    finally:
+        if hf_ds is not None:  # later from_pretrained calls (export checks, tests) must load plain models again
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            del hf_ds
+    return model, info
+
+
+@torch.no_grad()
+def init_preset_weights(model: torch.nn.Module, seed: int, std: float) -> None:
+    """The random init of a preset, independent of how the model was built: every parameter is drawn from its
+    own generator seeded by (``seed``, its name) -- LLaMA's scheme (linears and embeddings N(0, std), the
+    padding row zero, norms one). So a preset starts from the same weights under zero.Init (ZeRO-3, any world
+    size) as without it, whatever order or device the modules were created in (on one device type: a CUDA
+    generator draws other numbers than the CPU one)."""
+    import zlib
+
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            dev = p.device if p.device.type == "cuda" else torch.device("cpu")
+            if "norm" in type(module).__name__.lower():
+                val = torch.ones(shape) if pname == "weight" else torch.zeros(shape)
+            elif pname == "bias":
+                val = torch.zeros(shape)
+            else:
+                gen = torch.Generator(device=dev)
+                gen.manual_seed((seed * 0x9E3779B1 + zlib.crc32(full.encode())) % 2**63)
+                val = torch.empty(shape, dtype=torch.float32, device=dev).normal_(0.0, std, generator=gen)
+                if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                    val[module.padding_idx] = 0
+            _assign(p, val)
+
+
+def _assign(p: torch.nn.Parameter, val: torch.Tensor) -> None:
+    if hasattr(p, "ds_id"):  # ZeRO-3: gather, write on rank 0, re-partition (broadcast from rank 0)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.copy_(val.to(p.device, p.dtype))
+    else:
+        p.copy_(val.to(p.device, p.dtype))
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitioned parameters report numel() == 0
+
+
+def _build(cfg: TrainConfig, tok, dtype, zero3: bool, save_base_to, rank: int):
     from transformers import AutoModelForCausalLM
 
-    dtype = DTYPES[precision]
     torch.manual_seed(cfg.seed)  # the same random init on every rank and every world size
     if cfg.model in PRESETS:
         mcfg = architecture_config(cfg, tok)
-        if torch.cuda.is_available():
+        if zero3:
+            # zero.Init creates each parameter, initialises it (rank 0's values, broadcast) and partitions it
+            model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation, dtype=dtype)
+        elif torch.cuda.is_available():
             # on a GPU, initialise there, directly in the training dtype: a 7B preset is ~2 s instead of minutes of
             # CPU init plus a 28 GB fp32 copy (which would also break a capped --memory_fraction run)
             with torch.device("cuda", torch.cuda.current_device()):
@@ -65,29 +134,40 @@ def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None) -> tup
             model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation,
                                                      dtype=torch.float32)
             model.to(dtype)
+        init_preset_weights(model, cfg.seed, mcfg.initializer_range)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                                      trust_remote_code=False)
-    info = ModelInfo(cfg.model, cfg.model in PRESETS, model.get_input_embeddings().weight.shape[0], 0)
+    info = ModelInfo(cfg.model, cfg.model in PRESETS, model.get_input_embeddings().num_embeddings, 0)
     resize_embeddings(model, len(tok))
-    info.vocab_after = model.get_input_embeddings().weight.shape[0]
+    info.vocab_after = model.get_input_embeddings().num_embeddings
     model.config.use_cache = False
     model.config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.gradient_checkpointing_every)
     if save_base_to is not None:
-        model.save_pretrained(str(save_base_to), safe_serialization=True)
-        tok.save_pretrained(str(save_base_to))
+        if zero3:
+            from training.checkpoint import gathered_state_dict
+
+            sd = gathered_state_dict(model, rank=rank)  # collective: every rank gathers, rank 0 keeps
+            if rank == 0:
+                model.save_pretrained(str(save_base_to), state_dict=sd, safe_serialization=True)
+        elif rank == 0:
+            model.save_pretrained(str(save_base_to), safe_serialization=True)
+        if rank == 0:
+            tok.save_pretrained(str(save_base_to))
     if cfg.train_type == "lora":
         from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(cfg.seed)  # adapters start the same however the base was built (zero.Init or not)
 
         info.modules_to_save = default_modules_to_save(cfg, info.vocab_after > info.vocab_before)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_target_modules), modules_to_save=info.modules_to_save or None,
                           bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
-    info.n_params = sum(p.numel() for p in model.parameters())
-    info.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info.n_params = sum(_numel(p) for p in model.parameters())
+    info.n_trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return model, info
 
 
@@ -125,12 +205,19 @@ def compile_decoder_layers(model) -> int:
 def resize_embeddings(model, n_tokens: int) -> None:
     """Grows input and output embeddings to ``n_tokens``; new rows = the mean of the old rows (a neutral
     start: the new token's logit begins at the average of the existing ones)."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = model.get_input_embeddings().num_embeddings
     if n_tokens <= old:
         return
     model.resize_token_embeddings(n_tokens, mean_resizing=False)
     for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if emb is not None:
+        if emb is None:
+            continue
+        if hasattr(emb.weight, "ds_id"):  # ZeRO-3: gather the rows on every rank, rank 0's edit is broadcast
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=0):
+                emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+        else:
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
     log.warning("resized embeddings %d -> %d tokens (the tokenizer has %d new tokens; new rows = mean embedding)",
                 old, n_tokens, n_tokens - old)

@@ -223,11 +223,16 @@ def main(argv=None) -> int:
 
     base_dir = out / "base_model"
     base_model_dir = (str(base_dir.resolve()) if cfg.model in PRESETS else cfg.model) if lora else None
-    save_base = lora and cfg.model in PRESETS and rank == 0 and not (base_dir / "config.json").exists()
-    model, info = build_model(cfg, tok, precision, save_base_to=base_dir if save_base else None)
+    # decided on every rank (ZeRO-3 gathers the base for saving, a collective); rank 0 writes it
+    save_base = lora and cfg.model in PRESETS and not (base_dir / "config.json").exists()
+    model, info = build_model(cfg, tok, precision, save_base_to=base_dir if save_base else None, ds_config=ds,
+                              rank=rank)
     if rank == 0:
         log.info("model: %.2f M parameters, %.2f M trainable%s", info.n_params / 1e6, info.n_trainable / 1e6,
                  f" (LoRA r={cfg.lora_r}, modules_to_save={info.modules_to_save})" if lora else "")
+        if stage == 3:
+            log.info("ZeRO-3: the model was built inside deepspeed.zero.Init -- each of the %d ranks created and "
+                     "keeps 1/%d of every parameter", world, world)
     if cfg.compile:
         from training.model import compile_decoder_layers
 
