@@ -13,6 +13,7 @@
 #   full1b    1B-shape full fine-tune, seq 2048, ZeRO-2 vs HF Trainer (target >= 45 % MFU)
 #   fit24     7B LoRA + embeddings, micro batch 1, gradient checkpointing (every layer, then every 2nd), the
 #             allocator capped at 23 GiB whatever the card (--memory_gb 23: a 24 GB card less its CUDA context)
+#   fit24off  the fit24 job with ds_configs/zero2_offload.json (optimizer states in CPU memory: DeepSpeedCPUAdam)
 #   decode    7B bf16 decoding, batch 1 and 16, vs model.generate defaults and the bandwidth bound (>= 60 %)
 #
 # On the device machine (no deepspeed in its image), carry the wheels made by scripts/device_wheels.sh:
@@ -85,11 +86,14 @@ PYEOF
          --output "$OUT/tt_7b_lora_24gb.json"
       tt $TT7 --micro_batch 1 --gradient_checkpointing true --gradient_checkpointing_every 2 --memory_gb 23 \
          --steps 4 --warmup 1 --output "$OUT/tt_7b_lora_24gb_ck2.json" ;;
+    fit24off)
+      tt $TT7 --ds_config ds_configs/zero2_offload.json --micro_batch 1 --gradient_checkpointing true --memory_gb 23 \
+         --steps 4 --warmup 1 --output "$OUT/tt_7b_lora_24gb_offload.json" ;;
     decode)
       for b in 1 16; do
         "$PY" -m benchmarks.generate_speed --model llama2-7b --batch $b --new_tokens 128 --repeats 2 \
           --output "$OUT/gen_7b_b$b.json"
       done ;;
-    *) echo "gpu_suite: unknown part '$part' (env smoke lora7b loss7b compile7b full1b fit24 decode)" >&2; exit 2 ;;
+    *) echo "gpu_suite: unknown part '$part' (env smoke lora7b loss7b compile7b full1b fit24 fit24off decode)" >&2; exit 2 ;;
   esac
 done
