@@ -103,9 +103,6 @@ class ThroughputConfig:
             raise SystemExit(f"--loss must be auto, chunked or hf, got {self.loss!r}")
         if self.compile and self.zero == 3:
             raise SystemExit("--compile needs ZeRO 0-2 (ZeRO-3's parameter hooks break torch.compile graphs)")
-        if self.loss == "chunked" and self.zero == 3:
-            raise SystemExit("--loss chunked reads the lm_head weight outside its module, which ZeRO-3 partitions; "
-                             "use --zero 2 (or --loss auto / hf)")
         if not 0.0 <= self.memory_fraction <= 1.0:
             raise SystemExit(f"--memory_fraction must be in [0, 1] (0 = no cap), got {self.memory_fraction}")
         if self.memory_gb < 0:
@@ -280,10 +277,9 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tcfg.weight_decay),
                                            config=ds)
     mask_dtype = DTYPES[precision]
-    from training.config import zero_stage
     from training.train import make_loss_head
 
-    head, loss_desc = make_loss_head(engine, tcfg.loss, tcfg.loss_chunk_size, zero_stage(ds))
+    head, loss_desc = make_loss_head(engine, tcfg.loss, tcfg.loss_chunk_size)
 
     def loss_fn(batch):
         return token_losses(engine, batch, head)[0]

@@ -155,5 +155,5 @@ def test_where_the_chunked_loss_cannot_run():
     from training.fused_loss import chunked_unsupported
 
     assert "LoRA" in chunked_unsupported(_lora_model(target_modules=("q_proj", "lm_head"), modules_to_save=()))
-    assert "ZeRO-3" in chunked_unsupported(_lora_model(), zero_stage=3)
+    assert chunked_unsupported(_lora_model()) is None  # any ZeRO stage: under ZeRO-3 it runs inside lm_head
     assert chunked_unsupported(LlamaForCausalLM(preset_config("llama-tiny", vocab_size=50))) is None

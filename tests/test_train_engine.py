@@ -56,7 +56,7 @@ def test_zero3_lora_run_exports_and_logs(z3_lora):
     out = z3_lora["out"]
     ls = losses(out)
     assert sorted(ls) == [1, 2, 3, 4, 5, 6] and _falls(ls), ls
-    assert "loss: HF logits loss (ZeRO-3" in z3_lora["log"]  # loss=auto falls back where chunked cannot run
+    assert "inside lm_head's forward: ZeRO-3" in z3_lora["log"]  # loss=auto runs the chunked loss under ZeRO-3 too
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in recs if "val_loss" in r]
     assert [r["step"] for r in ev] == [3, 6]
@@ -118,6 +118,35 @@ def test_zero3_kill_mid_save_then_resume_is_exact(z3_lora, tmp_path):
     assert sorted(got) == sorted(ref)
     for s in ref:
         assert abs(ref[s] - got[s]) <= 1e-6, (s, ref[s], got[s])
+
+
+def test_zero3_chunked_loss_equals_the_hf_loss(z3_lora, tmp_path):
+    """Under ZeRO-3 the chunked loss runs as the forward of the module owning lm_head's weight (here PEFT's
+    trainable modules_to_save copy), so DeepSpeed gathers the weight and reduce-scatters its gradient: the same
+    losses and the same trained adapter as the model's own logits loss."""
+    p = run_train([*z3_lora["args"], "loss=hf", f"output_dir={tmp_path}"])
+    assert "loss: loss=hf" in p.stdout
+    ref, got = losses(z3_lora["out"]), losses(tmp_path)
+    assert sorted(got) == sorted(ref)
+    for s in ref:
+        assert abs(ref[s] - got[s]) <= 1e-4, (s, ref[s], got[s])
+    a_chunked, a_hf = _adapter(z3_lora["out"] / "final"), _adapter(tmp_path / "final")
+    for k in a_hf:
+        torch.testing.assert_close(a_chunked[k], a_hf[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_zero3_full_chunked_loss_equals_the_hf_loss(data, tmp_path):
+    """Full fine-tune under ZeRO-3 on 2 ranks: the chunked loss inside the (plain Linear) lm_head's forward trains
+    the same model as the HF logits loss."""
+    args = [f"data_dir={data['pt']}", *COMMON, "max_steps=4", "save_every=0", "eval_every=0",
+            "ds_config=ds_configs/zero3.json", "optimizer=torch"]
+    chunked = run_train([*args, f"output_dir={tmp_path / 'chunked'}"], launcher="torchrun", nproc=2)
+    assert "inside lm_head's forward: ZeRO-3" in chunked.stdout
+    run_train([*args, "loss=hf", f"output_dir={tmp_path / 'hf'}"], launcher="torchrun", nproc=2)
+    ref, got = losses(tmp_path / "hf"), losses(tmp_path / "chunked")
+    assert sorted(got) == [1, 2, 3, 4] and _falls(got), got
+    for s in ref:
+        assert abs(ref[s] - got[s]) <= 1e-4, (s, ref[s], got[s])
 
 
 def test_zero3_two_ranks_same_losses(z3_lora, tmp_path):

@@ -49,7 +49,7 @@ class TrainConfig:
     loss: str = "auto"               # chunked: cross-entropy from the last hidden state chunk by chunk, the full
                                      # [tokens, vocab] fp32 logits never exist (training/fused_loss.py);
                                      # hf: the model's logits + F.cross_entropy; auto: chunked where it can run
-                                     # (not ZeRO-3, not LoRA on lm_head), else hf
+                                     # (any ZeRO stage; not with LoRA on lm_head), else hf
     compile: bool = False            # torch.compile each decoder layer (fuses norms/rotary/SwiGLU; ZeRO 0-2 only;
                                      # the first steps pay the compile time)
     loss_chunk_size: int = 1024      # tokens per chunk of the chunked loss (peak extra memory chunk x vocab x 4 B)
@@ -361,9 +361,6 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
     if cfg.compile and zero_stage(ds) == 3:
         bad(f"compile=true with ZeRO-3 ({cfg.ds_config}): ZeRO-3 gathers parameters in module hooks that break "
             "torch.compile's graphs. Fix: compile=false, or a ZeRO-0/1/2 ds_config")
-    if cfg.loss == "chunked" and zero_stage(ds) == 3:
-        bad(f"loss=chunked reads the lm_head weight outside its module, which ZeRO-3 ({cfg.ds_config}) partitions. "
-            "Fix: loss=auto (uses the HF loss under ZeRO-3) or a ZeRO-0/1/2 ds_config")
     if cfg.optimizer == "deepspeed" and "optimizer" not in ds:
         bad(f"optimizer=deepspeed but {cfg.ds_config} has no \"optimizer\" block. Fix: optimizer=torch, or use a ds_configs/*.json")
     # ---- data

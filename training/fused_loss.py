@@ -23,9 +23,12 @@ the DeepSpeed engine's forward as usual but with ``logits_to_keep`` = an empty i
 multiplies nothing; a forward hook on the decoder (``get_decoder()``) captures ``last_hidden_state``
 (after the final norm) and the loss is computed from it and ``get_output_embeddings().weight``. Those
 resolve through PEFT (LoRA layers are injected in place and ``ModulesToSaveWrapper.weight`` is the trainable
-copy). Not usable -- :func:`chunked_unsupported` says why -- when lm_head itself is a LoRA layer (its weight is
-not the effective one), when the model's forward has no ``logits_to_keep``, or under ZeRO-3 (the lm_head
-weight is partitioned outside its module's forward); the engine then uses the HF logits path.
+copy). Under ZeRO-3 the lm_head weight is whole only inside its owning module's forward (DeepSpeed gathers it
+in a pre-forward hook, releases it after, and re-gathers it for backward through hooks on the module's inputs
+and outputs), so the loss runs *as that module's forward*: the returned weight gradient is then reduce-scattered
+like any linear layer's. Not usable -- :func:`chunked_unsupported` says why -- when lm_head itself is a LoRA
+layer (its weight is not the effective one) or when the model's forward has no ``logits_to_keep``; the engine
+then uses the HF logits path.
 """
 from __future__ import annotations
 
@@ -142,12 +145,10 @@ def _base_model(model):
     return model
 
 
-def chunked_unsupported(model, zero_stage: int = 0) -> str | None:
+def chunked_unsupported(model) -> str | None:
     """Why the chunked loss cannot be used on ``model`` (a reason to print), or None when it can."""
     import inspect
 
-    if zero_stage >= 3:
-        return "ZeRO-3 partitions the lm_head weight outside its module's forward"
     base = _base_model(model)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward has no logits_to_keep argument"
@@ -178,6 +179,34 @@ class ChunkedLossHead:
         self.head = base.get_output_embeddings()
         self.chunk_size = chunk_size
 
+    def _owner(self) -> torch.nn.Module:
+        """The module that holds the effective lm_head weight as its own parameter (PEFT's ModulesToSaveWrapper
+        delegates ``.weight`` to its active trainable copy): ZeRO-3 gathers a module's direct parameters only."""
+        w = self.head.weight
+        for m in self.head.modules():
+            if m._parameters.get("weight") is w:
+                return m
+        raise RuntimeError(f"no submodule of {type(self.head).__name__} owns its weight")
+
+    @property
+    def partitioned(self) -> bool:
+        """True under ZeRO-3: the lm_head weight is a partitioned DeepSpeed parameter."""
+        return hasattr(self.head.weight, "ds_id")
+
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.partitioned:  # whole on every rank (ZeRO 0-2, no DeepSpeed)
+            return chunked_causal_lm_loss(hidden, self.head.weight, labels, self.chunk_size, num_items=1)
+        owner = self._owner()
+
+        def forward(h):  # runs between DeepSpeed's gather and release hooks of `owner`
+            return chunked_causal_lm_loss(h, owner.weight, labels, self.chunk_size, num_items=1)
+
+        owner.forward = forward  # an instance attribute shadows the class's forward for this one call
+        try:
+            return owner(hidden)
+        finally:
+            del owner.forward
+
     def __call__(self, engine, labels: torch.Tensor, **inputs) -> torch.Tensor:
         captured = {}
 
@@ -189,4 +218,4 @@ class ChunkedLossHead:
             engine(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=labels.device), use_cache=False)
         finally:
             handle.remove()
-        return chunked_causal_lm_loss(captured.pop("h"), self.head.weight, labels, self.chunk_size, num_items=1)
+        return self.loss_from_hidden(captured.pop("h"), labels)

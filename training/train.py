@@ -113,15 +113,17 @@ def token_losses(engine, batch, head=None) -> tuple[torch.Tensor, torch.Tensor |
     return loss_sum, logits
 
 
-def make_loss_head(engine, loss: str, chunk_size: int, stage: int):
+def make_loss_head(engine, loss: str, chunk_size: int):
     """The :class:`ChunkedLossHead` for ``loss`` = chunked | auto (None = the HF logits path), with the reason."""
     from training.fused_loss import ChunkedLossHead, chunked_unsupported
 
     if loss == "hf":
         return None, "loss=hf"
-    why = chunked_unsupported(engine, stage)
+    why = chunked_unsupported(engine)
     if why is None:
-        return ChunkedLossHead(engine, chunk_size), f"chunked cross-entropy, {chunk_size} tokens per chunk"
+        head = ChunkedLossHead(engine, chunk_size)
+        where = " (inside lm_head's forward: ZeRO-3 gathers its weight)" if head.partitioned else ""
+        return head, f"chunked cross-entropy, {chunk_size} tokens per chunk{where}"
     if loss == "chunked":
         raise ConfigError(f"loss=chunked cannot run here: {why}. Fix: loss=auto or loss=hf")
     return None, f"HF logits loss ({why})"
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
                                            optimizer=client_opt, config=ds)
     mask_dtype = DTYPES[precision]
     try:
-        head, loss_desc = make_loss_head(engine, cfg.loss, cfg.loss_chunk_size, stage)
+        head, loss_desc = make_loss_head(engine, cfg.loss, cfg.loss_chunk_size)
     except ConfigError as e:
         if rank == 0:
             print(f"config error: {e}", file=sys.stderr)
