@@ -258,6 +258,30 @@ def _peak_memory(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
+def memory_estimate(cfg: ThroughputConfig, tcfg, tok, ds: dict, precision: str, device) -> dict:
+    """The engine's pre-training estimate (training.model.estimate_memory: DeepSpeed's model states + the
+    activations measured on a 1/2-layer probe) for this job, in GiB, to set against the measured peak. The
+    probe's own allocations are taken out of the CUDA peak afterwards."""
+    import torch
+
+    from training.config import offloads, zero_stage
+    from training.model import estimate_memory
+
+    dev_mem = None
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        dev_mem = int((memory_cap_fraction(cfg, total) or 1.0) * total)
+    est = estimate_memory(tcfg, tok, zero_stage(ds), *offloads(ds), 1, 1, dev_mem, seq_len=cfg.seq_len,
+                          precision=precision, device=device.type)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    states = est.get("device_bytes_lora", est.get("device_bytes", 0))
+    act = est.get("activations", {}).get("total_bytes", 0)
+    return {"model_states": states / 2**30, "activations": act / 2**30, "total": (states + act) / 2**30,
+            "fits": est.get("fits")}
+
+
 def run_tunesmith(cfg: ThroughputConfig) -> dict:
     import deepspeed
     import torch
@@ -266,9 +290,10 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     from training.model import DTYPES, param_groups
     from training.train import all_sum, token_losses
 
-    tcfg, precision, split, _tok, model, info, ds, device, rows = _setup(cfg)
+    tcfg, precision, split, tok, model, info, ds, device, rows = _setup(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    estimate = memory_estimate(cfg, tcfg, tok, ds, precision, device)
     if tcfg.compile:
         from training.model import compile_decoder_layers
 
@@ -316,7 +341,7 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     out = {"step_times": times["step"], "step_cpu_times": cpu_times, "breakdown_s": breakdown,
            "losses": losses, "loss": loss_desc, "peak_memory_gb": _peak_memory(device), "precision": precision,
            "n_params": info.n_params, "n_trainable": info.n_trainable, "modules_to_save": info.modules_to_save,
-           "model_config": _model_config(model), "ds_config": ds}
+           "model_config": _model_config(model), "ds_config": ds, "memory_estimate_gb": estimate}
     import torch.distributed as dist
 
     dist.barrier()
@@ -454,7 +479,8 @@ def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
             "step_s_mean": mean, "step_s_min": times[0], "step_s_max": times[-1],
             "step_cpu_s_median": cpu_median, "tokens_per_cpu_s": cfg.micro_batch * cfg.seq_len / cpu_median,
             "mfu": tps * fl.model / peak.flops, "hfu": tps * fl.hardware / peak.flops,
-            "flops_per_token": fl.as_dict(), "peak_memory_gb": res["peak_memory_gb"]}
+            "flops_per_token": fl.as_dict(), "peak_memory_gb": res["peak_memory_gb"],
+            "memory_estimate_gb": res.get("memory_estimate_gb")}
 
 
 def run(cfg: ThroughputConfig) -> dict:
@@ -506,6 +532,11 @@ def run(cfg: ThroughputConfig) -> dict:
           f"tunesmith loss: {first.get('loss') or '-'}")
     print(markdown_table(["runner", "tokens/s/device", "tokens/CPU-s", "MFU", "peak mem GB", "median step ms", "data ms", "fwd ms",
                           "bwd ms", "opt ms"], rows))
+    est = results["tunesmith"].get("memory_estimate_gb")
+    if est:
+        print(f"tunesmith memory estimate before training: {est['model_states']:.2f} GiB model states + "
+              f"{est['activations']:.2f} GiB activations = {est['total']:.2f} GiB (measured peak "
+              f"{results['tunesmith']['peak_memory_gb']:.2f} GiB{', CPU RSS incl. the process' if device.type == 'cpu' else ''})")
     if ratio is not None:
         print(f"tunesmith / hf_trainer tokens/s: {ratio:.2f}x (per process CPU-second: {cpu_ratio:.2f}x)")
     print(f"results -> {path}")

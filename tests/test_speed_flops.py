@@ -90,7 +90,11 @@ def test_formula_equals_torch_flop_counter(train_type):
         model(input_ids=x, labels=x).loss.backward()
     expected = train_flops_per_token(Shape.from_config(cfg), seq, train_type, lora_r=4, lora_targets=targets,
                                      trainable_embed=True, trainable_lm_head=True, attention="palm")
-    assert counter.get_total_flops() == expected.model * batch * seq
+    # the rotary embedding's inv_freq x positions product (a matmul in some transformers versions, 2*(d/2)*s) is
+    # not a model FLOP by any convention
+    rotary = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith("rotary_emb"))
+    assert rotary <= 2 * (cfg.hidden_size // cfg.num_attention_heads // 2) * seq
+    assert counter.get_total_flops() - rotary == expected.model * batch * seq
 
 
 def test_bad_arguments_raise():

@@ -34,6 +34,9 @@ def test_train_throughput_tiny_lora_vs_hf_trainer(tmp_path):
     assert all(5.5 < v < 6.5 for v in ours["losses"])
     assert saved["n_trainable"] < saved["n_params"]
     assert ours["loss"].startswith("chunked cross-entropy")  # --loss auto runs the engine's chunked loss here
+    est = ours["memory_estimate_gb"]  # the engine's pre-training estimate, next to the measured peak
+    assert est["model_states"] > 0 and est["activations"] > 0
+    assert est["total"] == pytest.approx(est["model_states"] + est["activations"])
 
 
 def test_generate_speed_tiny(tmp_path, tiny_model_dir):

@@ -233,12 +233,39 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _estimate_activations(cfg: TrainConfig, mcfg, seq_len: int, precision: str, device: str) -> dict:
+    from training.activations import estimate_activations, probe_layer
+
+    dtype = DTYPES[precision]
+    lora = None
+    if cfg.train_type == "lora":
+        lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                "target_modules": [m for m in cfg.lora_target_modules if m != "lm_head"]}
+    probe_dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    layer = probe_layer(mcfg, dtype, cfg.attn_implementation, lora, probe_dev)
+    chunked = cfg.loss != "hf" and not (cfg.train_type == "lora" and "lm_head" in cfg.lora_target_modules)
+    est = estimate_activations(layer, mcfg.num_hidden_layers, seq_len, cfg.micro_batch_size,
+                               cfg.gradient_checkpointing_every if cfg.gradient_checkpointing else None,
+                               mcfg.vocab_size, "chunked" if chunked else "hf", cfg.loss_chunk_size,
+                               torch.finfo(dtype).bits // 8)
+    ck = (f"checkpointing every {cfg.gradient_checkpointing_every} layer(s): {est['checkpointed_layers']} of "
+          f"{mcfg.num_hidden_layers}" if cfg.gradient_checkpointing else "no gradient checkpointing")
+    print(f"[memory] activations of one micro-batch ({cfg.micro_batch_size} x {seq_len} tokens, {precision}, {ck}, "
+          f"{'chunked' if chunked else 'HF logits'} loss): about {est['total_bytes'] / 2**30:.2f} GiB per device "
+          f"(layers {est['layers_bytes'] / 2**30:.2f}, loss {est['loss_bytes'] / 2**30:.2f}; "
+          f"{layer.per_token / 1024:.1f} KiB per token per layer, measured on a 1/2-layer probe)")
+    return est
+
+
 # ------------------------------------------------------------------------------------------------
 # ZeRO memory estimate (before the model is built)
 # ------------------------------------------------------------------------------------------------
 def estimate_memory(cfg: TrainConfig, tok, stage: int, off_opt: bool, off_par: bool, world: int,
-                    gpus_per_node: int, device_mem_bytes: int | None) -> dict:
-    """Prints DeepSpeed's model-state memory table for this model and returns the chosen setting's need.
+                    gpus_per_node: int, device_mem_bytes: int | None, seq_len: int | None = None,
+                    precision: str = "fp32", device: str = "cpu") -> dict:
+    """Prints DeepSpeed's model-state memory table for this model, then the activation memory of one
+    micro-batch (measured on a 1/2-layer probe of the architecture, :mod:`training.activations`), and warns
+    when states + activations exceed the device. Returns the figures.
 
     DeepSpeed's formulas assume every parameter is trained; for LoRA we also report the need with only
     the adapter (+ modules_to_save) trained: 16-bit weights + 18 bytes per trainable parameter / world."""
@@ -288,11 +315,22 @@ def estimate_memory(cfg: TrainConfig, tok, stage: int, off_opt: bool, off_par: b
         dev = 2 * total / (world if stage == 3 else 1) + 18 * trainable / (world if stage >= 1 else 1)
         out.update(trainable=trainable, device_bytes_lora=int(dev))
         print(f"[memory] LoRA: {trainable / 1e6:.1f} M trainable -> about {dev / 2**30:.2f} GiB of model states per "
-              "device (activations not included)")
-    if device_mem_bytes and dev > 0.9 * device_mem_bytes:
-        log.warning("[memory] the model states need about %.1f GiB per device but it has %.1f GiB: this will not fit. "
-                    "Try a higher ZeRO stage, an *_offload ds_config, LoRA, or more GPUs.",
-                    dev / 2**30, device_mem_bytes / 2**30)
+              "device (activations below)")
+    act = 0
+    if seq_len:
+        try:
+            act = _estimate_activations(cfg, mcfg, seq_len, precision, device)
+            out["activations"] = act
+            act = act["total_bytes"]
+        except Exception as e:  # noqa: BLE001 - an architecture the probe cannot build: the estimate is informative
+            log.warning("[memory] activation estimate skipped: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    need = dev + act
+    out["device_bytes_total"] = int(need)
+    if device_mem_bytes and need > 0.9 * device_mem_bytes:
+        log.warning("[memory] model states (~%.1f GiB) + activations (~%.1f GiB) need about %.1f GiB per device but "
+                    "it has %.1f GiB: this will not fit. Try gradient_checkpointing=true (or a smaller "
+                    "gradient_checkpointing_every), a smaller micro_batch_size, a higher ZeRO stage, an *_offload "
+                    "ds_config, LoRA, or more GPUs.", dev / 2**30, act / 2**30, need / 2**30, device_mem_bytes / 2**30)
         out["fits"] = False
     else:
         out["fits"] = True

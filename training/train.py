@@ -219,7 +219,8 @@ def main(argv=None) -> int:
     # ---- 3. memory estimate, model, engine --------------------------------------------------------
     if rank == 0:
         dev_mem = torch.cuda.get_device_properties(device).total_memory if env.device == "cuda" else None
-        estimate_memory(cfg, tok, stage, *offloads(ds), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), dev_mem)
+        estimate_memory(cfg, tok, stage, *offloads(ds), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), dev_mem,
+                        seq_len=L, precision=precision, device=env.device)
     # an adapter on a random-init preset needs its base: saved once (rank 0) to OUTPUT_DIR/base_model
     from training.presets import PRESETS
 
