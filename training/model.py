@@ -119,11 +119,11 @@ def _numel(p: torch.nn.Parameter) -> int:
 def _build(cfg: TrainConfig, tok, dtype, zero3: bool, save_base_to, rank: int):
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(cfg.seed)  # the same random init on every rank and every world size
+    torch.manual_seed(cfg.seed)  # the same RNG state on every rank (a preset's weights come from init_preset_weights)
     if cfg.model in PRESETS:
         mcfg = architecture_config(cfg, tok)
         if zero3:
-            # zero.Init creates each parameter, initialises it (rank 0's values, broadcast) and partitions it
+            # zero.Init partitions each parameter as its module is created (the init below gathers them one by one)
             model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation, dtype=dtype)
         elif torch.cuda.is_available():
             # on a GPU, initialise there, directly in the training dtype: a 7B preset is ~2 s instead of minutes of
