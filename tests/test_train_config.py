@@ -92,6 +92,17 @@ def test_valid_job_and_ds_autos(pt_dir, tmp_path):
     assert cpu["precision"] == "fp32"
     one = fill_ds_config(cpu["ds"], cfg_of(pt_dir, tmp_path), 1, "fp32", 64, True)
     assert one["optimizer"]["params"]["torch_adam"]
+    # a GPU job on a machine that cannot compile FusedAdam (this one: no CUDA toolkit) uses torch's AdamW in
+    # DeepSpeed instead of failing in deepspeed.initialize; where it can, DeepSpeed's FusedAdam stays
+    from training.config import fused_adam_unavailable
+
+    gpu = fill_ds_config(cpu["ds"], cfg_of(pt_dir, tmp_path), 1, "bf16", 64, on_cpu=False)["optimizer"]["params"]
+    why = fused_adam_unavailable()
+    assert gpu.get("torch_adam", False) == (why is not None)
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        assert "nvcc" in why
     # ZeRO-2 buckets: 2e8 elements; overlap_comm (double-buffered buckets) only with more than one rank
     z1, z2 = one["zero_optimization"], fill_ds_config(cpu["ds"], cfg_of(pt_dir, tmp_path), 2, "fp32", 64, True)[
         "zero_optimization"]

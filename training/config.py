@@ -228,8 +228,10 @@ def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, precision: str, 
                          ("weight_decay", cfg.weight_decay)):
                 if p.get(k, "auto") == "auto":
                     p[k] = v
-            if on_cpu and not offloads(ds)[0]:
-                p["torch_adam"] = True  # FusedAdam is a CUDA kernel; plain CPU runs use torch.optim.AdamW
+            if not offloads(ds)[0] and (on_cpu or fused_adam_unavailable()):
+                # FusedAdam is a CUDA kernel, built just in time: plain CPU runs, and GPUs where it cannot be
+                # built (no nvcc / ninja), use torch.optim.AdamW (foreach over the parameters on CUDA)
+                p["torch_adam"] = True
     z = ds.get("zero_optimization", {})
     h2 = hidden_size * hidden_size
     # overlap_comm double-buffers the buckets (DeepSpeed: ~4.5x the bucket sizes, 9 GB at 5e8 in bf16): only worth
@@ -246,6 +248,25 @@ def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, precision: str, 
     if left:
         raise ConfigError(f"ds_config {cfg.ds_config}: no job value for 'auto' at {left}. Fix: give a number there")
     return ds
+
+
+def fused_adam_unavailable() -> str | None:
+    """Why DeepSpeed's FusedAdam cannot be used on this machine's GPU (a reason to log), or None. It is a CUDA
+    op that DeepSpeed compiles on first use unless it was installed prebuilt (DS_BUILD_FUSED_ADAM=1)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+
+        if installed_ops.get("fused_adam"):
+            return None
+    except ImportError:
+        pass
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+
+    if CUDA_HOME is None:
+        return "no CUDA toolkit (nvcc) to compile DeepSpeed's FusedAdam"
+    if not is_ninja_available():
+        return "no ninja to compile DeepSpeed's FusedAdam (pip install ninja)"
+    return None
 
 
 def _walk(d, prefix=""):

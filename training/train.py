@@ -39,6 +39,7 @@ from training.config import (
     TrainConfig,
     detect_environment,
     fill_ds_config,
+    fused_adam_unavailable,
     load_config,
     offloads,
     validate,
@@ -204,6 +205,8 @@ def main(argv=None) -> int:
     ds = fill_ds_config(facts["ds"], cfg, world, precision, facts["hidden_size"], env.device == "cpu")
     stage = zero_stage(ds)
     lora = cfg.train_type == "lora"
+    if env.device == "cuda" and ds.get("optimizer", {}).get("params", {}).get("torch_adam") and rank == 0:
+        log.warning("optimizer: torch.optim.AdamW inside DeepSpeed (%s)", fused_adam_unavailable() or "torch_adam set")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_root.mkdir(exist_ok=True)
