@@ -18,12 +18,9 @@ probabilities; 0 with SDPA's fused kernels). Then, per micro-batch of ``s`` toke
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import asdict, dataclass
 
 import torch
-
-log = logging.getLogger("tunesmith.train")
 
 
 def saved_bytes(model: torch.nn.Module, fn) -> int:
