@@ -26,17 +26,16 @@ MODES = ("zero_init", "plain")
 
 
 def _mem_gb(device) -> tuple[float, float]:
-    """(peak, current) memory of this process in GiB."""
-    import resource
-
+    """(peak, current) memory of this process in GiB (CPU: RSS; GPU: allocated)."""
     import torch
 
+    from benchmarks.train_throughput import _peak_memory
+
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.memory_allocated(device) / 2**30
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return _peak_memory(device), torch.cuda.memory_allocated(device) / 2**30
     with open("/proc/self/statm") as f:
         cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    return peak, cur
+    return _peak_memory(device), cur
 
 
 def worker(mode: str, model: str, train_type: str, precision: str, out: str) -> None:

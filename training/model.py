@@ -2,12 +2,13 @@
 and the ZeRO memory estimate printed before the model exists."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from training.config import TrainConfig
+from training.config import TrainConfig, zero_stage
 from training.presets import PRESETS, count_params, preset_config
 
 log = logging.getLogger("tunesmith.train")
@@ -58,7 +59,7 @@ def build_model(cfg: TrainConfig, tok, precision: str, save_base_to=None, ds_con
     ``save_base_to``: a dir where the (resized) base model + tokenizer are saved (by ``rank`` 0) before LoRA wraps
     it -- the real base an adapter trained on a random-init preset needs for merging and inference."""
     dtype = DTYPES[precision]
-    zero3 = ds_config is not None and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    zero3 = ds_config is not None and zero_stage(ds_config) == 3
     hf_ds = None
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -99,17 +100,21 @@ def init_preset_weights(model: torch.nn.Module, seed: int, std: float) -> None:
                 val = torch.empty(shape, dtype=torch.float32, device=dev).normal_(0.0, std, generator=gen)
                 if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
                     val[module.padding_idx] = 0
-            _assign(p, val)
+            with _whole(p):
+                p.copy_(val.to(p.device, p.dtype))
 
 
-def _assign(p: torch.nn.Parameter, val: torch.Tensor) -> None:
-    if hasattr(p, "ds_id"):  # ZeRO-3: gather, write on rank 0, re-partition (broadcast from rank 0)
+@contextlib.contextmanager
+def _whole(p: torch.nn.Parameter):
+    """``p`` in full for an in-place edit: a ZeRO-3 partitioned parameter is gathered on every rank, rank 0's
+    edit is broadcast and re-partitioned on exit (a collective); any other parameter is used as it is."""
+    if hasattr(p, "ds_id"):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            p.copy_(val.to(p.device, p.dtype))
+            yield
     else:
-        p.copy_(val.to(p.device, p.dtype))
+        yield
 
 
 def _numel(p: torch.nn.Parameter) -> int:
@@ -212,12 +217,7 @@ def resize_embeddings(model, n_tokens: int) -> None:
     for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
         if emb is None:
             continue
-        if hasattr(emb.weight, "ds_id"):  # ZeRO-3: gather the rows on every rank, rank 0's edit is broadcast
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=0):
-                emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
-        else:
+        with _whole(emb.weight):
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
     log.warning("resized embeddings %d -> %d tokens (the tokenizer has %d new tokens; new rows = mean embedding)",
                 old, n_tokens, n_tokens - old)
