@@ -15,6 +15,8 @@
 #             allocator capped at 23 GiB whatever the card (--memory_gb 23: a 24 GB card less its CUDA context)
 #   fit24off  the fit24 job with ds_configs/zero2_offload.json (optimizer states in CPU memory: DeepSpeedCPUAdam)
 #   decode    7B bf16 decoding, batch 1 and 16, vs model.generate defaults and the bandwidth bound (>= 60 %)
+#   varlen    doc_attention=block on CUDA: the flash-varlen kernel test, then 1B full at seq 2048 with the 4D mask
+#             (sdpa) vs document bounds (attn_implementation=varlen)
 #
 # On the device machine (no deepspeed in its image), carry the wheels made by scripts/device_wheels.sh:
 #   run(carry=[".whl"], command="bash benchmarks/gpu_suite.sh env smoke")
@@ -94,6 +96,12 @@ PYEOF
         "$PY" -m benchmarks.generate_speed --model llama2-7b --batch $b --new_tokens 128 --repeats 2 \
           --output "$OUT/gen_7b_b$b.json"
       done ;;
-    *) echo "gpu_suite: unknown part '$part' (env smoke lora7b loss7b compile7b full1b fit24 fit24off decode)" >&2; exit 2 ;;
+    varlen)
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_train_attention.py
+      for a in sdpa varlen; do
+        tt --model llama-1b --train_type full --seq_len 2048 --micro_batch 8 --zero 2 --precision bf16 --steps 10 \
+           --warmup 3 --doc_attention block --attn_implementation $a --output "$OUT/tt_1b_full_block_$a.json"
+      done ;;
+    *) echo "gpu_suite: unknown part '$part' (env smoke lora7b loss7b compile7b full1b fit24 fit24off decode varlen)" >&2; exit 2 ;;
   esac
 done

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from benchmarks.common import (
@@ -85,6 +85,11 @@ class ThroughputConfig:
     loss: str = opt("auto", "the engine's loss (training config `loss`): auto | chunked (training/fused_loss.py, no "
                             "full logits) | hf (model logits + F.cross_entropy) -- tunesmith only")
     loss_chunk_size: int = opt(1024, "tokens per chunk of the chunked loss")
+    doc_attention: str = opt("causal", "causal (one causal mask over the packed block) | block (a token sees only its "
+                                       "own packed document)")
+    attn_implementation: str = opt("sdpa", "sdpa | eager | varlen (with --doc_attention block: document bounds "
+                                           "instead of a 4D mask, training/attention.py; tunesmith only -- the HF "
+                                           "Trainer runs block attention as sdpa + 4D mask)")
     data_dir: str | None = opt(None, "packed shards from data_preprocess (default: synthetic)")
     vocab_size: int = opt(32000, "vocabulary of synthetic data / preset (ignored with --data_dir)")
     precision: str = opt("auto", "auto (bf16 GPU, fp32 CPU) | bf16 | fp32")
@@ -101,6 +106,12 @@ class ThroughputConfig:
             raise SystemExit(f"--compare must be '' or 'hf_trainer', got {self.compare!r}")
         if self.loss not in ("auto", "chunked", "hf"):
             raise SystemExit(f"--loss must be auto, chunked or hf, got {self.loss!r}")
+        if self.doc_attention not in ("causal", "block"):
+            raise SystemExit(f"--doc_attention must be causal or block, got {self.doc_attention!r}")
+        if self.attn_implementation not in ("sdpa", "eager", "varlen"):
+            raise SystemExit(f"--attn_implementation must be sdpa, eager or varlen, got {self.attn_implementation!r}")
+        if self.attn_implementation == "varlen" and self.doc_attention != "block":
+            raise SystemExit("--attn_implementation varlen computes --doc_attention block; add --doc_attention block")
         if self.compile and self.zero == 3:
             raise SystemExit("--compile needs ZeRO 0-2 (ZeRO-3's parameter hooks break torch.compile graphs)")
         if not 0.0 <= self.memory_fraction <= 1.0:
@@ -211,7 +222,8 @@ def _train_config(cfg: ThroughputConfig, mode: str):
                        gradient_checkpointing_every=cfg.gradient_checkpointing_every, micro_batch_size=cfg.micro_batch,
                        global_batch_size=cfg.micro_batch, lr=cfg.lr, ds_config=cfg.ds_path(),
                        precision=cfg.precision, seed=cfg.seed, report_to=[], loss=cfg.loss, compile=cfg.compile,
-                       loss_chunk_size=cfg.loss_chunk_size)
+                       loss_chunk_size=cfg.loss_chunk_size, doc_attention=cfg.doc_attention,
+                       attn_implementation=cfg.attn_implementation)
 
 
 def _setup(cfg: ThroughputConfig):
@@ -316,7 +328,7 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
         _sync(device)
         c0 = time.process_time()
         t0 = time.perf_counter()
-        batch = make_batch(split, r, tcfg.doc_attention, mask_dtype, device)
+        batch = make_batch(split, r, tcfg.batch_attention, mask_dtype, device)
         _sync(device)
         t1 = time.perf_counter()
         n_targets = all_sum([batch.num_targets], device)[0]  # the engine all-reduces the step's target count
@@ -356,6 +368,8 @@ def run_hf_trainer(cfg: ThroughputConfig) -> dict:
     from training.data import make_batch
     from training.model import DTYPES
 
+    if cfg.attn_implementation == "varlen":  # plain transformers: block attention is SDPA with the 4D mask
+        cfg = replace(cfg, attn_implementation="sdpa")
     tcfg, precision, split, _tok, model, info, ds, device, rows = _setup(cfg)
     mask_dtype = DTYPES[precision]
     flat = [int(i) for r in rows for i in r]

@@ -64,6 +64,8 @@ def test_bad_options_are_refused():
         train_throughput.main(["--memory_gb", "24", "--memory_fraction", "0.3"])
     with pytest.raises(SystemExit, match="needs --gradient_checkpointing"):
         train_throughput.main(["--gradient_checkpointing_every", "2"])
+    with pytest.raises(SystemExit, match="add --doc_attention block"):
+        train_throughput.main(["--attn_implementation", "varlen"])
 
 
 def test_memory_cap_and_recompute_fraction():
@@ -97,6 +99,14 @@ def test_compiled_decoder_layers_train_the_same(tmp_path):
     a, b = eager["results"]["tunesmith"]["losses"], compiled["results"]["tunesmith"]["losses"]
     assert len(a) == len(b) == 3 and a == pytest.approx(b, abs=1e-4)
     assert json.loads((tmp_path / "compiled.json").read_text())["config"]["compile"] is True
+    # block attention: the 4D mask (eager) and document bounds inside compiled layers (the varlen attention runs
+    # eagerly inside the compiled graph) train the same model
+    block = ["--doc_attention", "block"]
+    masked = train_throughput.main([*common, *block, "--output", str(tmp_path / "block.json")])
+    varlen = train_throughput.main([*common, *block, "--attn_implementation", "varlen", "--compile", "true",
+                                    "--output", str(tmp_path / "varlen.json")])
+    a, b = masked["results"]["tunesmith"]["losses"], varlen["results"]["tunesmith"]["losses"]
+    assert a == pytest.approx(b, abs=1e-4) and a != pytest.approx(eager["results"]["tunesmith"]["losses"], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -157,6 +157,8 @@ def test_refusals(pt_dir, tmp_path, tokenizer_dir):
     assert "warmup_ratio" in refused(c(warmup_ratio=1.5))
     assert "report_to" in refused(c(report_to=["mlflow"]))
     assert "doc_attention" in refused(c(doc_attention="full"))
+    assert "Fix: doc_attention=block" in refused(c(attn_implementation="varlen"))  # varlen is block attention
+    validate(c(attn_implementation="varlen", doc_attention="block"), CPU1)
     assert "loss=" in refused(c(loss="liger"))
     validate(c(loss="chunked", ds_config="ds_configs/zero3.json"), CPU1)  # runs inside lm_head's forward there
     assert "LoRA adapter on lm_head" in refused(c(loss="chunked", train_type="lora",
@@ -241,3 +243,13 @@ def test_make_batch_on_a_device_equals_host_batch_and_counts_targets_on_the_host
         assert host.attention_mask.dim() == (4 if doc_attention == "block" else 2)
         recount = int((host.labels[:, 1:] != -100).sum())
         assert host.n_targets == dev.n_targets == recount > 0 and host.to("cpu").num_targets == recount
+        assert host.cu_seqlens is None and "cu_seq_lens_q" not in host.model_inputs()
+    # varlen: a plain 2D mask plus the document bounds over the flattened rows, which survive .to()
+    vl = make_batch(split, rows, "varlen").to("cpu")
+    assert vl.attention_mask.dim() == 2
+    flat = vl.position_ids.reshape(-1)
+    starts = [i for i in range(flat.numel()) if flat[i] == 0 or i % vl.input_ids.shape[1] == 0]
+    assert vl.cu_seqlens.tolist() == starts + [flat.numel()] and vl.cu_seqlens.dtype == torch.int32
+    assert vl.max_seqlen == max(b - a for a, b in zip(vl.cu_seqlens.tolist(), vl.cu_seqlens.tolist()[1:]))
+    inputs = vl.model_inputs()
+    assert inputs["cu_seq_lens_q"] is inputs["cu_seq_lens_k"] is vl.cu_seqlens and inputs["max_length_q"] == vl.max_seqlen

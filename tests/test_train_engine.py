@@ -10,7 +10,8 @@ Few launches, many assertions each (launch overhead dominates on CPU):
 * ZeRO-2 LoRA with dropout 0.1, sft mode: SIGKILL after step 4, ``--resume auto`` -> identical losses
   (the RNG state, hence the dropout masks, is restored); keep_last retention.
 * ZeRO-2 full pt with block-diagonal attention, a torch optimizer and gradient checkpointing: loss falls,
-  1 rank vs 2 ranks (torchrun) with the same global batch give the same losses.
+  1 rank vs 2 ranks (torchrun) with the same global batch give the same losses; the HF-logits loss and
+  ``attn_implementation=varlen`` (document bounds instead of the 4D mask) train the same model.
 """
 from __future__ import annotations
 
@@ -190,6 +191,14 @@ def test_zero2_full_pt_one_vs_two_ranks(data, tmp_path):
     assert "loss: loss=hf" in hf.stdout
     for s, v in losses(tmp_path / "hf").items():
         assert abs(ref[s] - v) <= 1e-4, (s, ref[s], v)
+    # attn_implementation=varlen: the same block attention from document bounds (no 4D mask), the same model;
+    # its export reloads in plain transformers (sdpa + the 4D mask) with the engine's logits
+    run_train([*args, "attn_implementation=varlen", "verify_export=true", f"output_dir={tmp_path / 'varlen'}"])
+    for s, v in losses(tmp_path / "varlen").items():
+        assert abs(ref[s] - v) <= 1e-4, (s, ref[s], v)
+    recs = [json.loads(x) for x in (tmp_path / "varlen" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["export_max_abs_logit_diff"] for r in recs if "export_max_abs_logit_diff" in r][-1] < 1e-4
+    assert "varlen" not in (tmp_path / "varlen" / "final" / "config.json").read_text()
     job = json.loads((tmp_path / "two" / "job.json").read_text())
     assert job["world_size"] == 2 and "optimizer" not in job["ds_config"]  # the client optimizer replaced it
     assert sorted(p.name for p in (tmp_path / "one" / "checkpoints").glob("step-*")) == ["step-00000006"]

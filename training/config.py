@@ -41,7 +41,9 @@ class TrainConfig:
     # None = default: [embed_tokens, lm_head] in pt mode (ChatMusician trains embeddings), else [] unless
     # the tokenizer adds tokens to the base model (then the resized embeddings must be trained and saved)
     lora_modules_to_save: list[str] | None = None
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    attn_implementation: str = "sdpa"  # sdpa | eager | varlen (with doc_attention=block: attention given the
+                                     # document bounds, no [B,1,L,L] mask; flash varlen kernel on a GPU in
+                                     # bf16/fp16, exact per-document SDPA elsewhere -- training/attention.py)
     gradient_checkpointing: bool = False
     gradient_checkpointing_every: int = 1  # with gradient_checkpointing: recompute 1 of every K decoder layers
                                      # (1 = all layers, least memory; 2 = half the layers, half the recompute
@@ -89,6 +91,11 @@ class TrainConfig:
     # -------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def batch_attention(self) -> str:
+        """How ``training.data.make_batch`` lays out attention: causal | block (4D mask) | varlen (bounds)."""
+        return "varlen" if self.attn_implementation == "varlen" else self.doc_attention
 
     @property
     def tokenizer_dir(self) -> str:
@@ -321,7 +328,7 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
 
     choice = {"train_type": ("full", "lora"), "precision": ("auto", "bf16", "fp16", "fp32"),
               "optimizer": ("deepspeed", "torch"), "doc_attention": ("causal", "block"),
-              "attn_implementation": ("sdpa", "eager"), "loss": ("auto", "chunked", "hf")}
+              "attn_implementation": ("sdpa", "eager", "varlen"), "loss": ("auto", "chunked", "hf")}
     for k, allowed in choice.items():
         if getattr(cfg, k) not in allowed:
             bad(f"{k}={getattr(cfg, k)!r} is not one of {list(allowed)}. Fix: {k}={allowed[0]}")
@@ -350,6 +357,9 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
     if cfg.gradient_checkpointing_every != 1 and not cfg.gradient_checkpointing:
         bad(f"gradient_checkpointing_every={cfg.gradient_checkpointing_every} selects layers to recompute, but "
             "gradient_checkpointing is off. Fix: gradient_checkpointing=true (or drop gradient_checkpointing_every)")
+    if cfg.attn_implementation == "varlen" and cfg.doc_attention != "block":
+        bad("attn_implementation=varlen computes doc_attention=block (a token sees only its own packed document), "
+            f"but doc_attention={cfg.doc_attention}. Fix: doc_attention=block, or attn_implementation=sdpa")
     if cfg.loss_chunk_size < 1:
         bad(f"loss_chunk_size={cfg.loss_chunk_size} must be >= 1. Fix: loss_chunk_size=1024")
     if cfg.loss == "chunked" and cfg.train_type == "lora" and "lm_head" in cfg.lora_target_modules:

@@ -29,6 +29,8 @@ class Batch:
     position_ids: torch.Tensor    # [B, L] int64, reset to 0 at every packed-document start
     attention_mask: torch.Tensor  # [B, L] ones (causal) or [B, 1, L, L] additive block-diagonal mask
     n_targets: int | None = None  # counted on the host by make_batch (no device sync); None = count now
+    cu_seqlens: torch.Tensor | None = None  # attn_implementation=varlen: int32 [n_docs + 1] document bounds over B * L
+    max_seqlen: int = 0                     # attn_implementation=varlen: the longest document
 
     @property
     def num_targets(self) -> int:
@@ -39,7 +41,19 @@ class Batch:
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.input_ids, self.labels, self.position_ids, self.attention_mask)), self.n_targets)
+                       (self.input_ids, self.labels, self.position_ids, self.attention_mask)), self.n_targets,
+                     None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True),
+                     self.max_seqlen)
+
+    def model_inputs(self) -> dict:
+        """The model's keyword arguments (no labels): with document bounds, the keywords transformers passes
+        down to every attention call (``training.attention``)."""
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                  "attention_mask": self.attention_mask}
+        if self.cu_seqlens is not None:
+            inputs.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                          max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+        return inputs
 
 
 def block_diagonal_mask(pos: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -59,6 +73,10 @@ def make_batch(split: Split, rows: np.ndarray, doc_attention: str = "causal",
     """Reads ``rows`` of ``split``; a row index of -1 is a filler (block 0 with no targets) that keeps
     every rank running the same number of forwards (ZeRO-3 needs all ranks in every forward).
 
+    ``doc_attention``: causal (one causal mask over the packed block), block (a ``[B, 1, L, L]``
+    block-diagonal mask) or varlen (block-diagonal attention given as document bounds, ``cu_seqlens``,
+    for ``attn_implementation=varlen``; see :meth:`TrainConfig.batch_attention`).
+
     ``device``: where the batch goes. The ``[B, 1, L, L]`` block-diagonal mask is then built there from the
     position ids (67 MB per 4 x 2048 fp32 micro-batch that is neither computed on the host nor copied)."""
     rows = np.asarray(rows)
@@ -68,17 +86,24 @@ def make_batch(split: Split, rows: np.ndarray, doc_attention: str = "causal",
     mask = torch.from_numpy(np.asarray(split.loss_mask[rows], dtype=np.bool_))
     mask[filler] = False
     pos = torch.from_numpy(np.asarray(split.pos[rows], dtype=np.int64))
+    cu, max_len = (None, 0)
+    if doc_attention == "varlen":
+        from training.attention import cu_seqlens
+
+        cu, max_len = cu_seqlens(pos)
     labels = tokens.masked_fill(~mask, IGNORE_INDEX)
     n_targets = int(mask[:, 1:].sum())
     if device is not None:
         tokens, labels, pos = (t.to(device, non_blocking=True) for t in (tokens, labels, pos))
+        cu = None if cu is None else cu.to(device, non_blocking=True)
     if doc_attention == "block":
         attn = block_diagonal_mask(pos, mask_dtype)
     else:
         # an explicit all-ones 2D mask: plain causal attention over the packed block. (Passing None would let
         # transformers infer documents from position_ids and silently switch to block-diagonal attention.)
+        # varlen: the attention function takes the documents from cu_seqlens and ignores the mask.
         attn = torch.ones_like(tokens)
-    return Batch(tokens, labels, pos, attn, n_targets)
+    return Batch(tokens, labels, pos, attn, n_targets, cu, max_len)
 
 
 class BlockStream:

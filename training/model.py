@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from training.attention import hf_attn_implementation
 from training.config import TrainConfig, zero_stage
 from training.presets import PRESETS, count_params, preset_config
 
@@ -125,23 +126,24 @@ def _build(cfg: TrainConfig, tok, dtype, zero3: bool, save_base_to, rank: int):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)  # the same RNG state on every rank (a preset's weights come from init_preset_weights)
+    attn = hf_attn_implementation(cfg.attn_implementation)
     if cfg.model in PRESETS:
         mcfg = architecture_config(cfg, tok)
         if zero3:
             # zero.Init partitions each parameter as its module is created (the init below gathers them one by one)
-            model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=attn, dtype=dtype)
         elif torch.cuda.is_available():
             # on a GPU, initialise there, directly in the training dtype: a 7B preset is ~2 s instead of minutes of
             # CPU init plus a 28 GB fp32 copy (which would also break a capped --memory_fraction run)
             with torch.device("cuda", torch.cuda.current_device()):
-                model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation, dtype=dtype)
+                model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=attn, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=cfg.attn_implementation,
+            model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=attn,
                                                      dtype=torch.float32)
             model.to(dtype)
         init_preset_weights(model, cfg.seed, mcfg.initializer_range)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation,
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=attn,
                                                      trust_remote_code=False)
     info = ModelInfo(cfg.model, cfg.model in PRESETS, model.get_input_embeddings().num_embeddings, 0)
     resize_embeddings(model, len(tok))
@@ -242,7 +244,7 @@ def _estimate_activations(cfg: TrainConfig, mcfg, seq_len: int, precision: str, 
         lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                 "target_modules": [m for m in cfg.lora_target_modules if m != "lm_head"]}
     probe_dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
-    layer = probe_layer(mcfg, dtype, cfg.attn_implementation, lora, probe_dev)
+    layer = probe_layer(mcfg, dtype, hf_attn_implementation(cfg.attn_implementation), lora, probe_dev)
     chunked = cfg.loss != "hf" and not (cfg.train_type == "lora" and "lm_head" in cfg.lora_target_modules)
     est = estimate_activations(layer, mcfg.num_hidden_layers, seq_len, cfg.micro_batch_size,
                                cfg.gradient_checkpointing_every if cfg.gradient_checkpointing else None,

@@ -104,7 +104,7 @@ def token_losses(engine, batch, head=None) -> tuple[torch.Tensor, torch.Tensor |
     With ``head`` (a :class:`training.fused_loss.ChunkedLossHead`) the loss is computed chunk by chunk from the
     last hidden state and no logits are returned; otherwise from the model's logits, shifting the *labels*
     (position i predicts label i+1), so the logits are never sliced into a non-contiguous copy."""
-    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "attention_mask": batch.attention_mask}
+    inputs = batch.model_inputs()
     if head is not None:
         return head(engine, batch.labels, **inputs), None
     logits = engine(**inputs, use_cache=False).logits
@@ -140,7 +140,7 @@ def evaluate(engine, split, cfg: TrainConfig, tok, rank: int, world: int, device
     engine.eval()
     loss_sum, n_targets, n_bytes = 0.0, 0, 0
     for rows in val_batches(len(split), cfg.micro_batch_size, rank, world, cfg.eval_max_batches):
-        batch = make_batch(split, rows, cfg.doc_attention, mask_dtype, device)
+        batch = make_batch(split, rows, cfg.batch_attention, mask_dtype, device)
         key = tuple(rows.tolist())
         if key not in byte_cache:  # bytes of the decoded target text: computed once per val batch
             tgt = batch.labels[:, 1:]
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=rank != 0 or not sys.stderr.isatty())
     while step < max_steps:
         micro_rows = step_micro_batches(stream, position, G, cfg.micro_batch_size, rank, world)
-        batches = [make_batch(train_split, rows, cfg.doc_attention, mask_dtype, device) for rows in micro_rows]
+        batches = [make_batch(train_split, rows, cfg.batch_attention, mask_dtype, device) for rows in micro_rows]
         # the loss of a step is (sum of token losses over ALL micro-batches and ranks) / (their target count);
         # DeepSpeed averages gradients over ranks, hence the factor `world` (and scale_wrt_gas=False below)
         n_targets = all_sum([sum(b.num_targets for b in batches)], device)[0]
@@ -367,7 +367,9 @@ def verify_export(engine, val_split, cfg: TrainConfig, export_dir: Path, base_mo
     from training.data import make_batch
 
     rows = np.arange(min(cfg.micro_batch_size, len(val_split)))
-    batch = make_batch(val_split, rows, cfg.doc_attention, mask_dtype)
+    batch = make_batch(val_split, rows, cfg.batch_attention, mask_dtype)
+    # plain transformers loads the export with its own attention: the same documents as a 4D mask for varlen
+    hf_batch = make_batch(val_split, rows, cfg.doc_attention, mask_dtype) if cfg.attn_implementation == "varlen" else batch
     engine.eval()
     with torch.no_grad():
         _, ref = token_losses(engine, batch.to(device))
@@ -390,8 +392,7 @@ def verify_export(engine, val_split, cfg: TrainConfig, export_dir: Path, base_mo
             model = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=ref.dtype)
         model.to(device).eval()
         with torch.no_grad():
-            got = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                        attention_mask=batch.attention_mask.to(device)).logits
+            got = model(**hf_batch.to(device).model_inputs()).logits
         diff = (got.float() - ref.float()).abs().max().item()
         tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
         log.info("export check: max |logit(HF export) - logit(engine)| = %.3g (tolerance %g)", diff, tol)
