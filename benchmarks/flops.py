@@ -155,6 +155,22 @@ def attention_flops_per_token(shape: Shape, seq_len: int, attention: str = "caus
     return full / 2 if attention == "causal" else full
 
 
+def document_attention_span(pos) -> float:
+    """The ``seq_len`` to give the attention FLOPs of block-diagonal (per-document) attention over packed rows
+    with position ids ``pos`` [B, L] (restarting at 0 per document; a row start is a document start). The causal
+    convention counts ``L^2 / 2`` query-key pairs for an ``L``-token sequence (``L / 2`` per token); over
+    documents of ``l`` tokens that is ``sum l^2 / 2`` pairs, so ``span = sum l^2 / sum l`` (``L`` for one
+    document per row)."""
+    import numpy as np
+
+    pos = np.asarray(pos)
+    start = pos == 0
+    start[:, 0] = True
+    idx = np.append(np.flatnonzero(start.reshape(-1)), pos.size)
+    lengths = np.diff(idx).astype(np.float64)
+    return float((lengths ** 2).sum() / lengths.sum())
+
+
 def train_flops_per_token(shape: Shape, seq_len: int, train_type: str = "full", lora_r: int = 0,
                           lora_targets=LORA_DEFAULT_TARGETS, trainable_embed: bool = False,
                           trainable_lm_head: bool = False, attention: str = "causal",

@@ -30,7 +30,8 @@ machine, the mean is in the JSON too). With ``--rounds R`` the runners alternate
 runner's best round is reported (all rounds in the JSON). The step-time breakdown is a per-phase mean.
 tokens/CPU-s divides by the runner process's CPU time (all threads) per step: on a CPU shared with other
 jobs it is far steadier than wall time. MFU by :mod:`benchmarks.flops` (model FLOPs: 6N + causal attention
-for full, the honest LoRA count for LoRA); HFU adds the recompute of gradient checkpointing.
+-- with ``--doc_attention block`` over each packed document's own tokens only -- for full, the honest LoRA
+count for LoRA); HFU adds the recompute of gradient checkpointing.
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS of the runner process on CPU.
 JSON goes to ``--output``; a markdown table is printed.
 """
@@ -253,6 +254,19 @@ def _setup(cfg: ThroughputConfig):
     return tcfg, precision, split, tok, model, info, ds, device, rows
 
 
+def attention_span(tcfg, split, rows) -> float | None:
+    """doc_attention=block: the per-document attention span of the job's blocks (benchmarks.flops.
+    document_attention_span), so MFU counts the attention that is model work, not the masked-out pairs;
+    None = causal attention over the whole block."""
+    if tcfg.doc_attention != "block":
+        return None
+    import numpy as np
+
+    from benchmarks.flops import document_attention_span
+
+    return document_attention_span(np.concatenate([split.pos[np.asarray(r)] for r in rows]))
+
+
 def _sync(device):
     import torch
 
@@ -353,7 +367,8 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     out = {"step_times": times["step"], "step_cpu_times": cpu_times, "breakdown_s": breakdown,
            "losses": losses, "loss": loss_desc, "peak_memory_gb": _peak_memory(device), "precision": precision,
            "n_params": info.n_params, "n_trainable": info.n_trainable, "modules_to_save": info.modules_to_save,
-           "model_config": _model_config(model), "ds_config": ds, "memory_estimate_gb": estimate}
+           "model_config": _model_config(model), "ds_config": ds, "memory_estimate_gb": estimate,
+           "attention_span": attention_span(tcfg, split, rows)}
     import torch.distributed as dist
 
     dist.barrier()
@@ -414,7 +429,8 @@ def run_hf_trainer(cfg: ThroughputConfig) -> dict:
     out = {"step_times": times, "step_cpu_times": timer.cpu_times[cfg.warmup:], "breakdown_s": {}, "losses": [],
            "peak_memory_gb": _peak_memory(device),
            "precision": precision, "n_params": info.n_params, "n_trainable": info.n_trainable,
-           "modules_to_save": info.modules_to_save, "model_config": _model_config(model), "ds_config": ds}
+           "modules_to_save": info.modules_to_save, "model_config": _model_config(model), "ds_config": ds,
+           "attention_span": attention_span(tcfg, split, rows)}
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -481,7 +497,8 @@ def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
     shape = Shape(mc["num_hidden_layers"], mc["hidden_size"], mc["intermediate_size"], mc["num_attention_heads"],
                   mc["num_key_value_heads"], mc["vocab_size"], bool(mc["tie_word_embeddings"]))
     mts = res.get("modules_to_save") or []
-    fl = train_flops_per_token(shape, cfg.seq_len, cfg.train_type, lora_r=cfg.lora_r,
+    span = res.get("attention_span") or cfg.seq_len  # block attention: only in-document pairs are model FLOPs
+    fl = train_flops_per_token(shape, span, cfg.train_type, lora_r=cfg.lora_r,
                                trainable_embed="embed_tokens" in mts, trainable_lm_head="lm_head" in mts,
                                recompute=recompute_fraction(cfg, shape.n_layers))
     times = sorted(res["step_times"])
@@ -494,7 +511,7 @@ def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
             "step_cpu_s_median": cpu_median, "tokens_per_cpu_s": cfg.micro_batch * cfg.seq_len / cpu_median,
             "mfu": tps * fl.model / peak.flops, "hfu": tps * fl.hardware / peak.flops,
             "flops_per_token": fl.as_dict(), "peak_memory_gb": res["peak_memory_gb"],
-            "memory_estimate_gb": res.get("memory_estimate_gb")}
+            "memory_estimate_gb": res.get("memory_estimate_gb"), "attention_span": span}
 
 
 def run(cfg: ThroughputConfig) -> dict:
@@ -543,7 +560,9 @@ def run(cfg: ThroughputConfig) -> dict:
     print(f"\n{cfg.model} {cfg.train_type}, seq {cfg.seq_len} x micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}, "
           f"{first['precision']}, {first['n_params'] / 1e6:.2f} M params ({first['n_trainable'] / 1e6:.2f} M trainable)"
           f", {peak.device} (peak {peak.flops / 1e12:.2f} TFLOP/s, {peak.source}), {cfg.steps} timed steps; "
-          f"tunesmith loss: {first.get('loss') or '-'}")
+          f"tunesmith loss: {first.get('loss') or '-'}"
+          + (f"; block attention over packed documents, MFU counts an attention span of {first['attention_span']:.0f}"
+             f" tokens (causal over the whole block: {cfg.seq_len})" if first.get("attention_span") else ""))
     print(markdown_table(["runner", "tokens/s/device", "tokens/CPU-s", "MFU", "peak mem GB", "median step ms", "data ms", "fwd ms",
                           "bwd ms", "opt ms"], rows))
     est = results["tunesmith"].get("memory_estimate_gb")

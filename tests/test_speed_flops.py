@@ -36,6 +36,16 @@ def test_llama2_7b_param_counts_match_presets():
     assert sh.lora_params(64) == 159_907_840
 
 
+def test_document_attention_span_counts_only_in_document_pairs():
+    from benchmarks.flops import document_attention_span
+
+    assert document_attention_span([[0, 1, 2, 3], [0, 1, 2, 3]]) == 4       # one document per row: the block
+    assert document_attention_span([[0, 1, 2, 3], [0, 1, 0, 1]]) == (16 + 4 + 4) / 8
+    assert document_attention_span([[5, 6, 0, 1]]) == 2                     # a row starting inside a document
+    # what the harness feeds the formula: the causal term with span 3 instead of the block length 4
+    assert attention_flops_per_token(SMALL, document_attention_span([[0, 1, 2, 3], [0, 1, 0, 1]])) == 384 * 3 / 4
+
+
 def test_hand_computed_small_config():
     # per layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 + gate 8*16 + up 8*16 + down 16*8 = 576; 2 layers + lm_head 10*8
     assert SMALL.matmul_params() == 2 * 576 + 80 == 1232

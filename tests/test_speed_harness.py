@@ -107,6 +107,9 @@ def test_compiled_decoder_layers_train_the_same(tmp_path):
                                     "--output", str(tmp_path / "varlen.json")])
     a, b = masked["results"]["tunesmith"]["losses"], varlen["results"]["tunesmith"]["losses"]
     assert a == pytest.approx(b, abs=1e-4) and a != pytest.approx(eager["results"]["tunesmith"]["losses"], abs=1e-4)
+    # MFU counts the in-document attention only (the span of the packed documents, not the 64-token block)
+    assert 8 <= varlen["results"]["tunesmith"]["attention_span"] < 64
+    assert eager["results"]["tunesmith"]["attention_span"] == 64
 
 
 @pytest.mark.slow

@@ -32,7 +32,10 @@ def test_cu_seqlens_mark_every_document_and_every_row_start():
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
-def test_varlen_model_equals_sdpa_with_the_block_mask_forward_and_backward(kv_heads):
+@pytest.mark.parametrize("path", ["_per_document", "_masked"])
+def test_varlen_model_equals_sdpa_with_the_block_mask_forward_and_backward(kv_heads, path, monkeypatch):
+    """Both CPU paths: documents stacked by length (long rows) and the boolean block mask (short rows)."""
+    monkeypatch.setattr(attention, "MASKED_UP_TO", 0 if path == "_per_document" else 10**6)
     torch.manual_seed(0)
     cfg = _config(num_key_value_heads=kv_heads)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
@@ -44,21 +47,18 @@ def test_varlen_model_equals_sdpa_with_the_block_mask_forward_and_backward(kv_he
     pos = _packed_positions()
     ids = torch.randint(0, cfg.vocab_size, pos.shape)
     cu, longest = cu_seqlens(pos)
-    seen_masks = []
-    real = attention._per_document
+    seen = []
+    real = getattr(attention, path)
 
-    def spy(q, k, v, cu_, scale, dropout):
-        seen_masks.append(cu_.tolist())
-        return real(q, k, v, cu_, scale, dropout)
+    def spy(*args):
+        seen.append(args[3].tolist())  # the bounds it was given
+        return real(*args)
 
-    attention._per_document = spy
-    try:
-        want = ref(input_ids=ids, position_ids=pos, attention_mask=block_diagonal_mask(pos)).logits
-        got = var(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), cu_seq_lens_q=cu,
-                  cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).logits
-    finally:
-        attention._per_document = real
-    assert seen_masks == [cu.tolist()] * cfg.num_hidden_layers  # every layer ran the per-document attention
+    monkeypatch.setattr(attention, path, spy)
+    want = ref(input_ids=ids, position_ids=pos, attention_mask=block_diagonal_mask(pos)).logits
+    got = var(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), cu_seq_lens_q=cu,
+              cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).logits
+    assert seen == [cu.tolist()] * cfg.num_hidden_layers  # every layer ran this path with the batch's bounds
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # causal attention over the whole block differs: the test can tell the two apart
     causal = ref(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids)).logits
@@ -68,6 +68,22 @@ def test_varlen_model_equals_sdpa_with_the_block_mask_forward_and_backward(kv_he
     (got * w).sum().backward()
     for (name, a), b in zip(ref.named_parameters(), var.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_stacked_documents_cover_many_lengths_exactly():
+    """120 documents of every length 1..64 in a few padded SDPA calls (and two long ones on views) equal
+    attention run one document at a time."""
+    torch.manual_seed(3)
+    lengths = [1 + (i * 37) % 64 for i in range(60)] + [300] + [1 + (i * 37) % 64 for i in range(60, 120)] + [257]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v = (torch.randn(T, 4, 16, dtype=torch.float64) for _ in range(3))
+    assert len(attention._buckets(cu.tolist())) < 30
+    got = attention._per_document(q, k, v, cu, 0.3, 0.0)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        want = torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
+                                                                is_causal=True, scale=0.3).transpose(0, 1)
+        torch.testing.assert_close(got[s:e], want)
 
 
 def test_no_mask_reaches_the_attention_and_bounds_fall_back_to_position_ids():

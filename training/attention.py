@@ -11,8 +11,11 @@ with an arbitrary mask on a GPU. ``varlen`` gives the attention the document bou
 * On CUDA in bf16/fp16 the attention is PyTorch's own flash-attention varlen kernel
   (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10, no ``flash_attn`` package needed): only the
   in-document pairs are computed.
-* Elsewhere (CPU, fp32, other head sizes) it is exact SDPA run per document (``is_causal``), the same
-  pairs, the same result, still without the ``L x L`` mask.
+* Elsewhere (CPU, fp32, other head sizes) it is exact causal SDPA within each document: documents of
+  similar length are stacked into one call (padded at the end, which causality hides), so only the
+  in-document pairs (plus < 25 % padding) are computed, without an ``L x L`` mask; rows of at most
+  :data:`MASKED_UP_TO` tokens, where that bookkeeping costs more than it saves, take SDPA with a boolean
+  block mask built from the same bounds.
 
 Registered with transformers' ``AttentionInterface`` as :data:`VARLEN`; transformers builds no mask for a
 registered function it has no mask for, so nothing of size ``L x L`` exists in the step.
@@ -92,17 +95,73 @@ def _flash(q, k, v, cu, max_len, scale):
     return fn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
+# CPU/fp32 path: rows up to this many tokens use SDPA with a boolean block mask built from the bounds, where the
+# per-document bookkeeping costs more than it saves. fwd+bwd of one attention, 8 heads x 64, synthetic packed
+# documents (mean L/4), 2 CPU cores, 4D mask vs per document: 16 x 256 tokens 55 vs 91 ms; 8 x 512 107 vs 99 ms;
+# 4 x 1024 202 vs 113 ms; 2 x 2048 404 vs 160 ms; 1 x 4096 814 vs 171 ms
+MASKED_UP_TO = 256
+
+
+def _masked(query, key, value, cu, scale, dropout):
+    """SDPA over whole rows with a boolean ``[B, 1, L, L]`` block-causal mask made from the bounds."""
+    B, _, L, _ = query.shape
+    seg = torch.searchsorted(cu[1:], torch.arange(B * L, dtype=cu.dtype), right=True).view(B, L)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None].to(query.device),
+                                         dropout_p=dropout, scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
+# documents this long (padded) run one call each on a view of q/k/v: stacking them would copy more than it saves
+STACK_BELOW = 256
+
+
+def _buckets(bounds: list[int]) -> dict[int, list[int]]:
+    """Documents grouped by padded length: ``l`` rounded up to a quarter of its power of two (at most 25 %
+    padding, 4 sizes per octave), so a block of hundreds of short documents is a handful of SDPA calls."""
+    groups: dict[int, list[int]] = {}
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        n = e - s
+        step = max(1, (1 << (n.bit_length() - 1)) // 4)
+        groups.setdefault(-(-n // step) * step, []).append(i)
+    return groups
+
+
 def _per_document(q, k, v, cu, scale, dropout):
-    """Exact causal SDPA per document: ``q/k/v`` [tokens, heads, head_dim] -> [tokens, heads, head_dim]."""
+    """Exact causal attention within each document: ``q/k/v`` [tokens, heads, head_dim] -> the same shape.
+
+    Short documents of similar length are stacked into one ``[n, heads, P, head_dim]`` SDPA call, padded at
+    the end to ``P``; with ``is_causal`` a real query never sees a padded key (padding comes after it), and the
+    padded queries' outputs are dropped, so the result is per-document attention without any mask. Documents
+    of :data:`STACK_BELOW` tokens or more (and lone ones) run one call each on a view."""
     gqa = k.shape[1] != q.shape[1]
-    outs = []
     bounds = cu.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale,
+    starts = torch.tensor(bounds[:-1])
+    lengths = torch.tensor(bounds[1:]) - starts
+    index, values = [], []
+    for P, docs in _buckets(bounds).items():
+        if len(docs) == 1 or P >= STACK_BELOW:   # a long document: its own call on a view (no gather copy)
+            for i in docs:
+                s, e = bounds[i], bounds[i + 1]
+                qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+                o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale,
+                                                   enable_gqa=gqa)
+                index.append(torch.arange(s, e, device=q.device))
+                values.append(o[0].transpose(0, 1))
+            continue
+        d = torch.tensor(docs)
+        ar = torch.arange(P)
+        valid = ar[None] < lengths[d, None]                                       # [n, P]
+        idx = torch.where(valid, starts[d, None] + ar[None], starts[d, None])    # padding reads a real token
+        idx = idx.to(q.device)
+        qb, kb, vb = (t[idx].transpose(1, 2) for t in (q, k, v))                  # [n, heads, P, head_dim]
+        o = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout, is_causal=True, scale=scale,
                                            enable_gqa=gqa)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs, dim=0)
+        keep = valid.to(q.device)
+        index.append(idx[keep])
+        values.append(o.transpose(1, 2)[keep])                                   # [valid tokens, heads, head_dim]
+    index, values = torch.cat(index), torch.cat(values)
+    return values.new_zeros(q.shape).index_put((index,), values)
 
 
 @torch.compiler.disable   # a data-dependent loop / a custom op with a batch-shaped cu_seqlens: run eagerly
@@ -121,14 +180,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
             cu_seq_lens_q, max_length_q = cu_seqlens(position_ids.expand(B, L))
         else:
             cu_seq_lens_q, max_length_q = torch.arange(0, B * L + 1, L, dtype=torch.int32), L
-    cu = cu_seq_lens_q.to(query.device, torch.int32, non_blocking=True)
     q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], D) for t in (query, key, value))
     if flash_usable(q):
         if dropout:
             raise ValueError("attn_implementation=varlen: the flash varlen kernel has no attention dropout; "
                              "set the model's attention_dropout to 0 or use attn_implementation=sdpa")
-        out = _flash(q, k, v, cu, int(max_length_q or L), scaling)
-    else:
-        out = _per_document(q, k, v, cu_seq_lens_q.cpu() if cu_seq_lens_q.is_cuda else cu_seq_lens_q,
-                            scaling, dropout)
-    return out.view(B, L, H, D), None
+        cu = cu_seq_lens_q.to(query.device, torch.int32, non_blocking=True)
+        return _flash(q, k, v, cu, int(max_length_q or L), scaling).view(B, L, H, D), None
+    cu = cu_seq_lens_q.cpu() if cu_seq_lens_q.is_cuda else cu_seq_lens_q
+    if L <= MASKED_UP_TO:
+        return _masked(query, key, value, cu, scaling, dropout), None
+    return _per_document(q, k, v, cu, scaling, dropout).view(B, L, H, D), None
