@@ -192,13 +192,18 @@ def music_hash(meta: dict, body: str) -> str:
     return h.hexdigest()
 
 
+def split_hash(body_hash: str, seed: int = 0) -> float:
+    """A tune's (or record's) uniform draw in [0, 1) that decides its split."""
+    h = hashlib.blake2b(f"{seed}:{body_hash}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2.0**64
+
+
 def split_of(body_hash: str, val_ratio: float, seed: int = 0) -> str:
     """Deterministic train/val assignment from the tune's music hash: a tune keeps its split when the
     corpus grows or is reordered."""
     if val_ratio <= 0:
         return "train"
-    h = hashlib.blake2b(f"{seed}:{body_hash}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(h, "big") / 2.0**64 < val_ratio else "train"
+    return "val" if split_hash(body_hash, seed) < val_ratio else "train"
 
 
 def check_tune(raw: str, file: str, index: int, max_line_len: int = DEFAULT_MAX_LINE_LEN,

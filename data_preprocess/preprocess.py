@@ -13,7 +13,10 @@ Flags follow ChatMusician's data_preprocess (``-t -i -o -w``); every option is a
   :mod:`data_preprocess.sft`), loss only on the answers; a conversation is kept inside one block
   (the block is padded when it does not fit) and one longer than ``max_len`` is truncated and counted.
 
-Train/val assignment is a hash of the tune's music (stable when the corpus grows). Tokenisation is
+Train/val assignment is a hash of the tune's music (stable when the corpus grows). When ``val_ratio > 0``
+but no tune (or record) hashed into val and there are at least two, the job is written a second time
+with the one of lowest hash moved to val, so a small corpus still gets a val split; an empty val split
+is always reported as a warning. Tokenisation is
 the fast tokenizer's batch encode on chunks of tunes; ``-w N`` spreads chunks (and the optional
 ``--check abc2midi``) over N processes while results are written in input order, so the output is
 byte-identical for any N. Memory stays flat: tunes stream from disk to the shard files.
@@ -44,6 +47,7 @@ from data_preprocess.corpus import (
     Reject,
     abc2midi_problem,
     iter_tunes,
+    split_hash,
     split_of,
 )
 from data_preprocess.sft import (
@@ -289,7 +293,24 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def run(cfg: PreprocessConfig) -> dict:
-    """Runs the whole job; returns the meta dict (also written to OUT/meta.json)."""
+    """Runs the whole job; returns the meta dict (also written to OUT/meta.json). See the module doc for
+    the val split of a small corpus."""
+    meta, candidate = _write(cfg)
+    sizes = meta["counts"]["split_sizes"]
+    if cfg.val_ratio > 0 and not sizes["val"] and candidate is not None:
+        meta, _ = _write(cfg, force_val=candidate)  # deterministic: the train unit of lowest split hash
+        sizes = meta["counts"]["split_sizes"]
+    if not sizes["val"]:
+        why = ("--val_ratio is 0" if cfg.val_ratio <= 0 else
+               "fewer than 2 kept tunes/records gave sequences, so none can be spared for val")
+        print(f"warning: the val split is empty ({why}) and training needs one. Fix: preprocess at least 2 "
+              "tunes/records with --val_ratio > 0 (default 0.02)", file=sys.stderr)
+    return meta
+
+
+def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, str | None]:
+    """One pass over the input (``force_val``: a unit key sent to val whatever its hash). Returns the meta
+    dict and the key of the train unit of lowest split hash when at least 2 distinct units went to train."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -340,6 +361,8 @@ def run(cfg: PreprocessConfig) -> dict:
     sft_counts = {"conversations": 0, "text2music": 0, "music2text": 0, "truncated": 0, "truncated_tokens": 0,
                   "dropped_no_target": 0}
     longest = 0
+    lowest_train: tuple[float, str] | None = None  # (split hash, key) of the val fallback candidate
+    train_keys: set[str] = set()                   # distinct train units, counted up to 2
     pool = None
     if cfg.workers > 1:
         import multiprocessing as mp
@@ -366,7 +389,13 @@ def run(cfg: PreprocessConfig) -> dict:
                     stats.kept -= 1
                     stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
                     continue
-                w = writers[split_of(key, cfg.val_ratio, cfg.seed)]
+                split = "val" if key == force_val else split_of(key, cfg.val_ratio, cfg.seed)
+                if split == "train":
+                    item = (split_hash(key, cfg.seed), key)
+                    lowest_train = item if lowest_train is None else min(lowest_train, item)
+                    if len(train_keys) < 2:
+                        train_keys.add(key)
+                w = writers[split]
                 if cfg.mode == "pt":
                     longest = max(longest, len(docs))
                     w.add(docs)
@@ -400,7 +429,7 @@ def run(cfg: PreprocessConfig) -> dict:
               "target_tokens": sum(s["num_target_tokens"] for s in split_stats.values()), "blocks": blocks,
               "packing_efficiency": tokens / (blocks * cfg.max_len) if blocks else 0.0,
               "longest_sequence_tokens": longest,
-              "split_sizes": {s: split_stats[s]["num_docs"] for s in SPLITS}}
+              "split_sizes": {s: split_stats[s]["num_docs"] for s in SPLITS}, "val_fallback": force_val}
     if cfg.mode == "sft":
         counts["sft"] = sft_counts
     if cfg.mode == "sft" and sft_counts["truncated"]:
@@ -421,7 +450,7 @@ def run(cfg: PreprocessConfig) -> dict:
     write_meta(out, meta)
     meta = read_meta(out)                 # exactly what training will read (incl. dtypes, format)
     meta["_first_rejects"] = first_rejects
-    return meta
+    return meta, lowest_train[1] if lowest_train and len(train_keys) >= 2 else None
 
 
 def summary_table(meta: dict) -> str:
@@ -437,7 +466,8 @@ def summary_table(meta: dict) -> str:
         rows += [(f"sft {k}", v) for k, v in c["sft"].items()]
     rows += [("sequences", c["sequences"]), ("tokens", c["tokens"]), ("target tokens", c["target_tokens"]),
              ("blocks", f"{c['blocks']} x {meta['max_len']}"), ("packing efficiency", f"{c['packing_efficiency']:.4f}"),
-             ("train / val sequences", f"{c['split_sizes']['train']} / {c['split_sizes']['val']}"),
+             ("train / val sequences", f"{c['split_sizes']['train']} / {c['split_sizes']['val']}"
+              + (" (no unit hashed into val: the one of lowest hash was moved there)" if c.get("val_fallback") else "")),
              ("tokenizer", f"{meta['tokenizer']['path']} (vocab {meta['vocab_size']}, {meta['tokenizer']['hash']})"),
              ("time", f"{meta['elapsed_s']:.1f} s ({meta['tunes_per_s']} tunes/s, {meta['tokens_per_s']:.0f} tokens/s)")]
     w = max(len(str(k)) for k, _ in rows)

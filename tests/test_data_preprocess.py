@@ -219,6 +219,44 @@ def test_cli_subprocess_strict_and_meta(tmp_path, tokenizer_dir):
     assert bad.returncode != 0 and "unknown option 'nonsense_key'" in bad.stderr
 
 
+def test_tiny_input_keeps_one_val_sequence_or_warns(tmp_path, tokenizer_dir, capsys):
+    """2 valid records used to give `train / val sequences 2 / 0` silently, which training then refused."""
+    from data_preprocess.corpus import split_hash
+    from data_preprocess.sft import Conversation
+    from training.config import Environment, TrainConfig, validate
+
+    recs = [{"instruction": "Write a jig in D.", "output": "X:1\nK:D\nDFA dAF|\n"},
+            {"instruction": "Write a reel in G.", "output": "X:1\nK:G\nGABc dBAG|\n"}]
+    keys = [Conversation([("user", r["instruction"]), ("assistant", r["output"])], "", 0).key for r in recs]
+    assert [split_of(k, 0.02) for k in keys] == ["train", "train"]  # by hash, neither would go to val
+    src = tmp_path / "two.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "data_preprocess.preprocess", "-t", str(tokenizer_dir), "-i", str(src), "-o", str(out),
+           "--mode", "sft", "--max_len", "128", "--no_progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+                       timeout=300, check=False)
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stderr[-2000:]
+    assert "train / val sequences  1 / 1 (no unit hashed into val: the one of lowest hash was moved there)" in p.stdout
+    meta = read_meta(out)
+    lowest = min(keys, key=split_hash)
+    assert meta["counts"]["val_fallback"] == lowest and meta["splits"]["val"]["num_docs"] == 1
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    val_text = tok.decode(np.asarray(open_split(out, "val", meta).tokens).reshape(-1))
+    assert recs[keys.index(lowest)]["instruction"] in val_text  # the chosen one, all of it, nothing lost
+    assert recs[1 - keys.index(lowest)]["instruction"] not in val_text
+    validate(TrainConfig(data_dir=str(out), mode="sft", model="llama-tiny", output_dir=str(tmp_path / "run"),
+                         global_batch_size=1, micro_batch_size=1, max_steps=1), Environment(1, "cpu"))  # trainable
+    # one record, or --val_ratio 0: nothing can go to val, and preprocess says so
+    for n, ratio, why in ((1, 0.02, "fewer than 2 kept tunes/records"), (2, 0.0, "--val_ratio is 0")):
+        src.write_text("".join(json.dumps(r) + "\n" for r in recs[:n]))
+        meta = run(PreprocessConfig(tokenizer=str(tokenizer_dir), input=str(src), output_dir=str(out), mode="sft",
+                                    max_len=128, val_ratio=ratio, progress=False))
+        err = capsys.readouterr().err
+        assert meta["counts"]["split_sizes"] == {"train": n, "val": 0} and meta["counts"]["val_fallback"] is None
+        assert f"warning: the val split is empty ({why}" in err and "Fix: preprocess at least 2" in err
+
+
 @pytest.mark.parametrize("field", ["tokenizer", "output_dir"])
 def test_config_requires_paths(field):
     kw = {"tokenizer": "t", "output_dir": "o", field: ""}

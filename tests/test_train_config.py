@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -66,6 +67,11 @@ def test_yaml_and_overrides(tmp_path):
                        (["gradient_checkpointing=maybe"], "not a boolean"), (["lr"], "expected key=value")):
         with pytest.raises(ConfigError, match=where):
             load_config(None, bad)
+    # a typo'd key suggests the key meant (close spelling, or the HF Trainer name's counterpart)
+    for typo, meant in (("lrr", "['lr', "), ("learning_rate", "['lr']"), ("max_step", "['max_steps']"),
+                        ("num_train_epochs", "['num_epochs']"), ("gradient_checkpoint", "['gradient_checkpointing', ")):
+        with pytest.raises(ConfigError, match=rf"unknown config key '{typo}'\. Fix: use one of {re.escape(meant)}"):
+            load_config(None, [f"{typo}=1"])
     (tmp_path / "bad.yaml").write_text("lr: [1\n")
     with pytest.raises(ConfigError, match="bad.yaml: cannot parse"):
         load_config(str(tmp_path / "bad.yaml"))
@@ -174,6 +180,14 @@ def test_refusals(pt_dir, tmp_path, tokenizer_dir):
     assert "already has checkpoints" in refused(c())
     validate(c(resume="auto"), CPU1)
     assert "no such checkpoint" in refused(c(resume=str(tmp_path / "nope")))
+
+
+def test_empty_val_split_hint_says_what_works(tokenizer_dir, tmp_path):
+    """The old hint, `--val_ratio 0.02`, was already the default: following it changed nothing."""
+    no_val = write_shards(tokenizer_dir, tmp_path / "no_val", "pt", n_tunes=8, n_val=0)
+    msg = refused(cfg_of(no_val, tmp_path))
+    assert "the val split is empty" in msg and "at least 2 tunes/records" in msg and "--val_ratio > 0" in msg
+    assert "it then keeps at least one for val" in msg
 
 
 def _with(tmp_path, name, edit):

@@ -9,6 +9,7 @@ reason plus the fix, e.g. ``precision: fp16 needs a GPU; this run is on CPU. Fix
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import typing
@@ -104,13 +105,24 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+# Hugging Face Trainer / ChatMusician argument names -> ours (a typo of these is matched by spelling)
+_ALIASES = {"learning_rate": "lr", "num_train_epochs": "num_epochs", "per_device_train_batch_size": "micro_batch_size",
+            "model_name_or_path": "model", "deepspeed": "ds_config", "lora_rank": "lora_r"}
+
+
+def _suggest(name: str) -> list[str]:
+    """Keys a mistyped ``name`` probably meant: an alias, close spellings, then keys sharing its first word."""
+    alias = [_ALIASES[name]] if name in _ALIASES else []
+    close = difflib.get_close_matches(name, list(_FIELDS), n=4, cutoff=0.6)
+    prefix = [k for k in _FIELDS if k.split("_")[0] == name.split("_")[0]]
+    return list(dict.fromkeys(alias + close + prefix))[:6] or sorted(_FIELDS)[:8]
 
 
 def _coerce(name: str, value, where: str):
     """Converts a YAML/CLI value to the field's declared type (so ``lr=1e-4`` is a float, not a str)."""
     if name not in _FIELDS:
-        close = [k for k in _FIELDS if k.split("_")[0] == name.split("_")[0]] or sorted(_FIELDS)[:8]
-        raise ConfigError(f"{where}: unknown config key '{name}'. Fix: use one of {close} (see training/config.py)")
+        raise ConfigError(f"{where}: unknown config key '{name}'. Fix: use one of {_suggest(name)} "
+                          "(see training/config.py)")
     hint = _HINTS[name]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     optional = type(None) in args
@@ -410,7 +422,9 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         bad(f"mode={cfg.mode} but {cfg.data_dir} holds '{meta['mode']}' shards. Fix: mode={meta['mode']} or point "
             f"data_dir at {cfg.mode} shards")
     if val is None or len(val) == 0:
-        bad(f"data_dir {cfg.data_dir}: no val split (needed for validation loss). Fix: preprocess with --val_ratio 0.02")
+        bad(f"data_dir {cfg.data_dir}: the val split is empty (needed for validation loss). Fix: re-run "
+            "data_preprocess.preprocess with --val_ratio > 0 on at least 2 tunes/records (it then keeps at least "
+            "one for val; more data or a larger --val_ratio, e.g. 0.1, gives a bigger val split)")
     # ---- tokenizer vs shards
     tdir = Path(cfg.tokenizer_dir)
     if not tdir.is_dir():
