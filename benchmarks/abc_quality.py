@@ -47,6 +47,7 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
+from training.hf_io import exit_on_model_path_error
 
 KEYS = ["C", "G", "D", "A", "F", "Bb", "Eb", "Em", "Am", "Dm", "Bm", "Gm"]
 METERS = ["4/4", "3/4", "6/8", "2/4"]
@@ -320,6 +321,7 @@ def report(result: dict) -> str:
     return markdown_table(["ABC quality"] + cols, rows)
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     cfg = parse_config(ABCQualityConfig, argv, __doc__)
     result = run(cfg)

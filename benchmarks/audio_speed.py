@@ -30,6 +30,7 @@ import torch
 
 from data_preprocess.audio_codec import Codec, make_random_codec
 from data_preprocess.audio_layout import LAYOUTS, AudioVocab, make_layout
+from training.hf_io import exit_on_model_path_error
 
 log = logging.getLogger("tunesmith.bench")
 
@@ -128,6 +129,7 @@ def bench_generation(model, tok, codec: Codec, layout: str, seconds: float, batc
             "rtf_per_stream": gen / (audio_s / batch)}
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -37,6 +37,7 @@ from benchmarks.common import (
     score_continuations,
     write_json,
 )
+from training.hf_io import exit_on_model_path_error
 
 LN2 = math.log(2)
 
@@ -204,6 +205,7 @@ def report(result: dict) -> str:
     return markdown_table([f"held-out ABC: {Path(result['data']).name}", "value"], rows)
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     cfg = parse_config(BPCConfig, argv, __doc__)
     result = run(cfg)

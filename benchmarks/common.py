@@ -17,7 +17,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -320,9 +322,17 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def model_tag(model: str) -> str:
+    """A file-name part naming a model: the last two path components, so ``outputs/default/pt/final`` and
+    ``.../sft/final`` stay apart (``pt_final``, ``sft_final``); a preset stays ``llama-tiny``, a hub id
+    becomes ``org_name``."""
+    p = Path(os.path.abspath(model)) if Path(model).exists() else Path(model)  # `final` run from inside a run dir
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.") for s in p.parts[-2:]]
+    return "_".join(s for s in parts if s) or "model"
+
+
 def default_output(bench: str, model: str | None, lora: str | None = None, extra: str = "") -> Path:
-    name = Path(lora or model or "data").name or "model"
-    return Path("outputs") / "benchmarks" / f"{bench}_{name}{extra}.json"
+    return Path("outputs") / "benchmarks" / f"{bench}_{model_tag(lora or model or 'data')}{extra}.json"
 
 
 def environment() -> dict:

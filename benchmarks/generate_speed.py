@@ -42,6 +42,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.flops import Shape, decode_bytes_per_step, device_peak
+from training.hf_io import exit_on_model_path_error
 
 PATHS = ("hf_default", "tunesmith", "static")
 
@@ -188,6 +189,7 @@ def run(cfg: GenerateSpeedConfig) -> dict:
     return out
 
 
+@exit_on_model_path_error
 def main(argv: list[str] | None = None) -> dict:
     return run(parse_config(GenerateSpeedConfig, argv, description=__doc__))
 

@@ -47,6 +47,7 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
+from training.hf_io import exit_on_model_path_error
 
 LETTERS = "ABCD"
 
@@ -96,8 +97,14 @@ class Question:
 
 def read_csv(path: Path, subject: str) -> list[Question]:
     """Reads one MMLU CSV in either layout (see module doc); clear errors with file and line."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; an MMLU dir holds dev/{{subject}}_dev.csv and "
+                         "test/{subject}_test.csv") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a readable UTF-8 CSV ({e})") from None
     if not rows:
         return []
     header = [c.strip().lower() for c in rows[0]]
@@ -164,7 +171,8 @@ class MMLUConfig(ModelArgs):
             raise SystemExit(f"--shots must be 0..5 (the dev split has 5 exemplars per subject), got {self.shots}")
 
 
-def run(cfg: MMLUConfig, loaded=None) -> dict:
+def load_prompts(cfg: MMLUConfig) -> tuple[list[Question], list[str]]:
+    """The test questions of ``cfg`` and their k-shot prompts; a malformed CSV raises ValueError."""
     data_dir = Path(cfg.data_dir)
     subjects = subjects_in(data_dir)
     if cfg.subjects:
@@ -184,6 +192,14 @@ def run(cfg: MMLUConfig, loaded=None) -> dict:
         for q in test[: cfg.limit] if cfg.limit else test:
             questions.append(q)
             prompts.append(build_prompt(q, shots))
+    return questions, prompts
+
+
+def run(cfg: MMLUConfig, loaded=None) -> dict:
+    try:
+        questions, prompts = load_prompts(cfg)
+    except ValueError as e:  # names the file, line and field: one line, no traceback
+        raise SystemExit(str(e)) from None
     loaded = loaded or load(cfg)
     t0 = time.time()
     pairs = [(p, f" {letter}") for p in prompts for letter in LETTERS]
@@ -233,6 +249,7 @@ def report(result: dict) -> str:
     return markdown_table(["MMLU " + f"{result['shots']}-shot", "n", "accuracy"], rows)
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     cfg = parse_config(MMLUConfig, argv, __doc__)
     result = run(cfg)

@@ -59,6 +59,7 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
+from training.hf_io import exit_on_model_path_error
 
 HUB_ID = "m-a-p/MusicTheoryBench"
 LETTERS = "ABCD"
@@ -158,7 +159,10 @@ def _read_file(p: Path) -> list[tuple[dict, str, str | None]]:
                     raise ValueError(f"{p}:{ln}: not valid JSON ({e.msg}); one record per line expected") from None
         return out
     if suf == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
         if isinstance(data, dict) and any(k in data for k in ("dev", "test")):  # {"dev": [...], "test": [...]}
             return [(r, f"{p} {s}[{i}]", s) for s in ("dev", "test") for i, r in enumerate(data.get(s, []))]
         if isinstance(data, dict) and "data" in data:
@@ -320,7 +324,10 @@ def _gen_predictions(loaded, cfg: MTBConfig, prompts: list[str], items: list[Ite
 
 
 def run(cfg: MTBConfig, loaded=None) -> dict:
-    items = load_items(cfg.data)
+    try:
+        items = load_items(cfg.data)
+    except ValueError as e:  # names the file, line and field: one line, no traceback
+        raise SystemExit(str(e)) from None
     dev = [it for it in items if it.split == "dev"]
     evals = [it for it in items if it.split == cfg.split and (cfg.subject is None or it.subject == cfg.subject)]
     if cfg.limit:
@@ -413,6 +420,7 @@ def report(result: dict) -> str:
     return table
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     cfg = parse_config(MTBConfig, argv, __doc__)
     result = run(cfg)

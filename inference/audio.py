@@ -30,6 +30,7 @@ import torch
 
 from data_preprocess.audio_codec import Codec, write_wav
 from data_preprocess.audio_layout import AudioVocab, LayoutConstraint, make_layout
+from training.hf_io import exit_on_model_path_error
 
 log = logging.getLogger("tunesmith.audio")
 
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     from data_preprocess.audio import config_from_args
 

@@ -10,6 +10,9 @@ One page, a small JSON API, Python's standard library HTTP server (no gradio, no
   from the ABC, a WAV player (abc2midi + fluidsynth), MIDI/ABC downloads, tool errors shown;
 - a "Render ABC" box renders any ABC you paste (the same pipeline, no model involved).
 
+Ctrl-C or SIGTERM (``kill PID``) stops it cleanly: the temporary render dir (named in the start line) is
+removed and the exit status is 0.
+
 Security: binds 127.0.0.1 unless ``--host`` says otherwise (with a warning: there is no authentication).
 Model output is untrusted: reply text is shown as text, never as HTML; sheet music is shown through
 ``<img>`` (abcm2ps passes ``%%beginsvg`` blocks from the ABC through verbatim, and scripts in an SVG do not
@@ -22,6 +25,7 @@ import argparse
 import json
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -38,6 +42,7 @@ from inference.cli_config import parse_with_config
 from inference.generation import SamplingConfig, build_prompt, generate, trim_history
 from inference.predict import add_model_args, add_sampling_args, sampling_from_args
 from inference.render import render_text
+from training.hf_io import exit_on_model_path_error
 
 MAX_BODY = 1 << 20          # bytes of a request body
 MAX_NEW_TOKENS = 8192       # server-side cap on the slider
@@ -229,6 +234,7 @@ def serve(app: DemoApp, host: str, port: int) -> ThreadingHTTPServer:
     return server
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     a = parse_with_config(build_parser(), argv)
     defaults = sampling_from_args(a)
@@ -239,26 +245,33 @@ def main(argv=None) -> int:
 
     loaded = load_model(a.base_model, a.lora_model, a.tokenizer_path, device=a.device, dtype=a.dtype,
                         trust_remote_code=a.trust_remote_code)
-    tmp = None
-    if a.render_dir:
-        render_dir = Path(a.render_dir)
-        render_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        render_dir = tmp = Path(tempfile.mkdtemp(prefix="tunesmith_demo_"))
-    name = a.base_model + (f" + {a.lora_model}" if a.lora_model else "")
-    server = serve(DemoApp(loaded, defaults, render_dir, name, wav=not a.no_wav), a.host, a.port)
-    host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"tunesmith demo: http://{shown}:{port}/  (model {name} on {loaded.device}; Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the demo the way Ctrl-C does
+    tmp = server = None
     try:
+        if a.render_dir:
+            render_dir = Path(a.render_dir)
+            render_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            render_dir = tmp = Path(tempfile.mkdtemp(prefix="tunesmith_demo_"))
+        name = a.base_model + (f" + {a.lora_model}" if a.lora_model else "")
+        server = serve(DemoApp(loaded, defaults, render_dir, name, wav=not a.no_wav), a.host, a.port)
+        host, port = server.server_address[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"tunesmith demo: http://{shown}:{port}/  (model {name} on {loaded.device}; renders in {render_dir}"
+              f"{' (removed on exit)' if tmp else ''}; Ctrl-C or kill PID to stop)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        if server is not None:
+            server.server_close()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM: the same clean exit as Ctrl-C (temp render dir removed, status 0)
 
 
 PAGE = r"""<!doctype html>

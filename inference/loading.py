@@ -29,10 +29,12 @@ def auto_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
 
 # Tokenizer/adapter helpers live in the training layer (merge.py needs them too); re-exported here.
 from training.hf_io import (  # noqa: F401
+    ModelPathError,
     _has_tokenizer,
     adapter_vocab_size,
     load_tokenizer,
     resize_for_adapter,
+    resolve_model_path,
 )
 
 
@@ -53,7 +55,12 @@ def load_model(base_model: str, lora_model: str | None = None, tokenizer_path: s
     added tokens), else the base dir. When the tokenizer has more tokens than the base embeddings (pad or
     music tokens added in training), the base is resized before the adapter is attached, so adapters
     with ``modules_to_save`` (embed_tokens, lm_head) load with matching shapes.
+
+    A path that does not exist (or an uncached Hub id when offline) raises :class:`ModelPathError` at once.
     """
+    base_model = resolve_model_path(base_model, "model")
+    lora_model = lora_model and resolve_model_path(lora_model, "adapter")
+    tokenizer_path = tokenizer_path and resolve_model_path(tokenizer_path, "tokenizer")
     dev = auto_device(device)
     dt = auto_dtype(dev, dtype)
     tok_src = tokenizer_path or (lora_model if lora_model and _has_tokenizer(lora_model) else base_model)

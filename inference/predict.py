@@ -33,6 +33,7 @@ from inference.generation import (
     generate_batch,
     trim_history,
 )
+from training.hf_io import exit_on_model_path_error
 
 INPUT_FIELDS = ("instruction", "input", "prompt", "text")
 
@@ -236,6 +237,7 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
     print("bye", file=stdout, flush=True)
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--audio" in argv:  # text-to-audio with a codec-token model (inference/audio.py)

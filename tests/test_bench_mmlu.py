@@ -50,6 +50,13 @@ def test_bad_csv_names_file_and_line(tmp_path):
     f.write_text("q1,a,b,c,d,A\nq2,a,b,c,d,E\n")
     with pytest.raises(ValueError, match=r"x_test.csv:2: answer must be a letter"):
         mmlu.read_csv(f, "x")
+    # through the CLI path: the same line as a clean exit, not a traceback, before any model is loaded
+    cfg = mmlu.MMLUConfig(model="never-loaded", data_dir=str(tmp_path), shots=0)
+    with pytest.raises(SystemExit, match=r"^.*x_test.csv:2: answer must be a letter A-D in the headerless layout, got 'E'$"):
+        mmlu.run(cfg)
+    cfg.shots = 1  # no dev/ dir: a missing file is named too
+    with pytest.raises(SystemExit, match=r"dev/x_dev.csv: no such file; an MMLU dir holds dev/"):
+        mmlu.run(cfg)
 
 
 def test_run_matches_independent_argmax_and_layouts_agree(tiny_model_dir, tmp_path, loaded):

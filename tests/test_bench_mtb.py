@@ -67,6 +67,19 @@ def test_bad_record_names_file_line_and_field(tmp_path):
         mtb.load_items(str(bad))
 
 
+def test_cli_bad_record_is_one_line_not_a_traceback(tmp_path):
+    recs = [json.loads(ln) for ln in FIXTURE.read_text().splitlines()]
+    del recs[3]["answer"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "bad.json").write_text('[{"id": 1},\n oops]')
+    for f, msg in ((bad, f"{bad}:4: missing field 'answer' (MusicTheoryBench schema: "),
+                   (tmp_path / "bad.json", f"{tmp_path / 'bad.json'}:2: not valid JSON (Expecting value)")):
+        p = subprocess.run([sys.executable, "-m", "benchmarks.music_theory_bench", "--model", "never-loaded",
+                            "--data", str(f)], cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
+        assert p.returncode == 1 and p.stderr.startswith(msg) and p.stderr.count("\n") == 1, p.stderr[-2000:]
+
+
 def test_rotation_moves_answer_with_its_option():
     item = mtb.load_items(str(FIXTURE))[5]
     seen = {k: set() for k in mtb.LETTERS}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,47 @@ def test_parse_config_precedence(tmp_path):
         parse_config(ModelArgs, ["bogus=1"])
     with pytest.raises(SystemExit, match="expects int"):
         parse_config(ModelArgs, ["--batch_size", "many"])
+
+
+def test_default_output_names_keep_runs_apart(tmp_path, monkeypatch):
+    from benchmarks.common import default_output
+
+    monkeypatch.chdir(tmp_path)
+    for d in ("pt", "sft"):
+        (tmp_path / "outputs" / "default" / d / "final").mkdir(parents=True)
+    names = {m: default_output("bits_per_char", m).name for m in
+             ("outputs/default/pt/final", "outputs/default/sft/final", "outputs/default/merged", "llama-tiny",
+              "meta-llama/Llama-2-7b-hf")}
+    assert names == {"outputs/default/pt/final": "bits_per_char_pt_final.json",
+                     "outputs/default/sft/final": "bits_per_char_sft_final.json",
+                     "outputs/default/merged": "bits_per_char_default_merged.json",
+                     "llama-tiny": "bits_per_char_llama-tiny.json",
+                     "meta-llama/Llama-2-7b-hf": "bits_per_char_meta-llama_Llama-2-7b-hf.json"}
+    assert default_output("mmlu", "base", "outputs/default/sft/final", "_5shot").name == "mmlu_sft_final_5shot.json"
+    monkeypatch.chdir(tmp_path / "outputs" / "default" / "sft")  # `--model final` from inside the run dir
+    assert default_output("bits_per_char", "final").name == "bits_per_char_sft_final.json"
+
+
+def test_every_benchmark_cli_refuses_a_missing_model_in_one_line(tmp_path, monkeypatch, capsys):
+    """`--model outputs/nope` used to be retried against the Hub for ~49 s, then an OSError traceback."""
+    from benchmarks import abc_quality, bits_per_char, generate_speed, mmlu
+    from benchmarks import music_theory_bench as mtb
+    from benchmarks.generate_speed import GenerateSpeedConfig, build_model
+
+    fixtures = Path(__file__).parent / "fixtures"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "t.abc").write_text("X:1\nK:C\nCDEF|\n")
+    runs = {mmlu.main: ["--data_dir", str(fixtures / "mmlu_header"), "--shots", "0"],
+            mtb.main: ["--data", str(fixtures / "music_theory_bench.jsonl")],
+            abc_quality.main: ["--n", "1"], bits_per_char.main: ["--data", "t.abc"], generate_speed.main: []}
+    for main, extra in runs.items():
+        with pytest.raises(SystemExit) as e:
+            main(["--model", "outputs/nope", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, main.__module__
+        assert err == ("error: model outputs/nope: no such directory (and not a Hub id). Fix: pass the directory "
+                       "written by training/merge.py or train.py (…/final)\n"), main.__module__
+    # presets are not paths: they still build (random init), offline
+    model = build_model(GenerateSpeedConfig(model="llama-tiny", vocab_size=64, device="cpu"))[0]
+    assert model.config.vocab_size == 64

@@ -25,22 +25,28 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCALE = "X:1\nT:Pasted scale\nM:4/4\nL:1/4\nK:G\nG A B c|d e f g|]\n"
 
 
+def _start_demo(model: Path) -> tuple[subprocess.Popen, str, str]:
+    """Starts inference/demo.py on a free port: (process, URL, the start line it printed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "inference" / "demo.py"), "--model", str(model), "--port", "0",
+                             "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"demo exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        m = re.search(r"(http://\S+/)", line)
+        if m:
+            return proc, m.group(1), line
+    proc.terminate()
+    raise AssertionError("demo printed no URL")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     memo = memorised_model(tiny_model_dir, tmp_path_factory.mktemp("demo_model"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "inference" / "demo.py"), "--model", str(memo), "--port", "0",
-                             "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc, url, _ = _start_demo(memo)
     try:
-        url = None
-        deadline = time.time() + 180
-        while time.time() < deadline and url is None:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                raise AssertionError(f"demo exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
-            m = re.search(r"(http://\S+/)", line)
-            url = m.group(1) if m else None
-        assert url, "demo printed no URL"
         yield url
     finally:
         proc.terminate()
@@ -68,6 +74,30 @@ def test_binds_loopback_and_rejects_bad_input(server):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(server + bad, timeout=10)
         assert e.value.code == 404
+
+
+def test_sigterm_removes_the_temp_render_dir(tiny_model_dir):
+    """`kill PID` (what proc.terminate() sends) used to leave /tmp/tunesmith_demo_* behind; Ctrl-C did not."""
+    proc, url, line = _start_demo(tiny_model_dir)
+    try:
+        render_dir = Path(re.search(r"renders in (\S+) \(removed on exit\)", line).group(1))
+        code, res = _post(url + "api/render", {"abc": SCALE})
+        assert code == 200 and res["tunes"][0]["svg_url"]
+        assert render_dir.name.startswith("tunesmith_demo_") and any(render_dir.rglob("*.svg"))
+    finally:
+        proc.terminate()
+        rc = proc.wait(timeout=30)
+    assert rc == 0, proc.stderr.read()[-3000:]
+    assert not render_dir.exists()
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_bad_model_path_is_one_line_exit_2(tmp_path):
+    (tmp_path / "outputs").mkdir()
+    p = subprocess.run([sys.executable, str(REPO / "inference" / "demo.py"), "--model", "outputs/nope"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 2 and p.stderr == ("error: model outputs/nope: no such directory (and not a Hub id). Fix: "
+                                              "pass the directory written by training/merge.py or train.py (…/final)\n")
 
 
 def test_chat_in_browser_shows_sheet_music_and_audio(server, artifacts_dir):

@@ -114,6 +114,29 @@ def test_merge_refuses_non_empty_output_and_overwrites_on_request(lora_run, tmp_
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_bad_model_paths_are_one_line_before_anything_is_written(lora_run, tmp_path, capsys, monkeypatch):
+    """A missing base, a missing adapter, or a full model passed as the adapter: `error: ...` and exit 2
+    (argparse's status), no traceback, and no output (or .partial) dir created."""
+    from training.merge import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "default" / "sft").mkdir(parents=True)
+    out = tmp_path / "outputs" / "merged"
+    cases = {("outputs/default/sft/base_model", str(lora_run["adapter"])):
+             "model outputs/default/sft/base_model: no such directory (and not a Hub id). Fix: pass the directory "
+             "written by training/merge.py or train.py (…/final)",
+             (str(lora_run["base"]), "outputs/default/sft/finall"):
+             "adapter outputs/default/sft/finall: no such directory (and not a Hub id). Fix: ",
+             (str(lora_run["base"]), str(lora_run["base"])):
+             f"adapter {lora_run['base']}: a full model dir, not an adapter dir. Fix: "}
+    for (base, lora), msg in cases.items():
+        with pytest.raises(SystemExit) as e:
+            main(["--base_model", base, "--lora_model", lora, "--output_dir", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {msg}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["default"]
+
+
 def test_compare_flags_a_real_difference():
     from training.merge import compare
 

@@ -171,3 +171,53 @@ def test_seed_makes_sampling_reproducible(tiny):
     b = generate(tiny.model, tiny.tokenizer, "K:C\n", cfg)["output"]
     c = generate(tiny.model, tiny.tokenizer, "K:C\n", SamplingConfig(temperature=1.0, max_new_tokens=16, seed=7))["output"]
     assert a == b != c
+
+
+def test_model_paths_are_resolved_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    """Local dir -> local; not a Hub id form -> missing local path; Hub id offline and uncached -> not
+    downloaded; a Hub id online is left to transformers. Every refusal is one line naming the argument."""
+    from inference.loading import ModelPathError, load_model, resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "default").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert resolve_model_path(str(tiny_model_dir), "tokenizer") == str(tiny_model_dir)
+    missing = {"outputs/nope": "outputs/ is a local dir", "outputs/default/mergd": "more than one '/'",
+               "./final": "starts with '.'", str(tmp_path / "nope"): "absolute", "~/nope-xyz": "starts with '~'"}
+    for name, why in missing.items():
+        with pytest.raises(ModelPathError) as e:
+            resolve_model_path(name)
+        assert str(e.value) == (f"model {name}: no such directory (and not a Hub id). Fix: pass the directory "
+                                "written by training/merge.py or train.py (…/final)"), why
+    with pytest.raises(ModelPathError, match=r"^adapter .*: a full model dir, not an adapter dir\. Fix: "):
+        resolve_model_path(str(tiny_model_dir), "adapter")
+    with pytest.raises(ModelPathError, match=r"^model empty: no config.json in it, not a model dir\. Fix: "):
+        resolve_model_path("empty")
+    (tmp_path / "run" / "final").mkdir(parents=True)  # a train.py OUTPUT_DIR instead of OUTPUT_DIR/final
+    with pytest.raises(ModelPathError, match=r"^adapter run: a training output dir \(its export is run/final\)"):
+        resolve_model_path("run", "adapter")
+    hub_id = "tunesmith-tests/never-downloaded"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelPathError, match=r"never-downloaded: no such directory, and as a Hub id it is not "
+                                             r"downloaded while HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"):
+        resolve_model_path(hub_id)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_model_path(hub_id) == hub_id  # online: transformers may fetch it (nothing fetched here)
+    # load_model refuses a missing adapter before loading anything
+    with pytest.raises(ModelPathError, match=r"^adapter outputs/default/sft/finall: no such directory"):
+        load_model(str(tiny_model_dir), "outputs/default/sft/finall", device="cpu")
+
+
+def test_cli_bad_model_path_is_one_line_exit_2(tiny_model_dir, tmp_path):
+    """`predict.py --base_model outputs/default/mergd` used to raise OSError from transformers (a traceback)."""
+    (tmp_path / "outputs" / "default" / "sft").mkdir(parents=True)
+    cmds = {("--base_model", "outputs/default/mergd", "--interactive"): "model outputs/default/mergd: no such directory",
+            ("--base_model", str(tiny_model_dir), "--lora_model", "outputs/default/sft/finall", "--data_file", "p.txt"):
+            "adapter outputs/default/sft/finall: no such directory"}
+    for args, msg in cmds.items():
+        p = subprocess.run([sys.executable, str(REPO / "inference" / "predict.py"), *args], cwd=tmp_path, input="",
+                           capture_output=True, text=True, env=ENV, timeout=300, check=False)
+        assert p.returncode == 2 and p.stdout == "", p.stderr[-2000:]
+        assert p.stderr.startswith(f"error: {msg} (and not a Hub id). Fix: ") and p.stderr.count("\n") == 1, p.stderr

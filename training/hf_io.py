@@ -1,15 +1,107 @@
-"""Hugging Face I/O shared by training/merge.py and inference/loading.py: tokenizer loading with the pad != eos
-rule, and sizing a base model's embeddings for a PEFT adapter (resized vocabularies, modules_to_save).
+"""Hugging Face I/O shared by training/merge.py and inference/loading.py: checking a model/adapter argument
+before transformers sees it, tokenizer loading with the pad != eos rule, and sizing a base model's
+embeddings for a PEFT adapter (resized vocabularies, modules_to_save).
 
 It lives in the training layer because merge.py (training) needs it and a lower layer may not import inference.
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
+
+# kind of argument -> (the file that marks such a dir, the fix shown when the argument is wrong)
+_KINDS = {
+    "model": ("config.json", "pass the directory written by training/merge.py or train.py (…/final)"),
+    "adapter": ("adapter_config.json", ("pass the adapter dir of a LoRA run (OUTPUT_DIR/final of training/train.py "
+                                        "with train_type=lora); a full model goes in --base_model alone")),
+    "tokenizer": ("tokenizer_config.json", "pass a tokenizer dir (e.g. DATA_DIR/tokenizer) or leave the option out"),
+}
+
+
+class ModelPathError(ValueError):
+    """A model / adapter / tokenizer argument that is neither a usable local dir nor a usable Hub id;
+    ``str(e)`` is one line with the argument, the reason and the fix."""
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a Hub repo id rather than a local path that is missing: at most one '/',
+    no leading '.', '/' or '~', a first component that is not a local dir, Hub characters only."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    if "/" in name and Path(name.split("/")[0]).is_dir():  # outputs/nope: a typo under a local dir
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_model_path(name: str, kind: str = "model") -> str:
+    """Checks a model (``kind`` model | adapter | tokenizer) argument before anything is loaded.
+
+    An existing local dir is local (it must hold the kind's marker file: config.json, adapter_config.json,
+    a tokenizer file); a name that cannot be a Hub id is a missing local path; a Hub id while
+    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set must be in the local HF cache. Anything else is left to
+    transformers / PEFT to fetch. Returns the name (``~`` expanded); raises :class:`ModelPathError`."""
+    marker, fix = _KINDS[kind]
+    p = Path(name).expanduser()
+    if p.is_dir():
+        ok = _has_tokenizer(p) if kind == "tokenizer" else (p / marker).is_file()
+        if not ok:
+            raise ModelPathError(f"{kind} {name}: {_what_is(p, marker)}, not {'an' if kind == 'adapter' else 'a'} "
+                                 f"{kind} dir. Fix: {fix}")
+        return str(p)
+    if p.exists():
+        raise ModelPathError(f"{kind} {name}: is a file, not a directory. Fix: {fix}")
+    if not _is_hub_id(name):
+        raise ModelPathError(f"{kind} {name}: no such directory (and not a Hub id). Fix: {fix}")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, marker), str):
+            raise ModelPathError(f"{kind} {name}: no such directory, and as a Hub id it is not downloaded while "
+                                 "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set. Fix: a local dir, or download it "
+                                 f"where there is network (huggingface-cli download {name})")
+    return name
+
+
+def _what_is(p: Path, marker: str) -> str:
+    """What a dir that lacks ``marker`` holds instead (the usual mix-ups of train.py's outputs)."""
+    if (p / "adapter_config.json").is_file():
+        return "a LoRA adapter dir"
+    if (p / "config.json").is_file():
+        return "a full model dir"
+    if (p / "final").is_dir():
+        return f"a training output dir (its export is {p / 'final'})"
+    if (p / "tunesmith.json").is_file():
+        return "a DeepSpeed checkpoint (training/merge.py --deepspeed_checkpoint converts it)"
+    return f"no {marker} in it"
+
+
+def exit_on_model_path_error(main):
+    """Decorates a CLI ``main``: a :class:`ModelPathError` ends the program with ``error: <its line>`` on
+    stderr and exit status 2 (argparse's status for a bad argument) instead of a traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ModelPathError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return wrapper
 
 
 def _has_tokenizer(path: str | os.PathLike) -> bool:

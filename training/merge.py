@@ -36,6 +36,8 @@ if __package__ in (None, ""):  # `python training/merge.py`: make the repo root 
 
 import torch
 
+from training.hf_io import exit_on_model_path_error, resolve_model_path
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # max |logit difference| allowed, relative to max(1, max |reference logit|): the merge is W + s*B@A
 # computed once instead of per token, so only rounding of the output dtype separates the two.
@@ -155,15 +157,13 @@ def default_out_dtype(model_dir: str | None, meta: dict | None = None) -> str:
 
 
 def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | None, dtype: torch.dtype):
-    """Base (resized to the adapter's vocabulary) + PEFT adapter, in ``dtype`` on CPU."""
+    """Base (resized to the adapter's vocabulary) + PEFT adapter, in ``dtype`` on CPU (paths checked by
+    :func:`training.hf_io.resolve_model_path` first)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from training.hf_io import _has_tokenizer, load_tokenizer, resize_for_adapter
 
-    if not (Path(lora_model) / "adapter_config.json").is_file():
-        raise SystemExit(f"{lora_model}: no adapter_config.json; --lora_model must be a PEFT adapter dir "
-                         "(e.g. OUTPUT_DIR/final of a LoRA run). For a DeepSpeed checkpoint use --deepspeed_checkpoint")
     tok_src = tokenizer_path or (lora_model if _has_tokenizer(lora_model) else base_model)
     tok = load_tokenizer(tok_src)
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
@@ -396,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@exit_on_model_path_error
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -413,6 +414,9 @@ def main(argv=None) -> int:
     else:
         if not (a.base_model and a.lora_model):
             ap.error("give --base_model and --lora_model (or --deepspeed_checkpoint)")
+        # a wrong path fails here, in one line, before anything is written
+        a.base_model, a.lora_model = resolve_model_path(a.base_model, "model"), resolve_model_path(a.lora_model, "adapter")
+        a.tokenizer_path = a.tokenizer_path and resolve_model_path(a.tokenizer_path, "tokenizer")
         out_dtype = DTYPES[a.dtype if a.dtype != "auto" else default_out_dtype(a.base_model)]
         inputs = [Path(a.lora_model)] + ([Path(a.base_model)] if Path(a.base_model).exists() else [])
         tmp = prepare_output(out, a.overwrite, inputs)
