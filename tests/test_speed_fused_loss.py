@@ -118,8 +118,7 @@ def test_loss_head_through_peft_equals_the_engine_hf_path():
     """The wiring the engine uses (training.train.token_losses with a ChunkedLossHead): LoRA + trainable
     embed_tokens/lm_head copies (ModulesToSaveWrapper), packed positions -- same loss and the same gradient on
     every trainable parameter as the HF-logits path; in eval (no_grad) the forward-only path gives the value."""
-    from types import SimpleNamespace
-
+    from training.data import Batch
     from training.fused_loss import ChunkedLossHead, chunked_unsupported
     from training.train import token_losses
 
@@ -129,7 +128,7 @@ def test_loss_head_through_peft_equals_the_engine_hf_path():
     labels = ids.clone()
     labels[0, :9] = -100
     pos = torch.cat([torch.arange(20), torch.arange(13)]).repeat(2, 1)  # two packed documents per row
-    batch = SimpleNamespace(input_ids=ids, labels=labels, position_ids=pos, attention_mask=None)
+    batch = Batch(input_ids=ids, labels=labels, position_ids=pos, attention_mask=None)
 
     ref, logits = token_losses(model, batch)
     assert logits.shape == (2, 33, 300)
