@@ -14,7 +14,9 @@ What runs (each runner in its own subprocess, so memory peaks and compile/alloca
                 ``training.data.make_batch`` on packed blocks, ``training.train.token_losses``, and the
                 engine's ``engine.backward(loss_sum / n_targets)`` + ``engine.step()``. The loop is timed
                 at four points (data -> forward -> backward -> optimizer step; CUDA synchronised at each),
-                which the engine's own loop does not expose.
+                which the engine's own loop does not expose. With the chunked loss (the default) "forward"
+                includes the loss's own gradient work (d hidden and d lm_head weight, chunk by chunk), so
+                forward is larger and backward smaller than with ``--loss hf``; the step total compares.
 ``hf_trainer``  the same model (same builder, seed, LoRA config), the same blocks, sequence length,
                 micro batch and the *same filled DeepSpeed config dict* through ``transformers.Trainer``
                 (``TrainingArguments(deepspeed=...)``), timed per step by a ``TrainerCallback``.
@@ -563,6 +565,8 @@ def run(cfg: ThroughputConfig) -> dict:
           f"tunesmith loss: {first.get('loss') or '-'}"
           + (f"; block attention over packed documents, MFU counts an attention span of {first['attention_span']:.0f}"
              f" tokens (causal over the whole block: {cfg.seq_len})" if first.get("attention_span") else ""))
+    if "chunked" in (first.get("loss") or ""):
+        print("(fwd ms includes the chunked loss's gradient computation for lm_head and the last hidden state)")
     print(markdown_table(["runner", "tokens/s/device", "tokens/CPU-s", "MFU", "peak mem GB", "median step ms", "data ms", "fwd ms",
                           "bwd ms", "opt ms"], rows))
     est = results["tunesmith"].get("memory_estimate_gb")
