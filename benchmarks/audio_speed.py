@@ -1,7 +1,8 @@
 """Speed figures of the audio-codec branch: codec throughput, token rate per layout, generation real-time factor.
 
     python -m benchmarks.audio_speed                                  # tiny random codec + llama-tiny, CPU
-    python -m benchmarks.audio_speed --codec /models/encodec_32khz --model outputs/audio/run/final --device cuda
+    python -m benchmarks.audio_speed --model outputs/audio/run/final --device cuda    # the model's recorded codec
+    python -m benchmarks.audio_speed --codec /models/encodec_32khz --device cuda      # a codec + random model
 
 Prints a table and writes JSON (``--out``). What is measured:
 
@@ -28,9 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_preprocess.audio_codec import Codec, make_random_codec
+from data_preprocess.audio_codec import (
+    AudioInputError,
+    Codec,
+    check_codec_dir,
+    make_random_codec,
+    random_codec_geometry,
+)
 from data_preprocess.audio_layout import LAYOUTS, AudioVocab, make_layout
-from training.hf_io import exit_on_model_path_error
+from training.hf_io import ModelPathError, exit_on_model_path_error
 
 log = logging.getLogger("tunesmith.bench")
 
@@ -133,9 +140,9 @@ def bench_generation(model, tok, codec: Codec, layout: str, seconds: float, batc
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--codec", default="random-tiny", help="codec dir, or random-tiny / random-small / "
-                    "random-encodec_32khz (the real codec's size, random weights)")
-    ap.add_argument("--model", default="", help="trained audio model dir (its tokenizer must match --codec)")
+    ap.add_argument("--codec", default="", help="codec dir, or random-tiny / random-small / random-encodec_32khz "
+                    "(the real codec's size, random weights); default: --model's recorded codec, else random-tiny")
+    ap.add_argument("--model", default="", help="trained audio model dir (--codec must match its recorded codec)")
     ap.add_argument("--preset", default="llama-tiny", help="random model to time when --model is not given")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--crop_seconds", type=float, default=10.0)
@@ -150,11 +157,30 @@ def main(argv=None) -> int:
     from inference.loading import auto_device
 
     device = auto_device(a.device)
+    try:
+        return _run(a, device)
+    except AudioInputError as e:
+        raise ModelPathError(str(e)) from None
+
+
+def _run(a: argparse.Namespace, device: torch.device) -> int:
+    from inference.audio import audio_spec, check_codec, codec_dir_of
+
+    loaded = spec = None
+    if a.model:   # first: the model decides the codec (a codec it was not trained on fails in EnCodec's decode)
+        from inference.loading import load_model
+
+        loaded = load_model(a.model, device=str(device))
+        spec = audio_spec(loaded.tokenizer, a.model)
     with tempfile.TemporaryDirectory(prefix="ts_bench_audio_") as tmp:
-        codec_dir = a.codec
-        if a.codec.startswith("random-"):
-            codec_dir = make_random_codec(Path(tmp) / "codec", a.codec.split("-", 1)[1])
+        codec_name = a.codec or (codec_dir_of(spec, a.model) if spec else "random-tiny")
+        geometry = random_codec_geometry(codec_name)
+        codec_dir = make_random_codec(Path(tmp) / "codec", geometry) if geometry else check_codec_dir(codec_name, True)
         codec = Codec(codec_dir, device=str(device))
+        if geometry:
+            codec.path = codec_name      # name it as given, not by its temporary dir
+        if spec:
+            check_codec(codec, spec, a.model)
         info = codec.info
         res = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "codec": info.to_dict()}
@@ -162,16 +188,13 @@ def main(argv=None) -> int:
         res["tokens_per_second_of_audio"] = {
             "this codec": tokens_per_second(info.frame_rate, info.num_codebooks, info.codebook_size, a.crop_seconds),
             **{name: tokens_per_second(*g, a.crop_seconds) for name, g in REFERENCE_CODECS.items()}}
-        if a.model:
-            from inference.loading import load_model
-
-            loaded = load_model(a.model, device=str(device))
+        if loaded is not None:
             model, tok = loaded.model, loaded.tokenizer
             res["model"] = a.model
         else:
             model, tok = _random_model(a.preset, codec, device, Path(tmp))
             res["model"] = f"{a.preset} (random init)"
-        layouts = [tok.init_kwargs["tunesmith_audio"]["layout"]] if a.model else list(LAYOUTS)
+        layouts = [spec["layout"]] if spec else list(LAYOUTS)
         res["generation"] = [bench_generation(model, tok, codec, lay, a.seconds, a.gen_batch, a.cfg_scale)
                              for lay in layouts]
 

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -44,7 +45,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data_preprocess.audio_codec import AUDIO_EXTS, Codec, make_random_codec, read_audio
+from data_preprocess.audio_codec import (
+    AUDIO_EXTS,
+    AudioInputError,
+    Codec,
+    check_codec_dir,
+    make_random_codec,
+    random_codec_geometry,
+    read_audio,
+)
 from data_preprocess.audio_layout import LAYOUTS, extend_tokenizer, make_layout
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
 
@@ -223,7 +232,11 @@ def dataset_items(source: str, split: str, audio_field: str, caption_field: str)
     if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(str(p))
     else:
-        ds = datasets.load_dataset(source, split=split)
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise AudioInputError(f"-i {source}: not loadable as a datasets dataset ({why}). Fix: {INPUT_FIX}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ValueError(f"{source}: no split {split!r} (has {list(ds)}); pass --dataset_split")
@@ -248,10 +261,60 @@ def dataset_items(source: str, split: str, audio_field: str, caption_field: str)
         yield Item(name, str(row[cap_col]).strip() if cap_col and row[cap_col] is not None else "", load)
 
 
+INPUT_FIX = ("-i takes music21, a dir of .abc files, a folder of audio (.wav; .txt captions next to them), a "
+             "datasets save_to_disk dir or a Hub dataset id")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _hub_dataset_cached(name: str) -> bool:
+    """Whether the Hub dataset ``name`` is in the local Hub cache or in datasets' own cache."""
+    import datasets
+    from huggingface_hub import constants
+
+    if (Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}").is_dir():
+        return True
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    return cache.is_dir() and any(q.name.startswith(name.replace("/", "___")) for q in cache.iterdir())
+
+
+def _local_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path (not a Hub id): it starts with ``.``, ``/`` or ``~``, has more
+    than one ``/``, its first component exists locally, or it is not a valid Hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and Path(name.split("/")[0]).exists()):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_input(src: str) -> None:
+    """Fails fast, in one line, on an ``-i`` that cannot be read: a local path that does not exist (it starts with
+    ``.``, ``/`` or ``~``, has more than one ``/``, its first component exists locally, or it is not a valid Hub
+    id) or, while HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set, a Hub id that is not cached. Existing paths and
+    other Hub ids are left to the readers (``datasets`` fetches a Hub id)."""
+    if src == "music21" or Path(src).expanduser().exists():
+        return
+    if _local_path(src) or Path(src).suffix.lower() in (".abc", *AUDIO_EXTS):
+        raise AudioInputError(f"-i {src}: no such file or directory. Fix: {INPUT_FIX}")
+    if _offline() and not _hub_dataset_cached(src):
+        raise AudioInputError(f"-i {src}: no such local path, and as a Hub dataset id it is not cached while "
+                              f"HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set. Fix: {INPUT_FIX} (download it where "
+                              "there is network first)")
+
+
 def source_items(cfg: AudioPrepConfig, sample_rate: int, workdir: str) -> tuple[str, list[Item]]:
     """Resolves ``cfg.input`` to a kind and its items (listing is cheap; audio is loaded later)."""
     src = cfg.input
-    p = Path(src)
+    check_input(src)
+    p = Path(src).expanduser()
     if src == "music21" or p.suffix == ".abc" or (p.is_dir() and any(p.rglob("*.abc"))
                                                   and not any(q.suffix.lower() in AUDIO_EXTS for q in p.rglob("*"))):
         kind, it = "abc", abc_items(src, sample_rate, workdir, cfg.seed)
@@ -320,12 +383,8 @@ class WholeDocWriter:
 
 
 def run_audio(cfg: AudioPrepConfig) -> dict:
-    """Runs one audio preprocessing job; returns the meta.json dict."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    from data_preprocess.train_tokenizer import tokenizer_identity
-
+    """Runs one audio preprocessing job; returns the meta.json dict. A bad codec / input / tokenizer argument
+    raises :class:`AudioInputError` before OUT_DIR is touched; a failure while writing removes OUT_DIR."""
     t0 = time.time()
     if not cfg.tokenizer or not cfg.output_dir:
         raise SystemExit("audio preprocessing needs -t/--tokenizer (a text tokenizer dir) and -o/--output_dir")
@@ -334,17 +393,51 @@ def run_audio(cfg: AudioPrepConfig) -> dict:
     if not 0.0 <= cfg.caption_dropout <= 1.0 or not 0.0 <= cfg.val_ratio < 1.0:
         raise SystemExit("--caption_dropout must be in [0, 1] and --val_ratio in [0, 1)")
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise SystemExit(f"{out}: not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise SystemExit(f"{out}: not empty; pass --overwrite to replace it")
+    tok_dir = Path(cfg.tokenizer).expanduser()
+    if (tok_dir.exists() or _local_path(cfg.tokenizer)) and not (tok_dir / "tokenizer_config.json").is_file():
+        raise AudioInputError(f"-t {cfg.tokenizer}: not a tokenizer dir (no tokenizer_config.json). Fix: pass a text "
+                              "tokenizer dir, e.g. DATA_DIR/tokenizer of data_preprocess.preprocess or a base model dir")
+    geometry = random_codec_geometry(cfg.codec)
+    if geometry is None:
+        check_codec_dir(cfg.codec, random_ok=True)
+    check_input(cfg.input)
 
-    # codec
-    codec_dir = cfg.codec
-    if cfg.codec.startswith("random-"):
-        codec_dir = str(make_random_codec(out / "codec", cfg.codec.split("-", 1)[1]))
-    codec = Codec(codec_dir, device=cfg.device, bandwidth=cfg.bandwidth)
+    with tempfile.TemporaryDirectory(prefix="ts_audio_") as workdir:
+        # codec and input are resolved before OUT_DIR is touched: a bad argument leaves nothing behind
+        codec_dir = cfg.codec if geometry is None else str(make_random_codec(Path(workdir) / "codec", geometry))
+        codec = Codec(codec_dir, device=cfg.device, bandwidth=cfg.bandwidth)
+        kind, items = source_items(cfg, codec.sample_rate, workdir)
+        if not items:
+            raise SystemExit(f"{cfg.input}: no audio sources found")
+        created = not out.exists()
+        if not created:
+            _empty_dir(out)       # --overwrite: only now is the old output removed
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            return _write(cfg, out, codec, codec_dir, geometry, kind, items, t0)
+        except BaseException:   # no half-written OUT_DIR: a rerun needs no --overwrite
+            shutil.rmtree(out, ignore_errors=True) if created else _empty_dir(out)
+            raise
+
+
+def _empty_dir(d: Path) -> None:
+    """Removes what is in ``d`` (not ``d`` itself: it may be a mount point or a dir the user made)."""
+    for q in d.iterdir():
+        shutil.rmtree(q) if q.is_dir() and not q.is_symlink() else q.unlink()
+
+
+def _write(cfg: AudioPrepConfig, out: Path, codec: Codec, codec_dir: str, geometry: str | None, kind: str,
+           items: list[Item], t0: float) -> dict:
+    """Encodes ``items`` into the (empty) ``out``: codec copy, extended tokenizer, shards, meta.json."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from data_preprocess.train_tokenizer import tokenizer_identity
+
+    if geometry is not None:   # the random codec is kept with the data (inference decodes with it)
+        codec_dir = str(shutil.copytree(codec_dir, out / "codec"))
     info = codec.info
     info.path = str(Path(codec_dir).resolve())
 
@@ -367,69 +460,65 @@ def run_audio(cfg: AudioPrepConfig) -> dict:
     tok.model_max_length = max(max_len, getattr(tok, "model_max_length", 0) or 0)
     tok.save_pretrained(out / "tokenizer")
 
-    with tempfile.TemporaryDirectory(prefix="ts_audio_") as workdir:
-        kind, items = source_items(cfg, codec.sample_rate, workdir)
-        if not items:
-            raise SystemExit(f"{cfg.input}: no audio sources found")
-        if info.random_init:
-            log.warning("encoding with a random codec: tokens are valid, but any decoded sound is meaningless")
-        val = val_keys([it.key for it in items], cfg.val_ratio, cfg.seed)
-        writers = {s: WholeDocWriter(ShardWriter(out, s, max_len, len(tok), tok.pad_token_id)) for s in SPLITS}
-        rng = random.Random(cfg.seed)
-        counts = {"source_kind": kind, "sources": len(items), "sources_used": 0, "crops": {s: 0 for s in SPLITS},
-                  "seconds": {s: 0.0 for s in SPLITS}, "captions_dropped": 0, "captions_missing": 0,
-                  "dropped_seconds": 0.0, "num_skipped": 0, "skipped": []}
-        pending: list[tuple[str, str, np.ndarray]] = []   # (split, caption, crop)
+    if info.random_init:
+        log.warning("encoding with a random codec: tokens are valid, but any decoded sound is meaningless")
+    val = val_keys([it.key for it in items], cfg.val_ratio, cfg.seed)
+    writers = {s: WholeDocWriter(ShardWriter(out, s, max_len, len(tok), tok.pad_token_id)) for s in SPLITS}
+    rng = random.Random(cfg.seed)
+    counts = {"source_kind": kind, "sources": len(items), "sources_used": 0, "crops": {s: 0 for s in SPLITS},
+              "seconds": {s: 0.0 for s in SPLITS}, "captions_dropped": 0, "captions_missing": 0,
+              "dropped_seconds": 0.0, "num_skipped": 0, "skipped": []}
+    pending: list[tuple[str, str, np.ndarray]] = []   # (split, caption, crop)
 
-        def flush():
-            # equal-length crops share a forward (no padding); a tail crop goes with its own length
-            by_len: dict[int, list] = {}
-            for p in pending:
-                by_len.setdefault(p[2].shape[1], []).append(p)
-            for group in by_len.values():
-                codes = codec.encode([g[2] for g in group])
-                for (split, cap, crop), c in zip(group, codes):
-                    drop = rng.random() < cfg.caption_dropout
-                    counts["captions_dropped"] += int(drop and bool(cap))
-                    cap_ids = [] if drop else text_tok.encode(cap, add_special_tokens=False)[: cfg.max_caption_tokens]
-                    ids, mask = layout.document(cap_ids, c, tok.bos_token_id, tok.eos_token_id)
-                    writers[split].add(ids, mask)
-                    counts["crops"][split] += 1
-                    counts["seconds"][split] += crop.shape[1] / codec.sample_rate
-            pending.clear()
+    def flush():
+        # equal-length crops share a forward (no padding); a tail crop goes with its own length
+        by_len: dict[int, list] = {}
+        for p in pending:
+            by_len.setdefault(p[2].shape[1], []).append(p)
+        for group in by_len.values():
+            codes = codec.encode([g[2] for g in group])
+            for (split, cap, crop), c in zip(group, codes):
+                drop = rng.random() < cfg.caption_dropout
+                counts["captions_dropped"] += int(drop and bool(cap))
+                cap_ids = [] if drop else text_tok.encode(cap, add_special_tokens=False)[: cfg.max_caption_tokens]
+                ids, mask = layout.document(cap_ids, c, tok.bos_token_id, tok.eos_token_id)
+                writers[split].add(ids, mask)
+                counts["crops"][split] += 1
+                counts["seconds"][split] += crop.shape[1] / codec.sample_rate
+        pending.clear()
 
-        def load(item: Item):
-            try:
-                audio, sr = item.load()
-                return item, codec.prepare(audio, sr), None
-            except Exception as e:  # noqa: BLE001 -- a bad source is reported and skipped, never fatal
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                return item, None, msg if msg.startswith(item.key) else f"{item.key}: {msg}"
+    def load(item: Item):
+        try:
+            audio, sr = item.load()
+            return item, codec.prepare(audio, sr), None
+        except Exception as e:  # noqa: BLE001 -- a bad source is reported and skipped, never fatal
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return item, None, msg if msg.startswith(item.key) else f"{item.key}: {msg}"
 
-        bar = tqdm(total=len(items), desc=f"audio {kind} -> {cfg.layout} tokens", unit="src", dynamic_ncols=True)
-        chunk = max(4 * cfg.workers, cfg.batch_size)
-        with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-            for i in range(0, len(items), chunk):
-                for item, audio, err in pool.map(load, items[i:i + chunk]):
-                    bar.update(1)
-                    if err:
-                        log.warning("skipped %s", err)
-                        counts["num_skipped"] += 1
-                        if len(counts["skipped"]) < 100:   # the first 100 reasons; the count is exact
-                            counts["skipped"].append(err)
-                        continue
-                    crops, dropped = crops_of(audio, codec.sample_rate, cfg.crop_seconds, cfg.min_crop_seconds,
-                                              cfg.max_crops_per_file)
-                    counts["dropped_seconds"] += dropped
-                    counts["sources_used"] += bool(crops)
-                    counts["captions_missing"] += int(not item.caption)
-                    split = "val" if item.key in val else "train"
-                    pending.extend((split, item.caption, c) for c in crops)
-                    if len(pending) >= cfg.batch_size:
-                        flush()
-                bar.set_postfix(crops=sum(counts["crops"].values()))
-            flush()
-        bar.close()
+    bar = tqdm(total=len(items), desc=f"audio {kind} -> {cfg.layout} tokens", unit="src", dynamic_ncols=True)
+    chunk = max(4 * cfg.workers, cfg.batch_size)
+    with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+        for i in range(0, len(items), chunk):
+            for item, audio, err in pool.map(load, items[i:i + chunk]):
+                bar.update(1)
+                if err:
+                    log.warning("skipped %s", err)
+                    counts["num_skipped"] += 1
+                    if len(counts["skipped"]) < 100:   # the first 100 reasons; the count is exact
+                        counts["skipped"].append(err)
+                    continue
+                crops, dropped = crops_of(audio, codec.sample_rate, cfg.crop_seconds, cfg.min_crop_seconds,
+                                          cfg.max_crops_per_file)
+                counts["dropped_seconds"] += dropped
+                counts["sources_used"] += bool(crops)
+                counts["captions_missing"] += int(not item.caption)
+                split = "val" if item.key in val else "train"
+                pending.extend((split, item.caption, c) for c in crops)
+                if len(pending) >= cfg.batch_size:
+                    flush()
+            bar.set_postfix(crops=sum(counts["crops"].values()))
+        flush()
+    bar.close()
 
     splits = {s: w.w.close() for s, w in writers.items()}
     counts["filler_blocks_tails"] = {s: {"fillers": w.fillers, "tokens": w.filler_tokens} for s, w in writers.items()}
@@ -535,7 +624,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m data_preprocess.audio", description=__doc__.split("\n")[0])
     add_audio_args(ap)
-    meta = run_audio(config_from_args(ap.parse_args(argv)))
+    try:
+        meta = run_audio(config_from_args(ap.parse_args(argv)))
+    except AudioInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: meta[k] for k in ("mode", "max_len", "vocab_size", "splits", "counts")}, indent=2))
     return 0
 

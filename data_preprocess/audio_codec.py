@@ -182,6 +182,35 @@ def _init_codebooks(model, sample_rate: int) -> None:
             residual = residual - cb.decode(cb.encode(residual))
 
 
+class AudioInputError(ValueError):
+    """A codec / input / codes argument of the audio branch that cannot be used; ``str(e)`` is one line with the
+    argument, the reason and the fix. The audio CLIs print it as ``error: <line>`` (exit 2); the inference and
+    benchmark CLIs re-raise it as ``training.hf_io.ModelPathError`` for the same handling."""
+
+
+def check_codec_dir(path, random_ok: bool = False) -> Path:
+    """``path`` must be a codec dir (config.json); else :class:`AudioInputError` naming the ``--codec`` values
+    that work (``random_ok``: the CLI also takes ``random-tiny`` / ``random-small``)."""
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        why = "no such directory" if not p.exists() else "not a codec directory (no config.json)"
+        alt = "; or --codec random-small for a random test codec (meaningless sound)" if random_ok else ""
+        raise AudioInputError(f"codec {path}: {why}. Fix: --codec DIR with a local copy of facebook/encodec_32khz "
+                              f"(huggingface-cli download facebook/encodec_32khz --local-dir DIR){alt}")
+    return p
+
+
+def random_codec_geometry(name: str) -> str | None:
+    """``random-tiny`` -> ``tiny``; None for a codec dir; :class:`AudioInputError` for an unknown ``random-*``."""
+    if not name.startswith("random-"):
+        return None
+    g = name.split("-", 1)[1]
+    if g not in RANDOM_CODECS:
+        raise AudioInputError(f"codec {name}: unknown random codec; choose one of "
+                              f"{', '.join('random-' + k for k in RANDOM_CODECS)} or a codec dir")
+    return g
+
+
 class Codec:
     """A loaded codec: ``encode(audio [B, C, N]) -> codes [B, K, T]`` and ``decode(codes) -> audio``."""
 
@@ -189,11 +218,7 @@ class Codec:
         import torch
         from transformers import AutoModel
 
-        p = Path(path)
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{p}: not a codec directory (no config.json); give a local copy of e.g. "
-                                    "facebook/encodec_32khz (huggingface-cli download facebook/encodec_32khz "
-                                    "--local-dir DIR) or build a test codec with make_random_codec()")
+        p = check_codec_dir(path)
         self.path = str(p)
         self.device = torch.device(device)
         self.model = AutoModel.from_pretrained(p, trust_remote_code=False).to(self.device).eval()

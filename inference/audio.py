@@ -13,7 +13,13 @@ Sampling is restricted at every step to the tokens the layout allows there
 and a model trained with caption dropout, classifier-free guidance mixes the captioned and the
 caption-less (``<s> <boa>``) predictions: ``uncond + scale * (cond - uncond)`` (MusicGen).
 Outputs: the WAV, the codes (``.npy``, ``[K, T]`` int64; ``--codes_only`` skips decoding) and a JSON record
-with timing (real-time factor = generation seconds / audio seconds).
+with timing (real-time factor = generation seconds / audio seconds). Codes saved earlier are decoded with
+
+    python -m inference.audio --decode x.npy --codec CODEC_DIR [--out x.wav]      # or --model OUT/final
+
+The codec is ``--codec``, else the path recorded in the tokenizer; when that path has moved (a data dir
+copied elsewhere), the same trailing path (e.g. ``data/codec``) is looked up next to the model and the current
+directory, and a found codec must have the recorded geometry.
 """
 from __future__ import annotations
 
@@ -28,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_preprocess.audio_codec import Codec, write_wav
+from data_preprocess.audio_codec import AudioInputError, Codec, write_wav
 from data_preprocess.audio_layout import AudioVocab, LayoutConstraint, make_layout
-from training.hf_io import exit_on_model_path_error
+from training.hf_io import ModelPathError, exit_on_model_path_error
 
 log = logging.getLogger("tunesmith.audio")
 
@@ -56,18 +62,72 @@ class AudioGenConfig:
     batch_size: int = 4
     seed: int = 0
     codes_only: bool = False
+    decode: str = ""                # decode only: a saved codes .npy ([K, T]) -> WAV at ``out`` (no generation)
     device: str = "auto"
     dtype: str = "auto"
 
 
-def audio_spec(tokenizer) -> dict:
-    """The audio spec that ``data_preprocess.audio`` stored in the tokenizer; a clear error if absent."""
+def audio_spec(tokenizer, model: str = "") -> dict:
+    """The audio spec that ``data_preprocess.audio`` stored in the tokenizer; a one-line
+    :class:`ModelPathError` naming ``model`` (the dir it came from) if absent, e.g. for a text (ABC) model."""
     spec = getattr(tokenizer, "init_kwargs", {}).get("tunesmith_audio")
     if not spec:
-        raise ValueError("this tokenizer has no audio tokens/spec (tokenizer_config.json key 'tunesmith_audio'); "
-                         "use the tokenizer written by `python -m data_preprocess.audio` (OUT/tokenizer) or a "
-                         "checkpoint trained on those shards")
+        raise ModelPathError(f"model {model or getattr(tokenizer, 'name_or_path', '?')}: a text model, its tokenizer "
+                             "has no audio tokens/spec (tokenizer_config.json key 'tunesmith_audio'). Fix: pass an "
+                             "audio model (OUTPUT_DIR/final of training with mode=audio on data_preprocess.audio "
+                             "shards); text models go to inference/predict.py without --audio")
     return spec
+
+
+def check_codec(codec: Codec, spec: dict, model: str = "") -> Codec:
+    """The codec must have the codebooks the model was trained on; else a one-line :class:`ModelPathError`."""
+    want = (int(spec["vocab"]["num_codebooks"]), int(spec["vocab"]["codebook_size"]),
+            int(spec["codec"].get("sample_rate", codec.sample_rate)))
+    if (codec.num_codebooks, codec.codebook_size, codec.sample_rate) != want:
+        raise ModelPathError(f"codec {codec.path}: {codec.num_codebooks}x{codec.codebook_size} codes at "
+                             f"{codec.sample_rate} Hz, but the model {model} was trained on {want[0]}x{want[1]} at "
+                             f"{want[2]} Hz ({spec['codec'].get('path')}). Fix: pass the model's codec with "
+                             "--codec DIR, or leave --codec out")
+    return codec
+
+
+def codec_dir_of(spec: dict, model: str = "") -> str:
+    """The codec dir recorded in the audio spec. If it no longer exists (the data dir moved), its trailing
+    components (``data/codec``, ``codec``) are looked up under the model dir's ancestors and the current dir;
+    a candidate is used only when its sample rate and codebooks match the record. Otherwise a one-line
+    :class:`ModelPathError` asking for ``--codec DIR``."""
+    rec = spec["codec"]
+    path = Path(rec["path"])
+    if (path / "config.json").is_file():
+        return str(path)
+    roots = [*Path(model).resolve().parents, Path.cwd()] if model else [Path.cwd()]
+    for n in range(len(path.parts) - 1, 0, -1):           # longest tail first: data/codec before codec
+        tail = Path(*path.parts[-n:])
+        for root in roots:
+            cand = root / tail
+            if (cand / "config.json").is_file() and _same_geometry(cand, rec):
+                log.warning("codec %s recorded in the tokenizer is gone; using %s (pass --codec to choose)", path, cand)
+                return str(cand)
+    raise ModelPathError(f"codec {path}: recorded in the tokenizer of {model or 'the model'} but gone (the data dir "
+                         "moved?). Fix: pass --codec DIR (the codec the data was encoded with, e.g. DATA_DIR/codec "
+                         "for random-* codecs, or your copy of facebook/encodec_32khz)")
+
+
+def _same_geometry(path: Path, rec: dict) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (cfg.get("sampling_rate") == rec.get("sample_rate") and cfg.get("codebook_size") == rec.get("codebook_size")
+            and float(rec.get("bandwidth", -1)) in [float(b) for b in cfg.get("target_bandwidths") or []])
+
+
+def load_codec(path: str, device: str = "cpu") -> Codec:
+    """:class:`Codec` with a bad dir as a one-line :class:`ModelPathError` (the inference CLIs' error type)."""
+    try:
+        return Codec(path, device=device)
+    except AudioInputError as e:
+        raise ModelPathError(str(e)) from None
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -179,22 +239,21 @@ def run(cfg: AudioGenConfig) -> list[dict]:
         raise SystemExit("--model is required (an HF model dir, e.g. OUTPUT_DIR/final)")
     if bool(cfg.prompt) == bool(cfg.prompts_file):
         raise SystemExit("give exactly one of --prompt or --prompts_file")
+    if cfg.prompts_file and not Path(cfg.prompts_file).is_file():
+        raise SystemExit(f"--prompts_file {cfg.prompts_file}: no such file (one caption per line expected)")
     prompts = [cfg.prompt] if cfg.prompt else [ln.strip() for ln in Path(cfg.prompts_file).read_text().splitlines()
                                                if ln.strip()]
     if not prompts:
         raise SystemExit(f"{cfg.prompts_file}: no prompts (one caption per line)")
     loaded = load_model(cfg.model, cfg.lora or None, cfg.tokenizer or None, cfg.device, cfg.dtype)
-    spec = audio_spec(loaded.tokenizer)
+    spec = audio_spec(loaded.tokenizer, cfg.model)
     cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else (3.0 if spec.get("caption_dropout", 0) > 0 else 1.0)
     if cfg_scale != 1.0 and not spec.get("caption_dropout"):
         log.warning("classifier-free guidance requested but the training data had no caption dropout: the "
                     "caption-less branch was never trained")
     codec = None
     if not cfg.codes_only:
-        codec = Codec(cfg.codec or spec["codec"]["path"], device=str(loaded.device))
-        if codec.num_codebooks != spec["vocab"]["num_codebooks"] or codec.codebook_size != spec["vocab"]["codebook_size"]:
-            raise SystemExit(f"codec {codec.path} has {codec.num_codebooks}x{codec.codebook_size} codes, the model "
-                             f"was trained on {spec['vocab']['num_codebooks']}x{spec['vocab']['codebook_size']}")
+        codec = check_codec(load_codec(cfg.codec or codec_dir_of(spec, cfg.model), str(loaded.device)), spec, cfg.model)
     gen = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     single = bool(cfg.prompt)
@@ -228,6 +287,44 @@ def run(cfg: AudioGenConfig) -> list[dict]:
     return records
 
 
+def decode_file(cfg: AudioGenConfig) -> dict:
+    """``--decode codes.npy``: saved codes ``[K, T]`` -> WAV at ``cfg.out`` with ``--codec`` (else the codec
+    recorded in ``--model``'s tokenizer; no weights are loaded). Returns the record."""
+    src = Path(cfg.decode)
+    if not src.is_file():
+        raise SystemExit(f"--decode {src}: no such file (a codes .npy written by inference.audio)")
+    try:
+        codes = np.load(src, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--decode {src}: not a NumPy .npy file of codes ({type(e).__name__})") from None
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise SystemExit(f"--decode {src}: expected integer codes [codebooks, frames], got {codes.dtype} "
+                         f"{list(codes.shape)}")
+    if cfg.codec:
+        codec = load_codec(cfg.codec, _device(cfg.device))
+    elif cfg.model:
+        from training.hf_io import load_tokenizer, resolve_model_path
+
+        model = resolve_model_path(cfg.model, "model")
+        spec = audio_spec(load_tokenizer(cfg.tokenizer or model), cfg.model)
+        codec = check_codec(load_codec(codec_dir_of(spec, cfg.model), _device(cfg.device)), spec, cfg.model)
+    else:
+        raise SystemExit("--decode needs --codec DIR (the codec the model was trained with) or --model DIR")
+    if codes.shape[0] != codec.num_codebooks or codes.min() < 0 or codes.max() >= codec.codebook_size:
+        raise SystemExit(f"--decode {src}: codes {list(codes.shape)} in [{codes.min()}, {codes.max()}] do not fit "
+                         f"codec {codec.path} ({codec.num_codebooks} codebooks x {codec.codebook_size}); pass the "
+                         "codec the model was trained with")
+    wav = write_wav(cfg.out, codec.decode(codes)[0], codec.sample_rate)
+    return {"codes": str(src), "wav": wav, "num_frames": int(codes.shape[1]), "sample_rate": codec.sample_rate,
+            "seconds": codes.shape[1] / codec.frame_rate, "random_codec": codec.random_init}
+
+
+def _device(device: str) -> str:
+    from inference.loading import auto_device
+
+    return str(auto_device(device))
+
+
 def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     ap = argparse.ArgumentParser(prog="python -m inference.audio", description=__doc__.split("\n")[0])
@@ -249,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch_size", type=int, default=S)
     ap.add_argument("--seed", type=int, default=S)
     ap.add_argument("--codes_only", action="store_true", default=S)
+    ap.add_argument("--decode", metavar="CODES_NPY", default=S,
+                    help="decode saved codes to a WAV (--out, default next to the .npy) with --codec or --model's codec")
     ap.add_argument("--device", default=S)
     ap.add_argument("--dtype", default=S)
     ap.add_argument("overrides", nargs="*", help="key=value overrides of AudioGenConfig fields")
@@ -260,8 +359,17 @@ def main(argv=None) -> int:
     from data_preprocess.audio import config_from_args
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(build_parser().parse_args(argv), AudioGenConfig)
-    records = run(cfg)
+    ns = build_parser().parse_args(argv)
+    cfg = config_from_args(ns, AudioGenConfig)
+    try:
+        if cfg.decode:
+            if "out" not in vars(ns):
+                cfg.out = str(Path(cfg.decode).with_suffix(".wav"))
+            records = [decode_file(cfg)]
+        else:
+            records = run(cfg)
+    except AudioInputError as e:
+        raise ModelPathError(str(e)) from None
     print(json.dumps(records, indent=2))
     return 0
 

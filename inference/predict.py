@@ -33,7 +33,7 @@ from inference.generation import (
     generate_batch,
     trim_history,
 )
-from training.hf_io import exit_on_model_path_error
+from training.hf_io import ModelPathError, exit_on_model_path_error
 
 INPUT_FIELDS = ("instruction", "input", "prompt", "text")
 
@@ -255,6 +255,10 @@ def main(argv=None) -> int:
 
     loaded = load_model(a.base_model, a.lora_model, a.tokenizer_path, device=a.device, dtype=a.dtype,
                         trust_remote_code=a.trust_remote_code)
+    if getattr(loaded.tokenizer, "init_kwargs", {}).get("tunesmith_audio"):
+        raise ModelPathError(f"model {a.base_model}: an audio (codec-token) model; chat and --data_file generate "
+                             "text. Fix: add --audio (e.g. python inference/predict.py --audio --model "
+                             f"{a.base_model} --prompt 'a jig in D major' --out x.wav)")
     print(f"loaded {a.base_model}{' + ' + a.lora_model if a.lora_model else ''} on {loaded.device} "
           f"({str(loaded.dtype).replace('torch.', '')})", file=sys.stderr)
     if a.data_file:
