@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
@@ -55,6 +54,7 @@ from data_preprocess.audio_codec import (
     read_audio,
 )
 from data_preprocess.audio_layout import LAYOUTS, extend_tokenizer, make_layout
+from data_preprocess.hub import could_be_hub_id, offline
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
 
 log = logging.getLogger("tunesmith.audio")
@@ -265,11 +265,6 @@ INPUT_FIX = ("-i takes music21, a dir of .abc files, a folder of audio (.wav; .t
              "datasets save_to_disk dir or a Hub dataset id")
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def _hub_dataset_cached(name: str) -> bool:
     """Whether the Hub dataset ``name`` is in the local Hub cache or in datasets' own cache."""
     import datasets
@@ -281,20 +276,6 @@ def _hub_dataset_cached(name: str) -> bool:
     return cache.is_dir() and any(q.name.startswith(name.replace("/", "___")) for q in cache.iterdir())
 
 
-def _local_path(name: str) -> bool:
-    """Whether ``name`` can only be a local path (not a Hub id): it starts with ``.``, ``/`` or ``~``, has more
-    than one ``/``, its first component exists locally, or it is not a valid Hub id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and Path(name.split("/")[0]).exists()):
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
-
-
 def check_input(src: str) -> None:
     """Fails fast, in one line, on an ``-i`` that cannot be read: a local path that does not exist (it starts with
     ``.``, ``/`` or ``~``, has more than one ``/``, its first component exists locally, or it is not a valid Hub
@@ -302,9 +283,9 @@ def check_input(src: str) -> None:
     other Hub ids are left to the readers (``datasets`` fetches a Hub id)."""
     if src == "music21" or Path(src).expanduser().exists():
         return
-    if _local_path(src) or Path(src).suffix.lower() in (".abc", *AUDIO_EXTS):
+    if not could_be_hub_id(src) or Path(src).suffix.lower() in (".abc", *AUDIO_EXTS):
         raise AudioInputError(f"-i {src}: no such file or directory. Fix: {INPUT_FIX}")
-    if _offline() and not _hub_dataset_cached(src):
+    if offline("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") and not _hub_dataset_cached(src):
         raise AudioInputError(f"-i {src}: no such local path, and as a Hub dataset id it is not cached while "
                               f"HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set. Fix: {INPUT_FIX} (download it where "
                               "there is network first)")
@@ -396,7 +377,7 @@ def run_audio(cfg: AudioPrepConfig) -> dict:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise SystemExit(f"{out}: not empty; pass --overwrite to replace it")
     tok_dir = Path(cfg.tokenizer).expanduser()
-    if (tok_dir.exists() or _local_path(cfg.tokenizer)) and not (tok_dir / "tokenizer_config.json").is_file():
+    if (tok_dir.exists() or not could_be_hub_id(cfg.tokenizer)) and not (tok_dir / "tokenizer_config.json").is_file():
         raise AudioInputError(f"-t {cfg.tokenizer}: not a tokenizer dir (no tokenizer_config.json). Fix: pass a text "
                               "tokenizer dir, e.g. DATA_DIR/tokenizer of data_preprocess.preprocess or a base model dir")
     geometry = random_codec_geometry(cfg.codec)
@@ -418,14 +399,20 @@ def run_audio(cfg: AudioPrepConfig) -> dict:
         try:
             return _write(cfg, out, codec, codec_dir, geometry, kind, items, t0)
         except BaseException:   # no half-written OUT_DIR: a rerun needs no --overwrite
-            shutil.rmtree(out, ignore_errors=True) if created else _empty_dir(out)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                _empty_dir(out)
             raise
 
 
 def _empty_dir(d: Path) -> None:
     """Removes what is in ``d`` (not ``d`` itself: it may be a mount point or a dir the user made)."""
     for q in d.iterdir():
-        shutil.rmtree(q) if q.is_dir() and not q.is_symlink() else q.unlink()
+        if q.is_dir() and not q.is_symlink():
+            shutil.rmtree(q)
+        else:
+            q.unlink()
 
 
 def _write(cfg: AudioPrepConfig, out: Path, codec: Codec, codec_dir: str, geometry: str | None, kind: str,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ def cu_seqlens(pos: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(cu), int(np.diff(cu).max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _varlen_kernel():
     """(torch's varlen_attn, its keyword arguments) or None where this torch has none."""
     try:
@@ -120,7 +121,7 @@ def _buckets(bounds: list[int]) -> dict[int, list[int]]:
     """Documents grouped by padded length: ``l`` rounded up to a quarter of its power of two (at most 25 %
     padding, 4 sizes per octave), so a block of hundreds of short documents is a handful of SDPA calls."""
     groups: dict[int, list[int]] = {}
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (s, e) in enumerate(itertools.pairwise(bounds)):
         n = e - s
         step = max(1, (1 << (n.bit_length() - 1)) // 4)
         groups.setdefault(-(-n // step) * step, []).append(i)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from data_preprocess.hub import could_be_hub_id, offline
+
 # kind of argument -> (the file that marks such a dir, the fix shown when the argument is wrong)
 _KINDS = {
     "model": ("config.json", "pass the directory written by training/merge.py or train.py (…/final)"),
@@ -26,27 +28,6 @@ _KINDS = {
 class ModelPathError(ValueError):
     """A model / adapter / tokenizer argument that is neither a usable local dir nor a usable Hub id;
     ``str(e)`` is one line with the argument, the reason and the fix."""
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _is_hub_id(name: str) -> bool:
-    """Whether ``name`` can be a Hub repo id rather than a local path that is missing: at most one '/',
-    no leading '.', '/' or '~', a first component that is not a local dir, Hub characters only."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return False
-    if "/" in name and Path(name.split("/")[0]).is_dir():  # outputs/nope: a typo under a local dir
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def resolve_model_path(name: str, kind: str = "model") -> str:
@@ -66,9 +47,9 @@ def resolve_model_path(name: str, kind: str = "model") -> str:
         return str(p)
     if p.exists():
         raise ModelPathError(f"{kind} {name}: is a file, not a directory. Fix: {fix}")
-    if not _is_hub_id(name):
+    if not could_be_hub_id(name):
         raise ModelPathError(f"{kind} {name}: no such directory (and not a Hub id). Fix: {fix}")
-    if _offline():
+    if offline("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, marker), str):
