@@ -30,14 +30,13 @@ import numpy as np
 import torch
 
 from data_preprocess.audio_codec import (
-    AudioInputError,
     Codec,
     check_codec_dir,
     make_random_codec,
     random_codec_geometry,
 )
 from data_preprocess.audio_layout import LAYOUTS, AudioVocab, make_layout
-from training.hf_io import ModelPathError, exit_on_model_path_error
+from training.hf_io import exit_on_model_path_error
 
 log = logging.getLogger("tunesmith.bench")
 
@@ -156,11 +155,7 @@ def main(argv=None) -> int:
 
     from inference.loading import auto_device
 
-    device = auto_device(a.device)
-    try:
-        return _run(a, device)
-    except AudioInputError as e:
-        raise ModelPathError(str(e)) from None
+    return _run(a, auto_device(a.device))
 
 
 def _run(a: argparse.Namespace, device: torch.device) -> int:

@@ -54,7 +54,7 @@ from data_preprocess.audio_codec import (
     read_audio,
 )
 from data_preprocess.audio_layout import LAYOUTS, extend_tokenizer, make_layout
-from data_preprocess.hub import could_be_hub_id, offline
+from data_preprocess.hub import could_be_hub_id, exit_on_argument_error, offline
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
 
 log = logging.getLogger("tunesmith.audio")
@@ -607,15 +607,12 @@ def maybe_run_from_preprocess(argv=None) -> int | None:
     return main(rest)
 
 
+@exit_on_argument_error
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m data_preprocess.audio", description=__doc__.split("\n")[0])
     add_audio_args(ap)
-    try:
-        meta = run_audio(config_from_args(ap.parse_args(argv)))
-    except AudioInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    meta = run_audio(config_from_args(ap.parse_args(argv)))
     print(json.dumps({k: meta[k] for k in ("mode", "max_len", "vocab_size", "splits", "counts")}, indent=2))
     return 0
 

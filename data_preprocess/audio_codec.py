@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_preprocess.hub import ArgumentError
+
 log = logging.getLogger("tunesmith.audio")
 
 RANDOM_MARKER = "tunesmith_random_codec.json"
@@ -182,10 +184,9 @@ def _init_codebooks(model, sample_rate: int) -> None:
             residual = residual - cb.decode(cb.encode(residual))
 
 
-class AudioInputError(ValueError):
-    """A codec / input / codes argument of the audio branch that cannot be used; ``str(e)`` is one line with the
-    argument, the reason and the fix. The audio CLIs print it as ``error: <line>`` (exit 2); the inference and
-    benchmark CLIs re-raise it as ``training.hf_io.ModelPathError`` for the same handling."""
+class AudioInputError(ArgumentError):
+    """A codec / input / codes argument of the audio branch that cannot be used (one line: argument, reason,
+    fix); every CLI prints it as ``error: <line>``, exit 2 (``data_preprocess.hub.exit_on_argument_error``)."""
 
 
 def check_codec_dir(path, random_ok: bool = False) -> Path:

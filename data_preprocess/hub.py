@@ -1,9 +1,31 @@
-"""Local path or Hugging Face Hub id? Shared by every loader that takes either (models, adapters, datasets),
-so a typo'd local path fails at once in one line instead of after the Hub's retries."""
+"""Path arguments of the CLIs: local path or Hugging Face Hub id? (shared by every loader that takes either --
+models, adapters, datasets -- so a typo'd local path fails at once instead of after the Hub's retries), and the
+one-line error every CLI prints for an unusable path argument."""
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
+
+
+class ArgumentError(ValueError):
+    """An unusable path argument (model, adapter, tokenizer, codec, input); ``str(e)`` is one line with the
+    argument, the reason and the fix. Subclassed by ``training.hf_io.ModelPathError`` and
+    ``data_preprocess.audio_codec.AudioInputError``; :func:`exit_on_argument_error` prints it."""
+
+
+def exit_on_argument_error(main):
+    """Decorates a CLI ``main``: an :class:`ArgumentError` ends the program with ``error: <its line>`` on stderr
+    and exit status 2 (argparse's status for a bad argument) instead of a traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ArgumentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return wrapper
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_preprocess.audio_codec import AudioInputError, Codec, write_wav
+from data_preprocess.audio_codec import Codec, write_wav
 from data_preprocess.audio_layout import AudioVocab, LayoutConstraint, make_layout
 from training.hf_io import ModelPathError, exit_on_model_path_error
 
@@ -120,14 +120,6 @@ def _same_geometry(path: Path, rec: dict) -> bool:
         return False
     return (cfg.get("sampling_rate") == rec.get("sample_rate") and cfg.get("codebook_size") == rec.get("codebook_size")
             and float(rec.get("bandwidth", -1)) in [float(b) for b in cfg.get("target_bandwidths") or []])
-
-
-def load_codec(path: str, device: str = "cpu") -> Codec:
-    """:class:`Codec` with a bad dir as a one-line :class:`ModelPathError` (the inference CLIs' error type)."""
-    try:
-        return Codec(path, device=device)
-    except AudioInputError as e:
-        raise ModelPathError(str(e)) from None
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -253,7 +245,7 @@ def run(cfg: AudioGenConfig) -> list[dict]:
                     "caption-less branch was never trained")
     codec = None
     if not cfg.codes_only:
-        codec = check_codec(load_codec(cfg.codec or codec_dir_of(spec, cfg.model), str(loaded.device)), spec, cfg.model)
+        codec = check_codec(Codec(cfg.codec or codec_dir_of(spec, cfg.model), str(loaded.device)), spec, cfg.model)
     gen = torch.Generator(device=loaded.device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     single = bool(cfg.prompt)
@@ -301,13 +293,13 @@ def decode_file(cfg: AudioGenConfig) -> dict:
         raise SystemExit(f"--decode {src}: expected integer codes [codebooks, frames], got {codes.dtype} "
                          f"{list(codes.shape)}")
     if cfg.codec:
-        codec = load_codec(cfg.codec, _device(cfg.device))
+        codec = Codec(cfg.codec, _device(cfg.device))
     elif cfg.model:
         from training.hf_io import load_tokenizer, resolve_model_path
 
         model = resolve_model_path(cfg.model, "model")
         spec = audio_spec(load_tokenizer(cfg.tokenizer or model), cfg.model)
-        codec = check_codec(load_codec(codec_dir_of(spec, cfg.model), _device(cfg.device)), spec, cfg.model)
+        codec = check_codec(Codec(codec_dir_of(spec, cfg.model), _device(cfg.device)), spec, cfg.model)
     else:
         raise SystemExit("--decode needs --codec DIR (the codec the model was trained with) or --model DIR")
     if codes.shape[0] != codec.num_codebooks or codes.min() < 0 or codes.max() >= codec.codebook_size:
@@ -361,15 +353,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ns = build_parser().parse_args(argv)
     cfg = config_from_args(ns, AudioGenConfig)
-    try:
-        if cfg.decode:
-            if "out" not in vars(ns):
-                cfg.out = str(Path(cfg.decode).with_suffix(".wav"))
-            records = [decode_file(cfg)]
-        else:
-            records = run(cfg)
-    except AudioInputError as e:
-        raise ModelPathError(str(e)) from None
+    if cfg.decode:
+        if "out" not in vars(ns):
+            cfg.out = str(Path(cfg.decode).with_suffix(".wav"))
+        records = [decode_file(cfg)]
+    else:
+        records = run(cfg)
     print(json.dumps(records, indent=2))
     return 0
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.data import block_causal
+
 VARLEN = "tunesmith_varlen"     # the name registered with transformers (config value: attn_implementation=varlen)
 
 
@@ -107,8 +109,7 @@ def _masked(query, key, value, cu, scale, dropout):
     """SDPA over whole rows with a boolean ``[B, 1, L, L]`` block-causal mask made from the bounds."""
     B, _, L, _ = query.shape
     seg = torch.searchsorted(cu[1:], torch.arange(B * L, dtype=cu.dtype), right=True).view(B, L)
-    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None].to(query.device),
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=block_causal(seg).to(query.device),
                                          dropout_p=dropout, scale=scale, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2)
 
@@ -188,7 +189,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
                              "set the model's attention_dropout to 0 or use attn_implementation=sdpa")
         cu = cu_seq_lens_q.to(query.device, torch.int32, non_blocking=True)
         return _flash(q, k, v, cu, int(max_length_q or L), scaling).view(B, L, H, D), None
-    cu = cu_seq_lens_q.cpu() if cu_seq_lens_q.is_cuda else cu_seq_lens_q
+    cu = cu_seq_lens_q.cpu()
     if L <= MASKED_UP_TO:
         return _masked(query, key, value, cu, scaling, dropout), None
     return _per_document(q, k, v, cu, scaling, dropout).view(B, L, H, D), None

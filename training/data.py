@@ -56,15 +56,19 @@ class Batch:
         return inputs
 
 
+def block_causal(seg: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, 1, L, L]``: query ``q`` may see key ``k`` iff ``k <= q`` and both have the same segment id
+    (``seg`` [B, L])."""
+    L = seg.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
 def block_diagonal_mask(pos: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive 4D mask ``[B, 1, L, L]``: query ``q`` sees key ``k`` iff ``k <= q`` and both belong to the
     same packed document (segments start where ``pos == 0``). 0 = attend, dtype-min = masked; HF passes a
     4D mask through unchanged to SDPA/eager attention."""
-    seg = torch.cumsum((pos == 0).long(), dim=1)                           # [B, L] segment id
-    same = seg[:, :, None] == seg[:, None, :]                              # [B, L, L]
-    L = pos.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=pos.device).tril()
-    allowed = (same & causal)[:, None]
+    allowed = block_causal(torch.cumsum((pos == 0).long(), dim=1))
     return torch.zeros(allowed.shape, dtype=dtype, device=pos.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 

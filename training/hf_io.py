@@ -6,15 +6,14 @@ It lives in the training layer because merge.py (training) needs it and a lower 
 """
 from __future__ import annotations
 
-import functools
 import os
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from data_preprocess.hub import could_be_hub_id, offline
+from data_preprocess.hub import ArgumentError, could_be_hub_id, offline
+from data_preprocess.hub import exit_on_argument_error as exit_on_model_path_error  # noqa: F401 (the CLIs' decorator)
 
 # kind of argument -> (the file that marks such a dir, the fix shown when the argument is wrong)
 _KINDS = {
@@ -25,7 +24,7 @@ _KINDS = {
 }
 
 
-class ModelPathError(ValueError):
+class ModelPathError(ArgumentError):
     """A model / adapter / tokenizer argument that is neither a usable local dir nor a usable Hub id;
     ``str(e)`` is one line with the argument, the reason and the fix."""
 
@@ -70,19 +69,6 @@ def _what_is(p: Path, marker: str) -> str:
     if (p / "tunesmith.json").is_file():
         return "a DeepSpeed checkpoint (training/merge.py --deepspeed_checkpoint converts it)"
     return f"no {marker} in it"
-
-
-def exit_on_model_path_error(main):
-    """Decorates a CLI ``main``: a :class:`ModelPathError` ends the program with ``error: <its line>`` on
-    stderr and exit status 2 (argparse's status for a bad argument) instead of a traceback."""
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except ModelPathError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-    return wrapper
 
 
 def _has_tokenizer(path: str | os.PathLike) -> bool:
