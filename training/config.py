@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
+import subprocess
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,9 +271,12 @@ def fill_ds_config(ds: dict, cfg: TrainConfig, world_size: int, precision: str, 
     return ds
 
 
+@functools.cache
 def fused_adam_unavailable() -> str | None:
     """Why DeepSpeed's FusedAdam cannot be used on this machine's GPU (a reason to log), or None. It is a CUDA
-    op that DeepSpeed compiles on first use unless it was installed prebuilt (DS_BUILD_FUSED_ADAM=1)."""
+    op that DeepSpeed compiles on first use unless it was installed prebuilt (DS_BUILD_FUSED_ADAM=1). On a GPU
+    it is built here, once per process (cached in TORCH_EXTENSIONS_DIR), so that a toolchain that cannot build
+    it (nvcc too new or too old for DeepSpeed's sources, say) costs a warning and torch's AdamW, not the run."""
     try:
         from deepspeed.git_version_info import installed_ops
 
@@ -285,6 +290,17 @@ def fused_adam_unavailable() -> str | None:
         return "no CUDA toolkit (nvcc) to compile DeepSpeed's FusedAdam"
     if not is_ninja_available():
         return "no ninja to compile DeepSpeed's FusedAdam (pip install ninja)"
+    import torch
+
+    if torch.cuda.is_available():
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+
+        try:
+            FusedAdamBuilder().load(verbose=False)
+        except (RuntimeError, OSError, ImportError, ValueError, subprocess.SubprocessError) as e:
+            # a compiler error, DeepSpeed's version checks, a missing header or library: all mean "not here"
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            return f"building DeepSpeed's FusedAdam failed ({type(e).__name__}: {first})"
     return None
 
 
