@@ -20,14 +20,23 @@
 #
 # On the device machine (no deepspeed in its image), carry the wheels made by scripts/device_wheels.sh:
 #   run(carry=[".whl"], command="bash benchmarks/gpu_suite.sh env smoke")
+#
+# REHEARSE=1 runs every part at CPU size (llama-tiny, fp32, seq 256, a few steps; no GPU-only flags) with the same
+# flags otherwise: run it before spending device minutes, ideally in a venv like the device image's
+# (Python 3.12, its torch/transformers, .whl installed as below) -- see benchmarks/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PARTS="env smoke lora7b loss7b compile7b full1b fit24 fit24off decode varlen"
+for part in "$@"; do   # a typo is refused before any part runs (device minutes are scarce)
+  case " $PARTS " in *" $part "*) ;; *) echo "gpu_suite: unknown part '$part' ($PARTS)" >&2; exit 2 ;; esac
+done
+[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_suite.sh PART [PART ...]   ($PARTS)" >&2; exit 2; }
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}   # FusedAdam JIT build, once per machine
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 
 if ! "$PY" -c "import deepspeed" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -41,19 +50,30 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null; then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 
-tt() { "$PY" -m benchmarks.train_throughput "$@"; }
-TT7="--model llama2-7b --train_type lora --lora_r 64 --seq_len 2048 --zero 2 --precision bf16"
+FAILED=""
+run_py() { "$PY" "$@" || FAILED="$FAILED $part"; }   # a failed run is reported at the end; the next one still runs
+tt() { run_py -m benchmarks.train_throughput "$@"; }
+# the GPU sizes; REHEARSE=1: the same runs at CPU size
+M7B=llama2-7b M1B=llama-1b MSMALL=llama-small PREC=bf16 SEQ=2048 SEQ_SMALL=1024 MB7=4 MB8=8 STEPS=12 WARM=3
+SMOKE_STEPS=5 CAP="--memory_gb 23" NEW_TOKENS=128
+if [ "${REHEARSE:-0}" = 1 ]; then
+  M7B=llama-tiny M1B=llama-tiny MSMALL=llama-tiny PREC=fp32 SEQ=256 SEQ_SMALL=256 MB7=2 MB8=2 STEPS=3 WARM=1
+  SMOKE_STEPS=3 CAP="" NEW_TOKENS=16
+fi
+TT7="--model $M7B --train_type lora --lora_r 64 --seq_len $SEQ --zero 2 --precision $PREC"
 
 for part in "$@"; do
   echo "=== $part ($(date -u +%FT%TZ))"
   case "$part" in
     env)
-      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-      "$PY" - <<'PYEOF'
+      command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+      run_py - <<'PYEOF'
 import json, time, torch, transformers, peft, deepspeed
 print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
                   "peft": peft.__version__, "deepspeed": deepspeed.__version__,
-                  "device": torch.cuda.get_device_name(0)}))
+                  "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}))
+if not torch.cuda.is_available():
+    raise SystemExit(0)
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
 for _ in range(3): a @ b
 torch.cuda.synchronize(); t = time.perf_counter()
@@ -69,39 +89,39 @@ print(f"device copy: {2 * x.numel() / dt / 1e12:.2f} TB/s (read + write)")
 PYEOF
       ;;
     smoke)
-      tt --model llama-small --train_type lora --seq_len 1024 --micro_batch 8 --zero 2 --steps 5 --warmup 2 \
-         --precision bf16 --compare hf_trainer --output "$OUT/tt_small_lora.json"
-      tt --model llama-small --train_type full --seq_len 1024 --micro_batch 8 --zero 2 --steps 5 --warmup 2 \
-         --precision bf16 --output "$OUT/tt_small_full.json"
+      tt --model $MSMALL --train_type lora --seq_len $SEQ_SMALL --micro_batch $MB8 --zero 2 --steps $SMOKE_STEPS --warmup 2 \
+         --precision $PREC --compare hf_trainer --output "$OUT/tt_small_lora.json"
+      tt --model $MSMALL --train_type full --seq_len $SEQ_SMALL --micro_batch $MB8 --zero 2 --steps $SMOKE_STEPS --warmup 2 \
+         --precision $PREC --output "$OUT/tt_small_full.json"
       ;;
     lora7b)
-      tt $TT7 --micro_batch 4 --steps 12 --warmup 3 --compare hf_trainer --output "$OUT/tt_7b_lora.json" ;;
+      tt $TT7 --micro_batch $MB7 --steps $STEPS --warmup $WARM --compare hf_trainer --output "$OUT/tt_7b_lora.json" ;;
     loss7b)
-      tt $TT7 --micro_batch 4 --steps 12 --warmup 3 --loss hf --output "$OUT/tt_7b_lora_hfloss.json" ;;
+      tt $TT7 --micro_batch $MB7 --steps $STEPS --warmup $WARM --loss hf --output "$OUT/tt_7b_lora_hfloss.json" ;;
     compile7b)
-      tt $TT7 --micro_batch 4 --steps 12 --warmup 3 --compile true --output "$OUT/tt_7b_lora_compile.json" ;;
+      tt $TT7 --micro_batch $MB7 --steps $STEPS --warmup $WARM --compile true --output "$OUT/tt_7b_lora_compile.json" ;;
     full1b)
-      tt --model llama-1b --train_type full --seq_len 2048 --micro_batch 8 --zero 2 --precision bf16 --steps 12 \
-         --warmup 3 --compare hf_trainer --output "$OUT/tt_1b_full.json" ;;
+      tt --model $M1B --train_type full --seq_len $SEQ --micro_batch $MB8 --zero 2 --precision $PREC --steps $STEPS \
+         --warmup $WARM --compare hf_trainer --output "$OUT/tt_1b_full.json" ;;
     fit24)
-      tt $TT7 --micro_batch 1 --gradient_checkpointing true --memory_gb 23 --steps 4 --warmup 1 \
+      tt $TT7 --micro_batch 1 --gradient_checkpointing true $CAP --steps 4 --warmup 1 \
          --output "$OUT/tt_7b_lora_24gb.json"
-      tt $TT7 --micro_batch 1 --gradient_checkpointing true --gradient_checkpointing_every 2 --memory_gb 23 \
+      tt $TT7 --micro_batch 1 --gradient_checkpointing true --gradient_checkpointing_every 2 $CAP \
          --steps 4 --warmup 1 --output "$OUT/tt_7b_lora_24gb_ck2.json" ;;
     fit24off)
-      tt $TT7 --ds_config ds_configs/zero2_offload.json --micro_batch 1 --gradient_checkpointing true --memory_gb 23 \
+      tt $TT7 --ds_config ds_configs/zero2_offload.json --micro_batch 1 --gradient_checkpointing true $CAP \
          --steps 4 --warmup 1 --output "$OUT/tt_7b_lora_24gb_offload.json" ;;
     decode)
       for b in 1 16; do
-        "$PY" -m benchmarks.generate_speed --model llama2-7b --batch $b --new_tokens 128 --repeats 2 \
+        run_py -m benchmarks.generate_speed --model $M7B --batch $b --new_tokens $NEW_TOKENS --repeats 2 \
           --output "$OUT/gen_7b_b$b.json"
       done ;;
     varlen)
-      "$PY" -m pytest -q -p no:cacheprovider tests/test_train_attention.py
+      run_py -m pytest -q -p no:cacheprovider tests/test_train_attention.py
       for a in sdpa varlen; do
-        tt --model llama-1b --train_type full --seq_len 2048 --micro_batch 8 --zero 2 --precision bf16 --steps 10 \
-           --warmup 3 --doc_attention block --attn_implementation $a --output "$OUT/tt_1b_full_block_$a.json"
+        tt --model $M1B --train_type full --seq_len $SEQ --micro_batch $MB8 --zero 2 --precision $PREC --steps $STEPS \
+           --warmup $WARM --doc_attention block --attn_implementation $a --output "$OUT/tt_1b_full_block_$a.json"
       done ;;
-    *) echo "gpu_suite: unknown part '$part' (env smoke lora7b loss7b compile7b full1b fit24 fit24off decode varlen)" >&2; exit 2 ;;
   esac
 done
+[ -z "$FAILED" ] || { echo "gpu_suite: failed in:$FAILED" >&2; exit 1; }

@@ -87,6 +87,30 @@ def test_gpu_suite_refuses_an_unknown_part(tmp_path):
     p = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh"), "warp-speed"], cwd=repo, check=False,
                        capture_output=True, text=True, env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert p.returncode == 2 and "unknown part 'warp-speed'" in p.stderr, p.stderr
+    # a typo after valid parts is refused before any part runs
+    p = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh"), "env", "lora7bb"], cwd=repo, check=False,
+                       capture_output=True, text=True, env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert p.returncode == 2 and "unknown part 'lora7bb'" in p.stderr and "===" not in p.stdout, p.stdout
+
+
+@pytest.mark.slow
+def test_gpu_suite_rehearses_on_cpu(tmp_path):
+    """REHEARSE=1 runs a device part's exact harness flags at CPU size: the check before spending device time."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "REHEARSE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh"), "env", "loss7b"], cwd=repo, check=False,
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert '"deepspeed"' in p.stdout and "=== loss7b" in p.stdout
+    saved = json.loads((tmp_path / "tt_7b_lora_hfloss.json").read_text())
+    assert saved["config"]["model"] == "llama-tiny" and saved["config"]["loss"] == "hf"
+    assert saved["config"]["train_type"] == "lora" and saved["config"]["lora_r"] == 64
+    assert saved["results"]["tunesmith"]["tokens_per_s"] > 0
 
 
 @pytest.mark.slow
