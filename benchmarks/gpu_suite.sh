@@ -21,7 +21,7 @@
 # On the device machine (no deepspeed in its image), carry the wheels made by scripts/device_wheels.sh:
 #   run(carry=[".whl"], command="bash benchmarks/gpu_suite.sh env smoke")
 #
-# REHEARSE=1 runs every part at CPU size (llama-tiny, fp32, seq 256, a few steps; no GPU-only flags) with the same
+# REHEARSE=1 runs every part at CPU size (llama-tiny, fp32 or REHEARSE_PRECISION=bf16, seq 256, a few steps; no GPU-only flags) with the same
 # flags otherwise: run it before spending device minutes, ideally in a venv like the device image's
 # (Python 3.12, its torch/transformers, .whl installed as below) -- see benchmarks/RESULTS.md.
 set -uo pipefail
@@ -57,7 +57,7 @@ tt() { run_py -m benchmarks.train_throughput "$@"; }
 M7B=llama2-7b M1B=llama-1b MSMALL=llama-small PREC=bf16 SEQ=2048 SEQ_SMALL=1024 MB7=4 MB8=8 STEPS=12 WARM=3
 SMOKE_STEPS=5 CAP="--memory_gb 23" NEW_TOKENS=128
 if [ "${REHEARSE:-0}" = 1 ]; then
-  M7B=llama-tiny M1B=llama-tiny MSMALL=llama-tiny PREC=fp32 SEQ=256 SEQ_SMALL=256 MB7=2 MB8=2 STEPS=3 WARM=1
+  M7B=llama-tiny M1B=llama-tiny MSMALL=llama-tiny PREC=${REHEARSE_PRECISION:-fp32} SEQ=256 SEQ_SMALL=256 MB7=2 MB8=2 STEPS=3 WARM=1
   SMOKE_STEPS=3 CAP="" NEW_TOKENS=16
 fi
 TT7="--model $M7B --train_type lora --lora_r 64 --seq_len $SEQ --zero 2 --precision $PREC"
