@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md, in parts that each fit one 10-minute device command.
 #
-#   bash benchmarks/gpu_suite.sh PART [PART ...]        # results (JSON + log) under $OUT (default outputs/gpu)
+#   bash benchmarks/gpu_suite.sh PART [PART ...]        # results (JSON + suite.log) under $OUT (default outputs/gpu)
 #
 # PARTS
 #   env       nvidia-smi, versions, a bf16 matmul and a device copy (the peaks the MFU/bandwidth figures use)
@@ -33,7 +33,10 @@ done
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_suite.sh PART [PART ...]   ($PARTS)" >&2; exit 2; }
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+exec > >(tee -a "$OUT/suite.log") 2>&1   # the whole log comes back with the JSONs, even from a call cut off at its limit
+TEE_PID=$!
+trap 'exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null' EXIT   # the log is complete when the script returns
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1   # no progress bars in a log read afterwards
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}   # FusedAdam JIT build, once per machine
 PY=${PYTHON:-python3}
 [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python

@@ -107,6 +107,7 @@ def test_gpu_suite_rehearses_on_cpu(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     assert '"deepspeed"' in p.stdout and "=== loss7b" in p.stdout
+    assert (tmp_path / "suite.log").read_text() == p.stdout + p.stderr  # the log that comes back from a device call
     saved = json.loads((tmp_path / "tt_7b_lora_hfloss.json").read_text())
     assert saved["config"]["model"] == "llama-tiny" and saved["config"]["loss"] == "hf"
     assert saved["config"]["train_type"] == "lora" and saved["config"]["lora_r"] == 64
