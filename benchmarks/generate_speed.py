@@ -165,8 +165,8 @@ def run(cfg: GenerateSpeedConfig) -> dict:
         decode = cfg.batch * (cfg.new_tokens - 2) / max(tn - t1, 1e-9)
         results[path] = {"decode_tokens_per_s": decode, "end_to_end_tokens_per_s": cfg.batch * cfg.new_tokens / tn,
                          "time_s": tn, "time_2_tokens_s": t1, "pct_of_bandwidth_bound": 100 * decode / bound}
-        rows.append([path, cfg.batch, round(decode, 1), round(results[path]["end_to_end_tokens_per_s"], 1),
-                     round(bound, 1), f"{results[path]['pct_of_bandwidth_bound']:.1f}%"])
+        rows.append([path, cfg.batch, f"{decode:,.1f}", f"{results[path]['end_to_end_tokens_per_s']:,.1f}",
+                     f"{bound:,.1f}", f"{results[path]['pct_of_bandwidth_bound']:.1f}%"])
     if "hf_default" in results:
         for r in rows:
             r.append(f"{results[r[0]]['decode_tokens_per_s'] / results['hf_default']['decode_tokens_per_s']:.2f}x")
