@@ -27,6 +27,7 @@ decode_bytes_per_step`, at the mean context ``prompt_len + N/2``), so
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -71,6 +72,12 @@ class GenerateSpeedConfig:
         if self.new_tokens < 2:
             raise SystemExit(f"--new_tokens must be >= 2 (the decode rate needs steps after the first), got "
                              f"{self.new_tokens}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise SystemExit(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {self.device}: this machine has no GPU (use --device auto or cpu)")
 
     def path_list(self) -> list[str]:
         return [p.strip() for p in self.paths.split(",") if p.strip()]

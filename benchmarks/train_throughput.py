@@ -137,6 +137,21 @@ class ThroughputConfig:
             raise SystemExit("--warmup must be >= 0")
         if self.data_dir and not (Path(self.data_dir) / "meta.json").is_file():
             raise SystemExit(f"--data_dir {self.data_dir}: no meta.json; make it with python -m data_preprocess.preprocess")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise SystemExit(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.train_type == "lora" and self.lora_r < 1:
+            raise SystemExit(f"--lora_r must be >= 1 for --train_type lora, got {self.lora_r}")
+        # checked here, before any runner process starts, rather than as a traceback from inside one
+        from training.config import ConfigError, TrainConfig, read_ds_config
+        from training.hf_io import ModelPathError, resolve_model_path
+        from training.presets import is_preset
+
+        try:
+            read_ds_config(TrainConfig(ds_config=self.ds_path()))
+            if not is_preset(self.model):
+                resolve_model_path(self.model)
+        except (ConfigError, ModelPathError) as e:
+            raise SystemExit(f"error: {e}") from None
 
     def ds_path(self) -> str:
         return self.ds_config or f"ds_configs/zero{self.zero}.json"
@@ -472,7 +487,8 @@ def spawn(runner: str, cfg: ThroughputConfig, workdir: Path) -> dict:
     proc = subprocess.run(cmd, check=False, env=env, cwd=str(repo), capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.is_file():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise RuntimeError(f"{runner} runner failed (exit {proc.returncode}):\n{tail}")
+        # the runner's own traceback is what matters; this process's would only add noise above it
+        raise SystemExit(f"{tail}\nerror: the {runner} runner failed (exit {proc.returncode}); its last lines are above")
     res = json.loads(out_path.read_text())
     res["wall_s"] = time.perf_counter() - t
     return res

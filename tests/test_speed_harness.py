@@ -66,6 +66,19 @@ def test_bad_options_are_refused():
         train_throughput.main(["--gradient_checkpointing_every", "2"])
     with pytest.raises(SystemExit, match="add --doc_attention block"):
         train_throughput.main(["--attn_implementation", "varlen"])
+    # each a one-line refusal before any runner process starts (they were tracebacks from inside one)
+    with pytest.raises(SystemExit, match="--precision must be"):
+        train_throughput.main(["--precision", "fp8"])
+    with pytest.raises(SystemExit, match="--lora_r must be >= 1"):
+        train_throughput.main(["--train_type", "lora", "--lora_r", "0"])
+    with pytest.raises(SystemExit, match="ds_config: nope.json not found"):
+        train_throughput.main(["--ds_config", "nope.json"])
+    with pytest.raises(SystemExit, match="no such directory"):
+        train_throughput.main(["--model", "./no/such/model"])
+    with pytest.raises(SystemExit, match="--dtype must be"):
+        generate_speed.main(["--dtype", "fp8"])
+    with pytest.raises(SystemExit, match="--device must be"):
+        generate_speed.main(["--device", "tpu"])
 
 
 def test_memory_cap_and_recompute_fraction():
