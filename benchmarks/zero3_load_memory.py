@@ -80,7 +80,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="llama-1b", help="training preset (random init) or HF model dir")
     ap.add_argument("--train_type", default="full", choices=("full", "lora"))
     ap.add_argument("--nproc", type=int, default=2, help="ranks (processes) on this machine")
-    ap.add_argument("--precision", default="auto", help="auto (bf16 GPU, fp32 CPU) | bf16 | fp32")
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                    help="auto (bf16 GPU, fp32 CPU) | bf16 | fp16 | fp32")
     ap.add_argument("--output", default=None, help="JSON path (default outputs/benchmarks/zero3_load_memory_<model>.json)")
     ap.add_argument("--worker", default=None, choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--worker_out", default=None, help=argparse.SUPPRESS)
@@ -93,6 +94,15 @@ def main(argv=None) -> dict:
         return {}
     if a.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
+    from training.presets import is_preset
+
+    if not is_preset(a.model):  # checked once here, not as a traceback from every rank
+        from training.hf_io import ModelPathError, resolve_model_path
+
+        try:
+            resolve_model_path(a.model)
+        except ModelPathError as e:
+            raise SystemExit(f"error: {e}") from None
     out = Path(a.output or REPO / "outputs" / "benchmarks" / f"zero3_load_memory_{Path(a.model).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

@@ -79,6 +79,10 @@ def test_bad_options_are_refused():
         generate_speed.main(["--dtype", "fp8"])
     with pytest.raises(SystemExit, match="--device must be"):
         generate_speed.main(["--device", "tpu"])
+    from benchmarks import zero3_load_memory
+
+    with pytest.raises(SystemExit, match="no such directory"):
+        zero3_load_memory.main(["--model", "./no/such/model"])
 
 
 def test_memory_cap_and_recompute_fraction():
