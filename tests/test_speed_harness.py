@@ -53,36 +53,30 @@ def test_generate_speed_tiny(tmp_path, tiny_model_dir):
     assert res["bandwidth_bound_tokens_per_s"] == pytest.approx(2 * saved["device"]["bandwidth"] / b["total"])
 
 
-def test_bad_options_are_refused():
-    with pytest.raises(SystemExit, match="train_type"):
-        train_throughput.main(["--train_type", "qlora"])
-    with pytest.raises(SystemExit, match="ZeRO 0-2"):
-        train_throughput.main(["--compile", "true", "--zero", "3"])
-    with pytest.raises(SystemExit, match="paths"):
-        generate_speed.main(["--paths", "vllm"])
-    with pytest.raises(SystemExit, match="not both"):
-        train_throughput.main(["--memory_gb", "24", "--memory_fraction", "0.3"])
-    with pytest.raises(SystemExit, match="needs --gradient_checkpointing"):
-        train_throughput.main(["--gradient_checkpointing_every", "2"])
-    with pytest.raises(SystemExit, match="add --doc_attention block"):
-        train_throughput.main(["--attn_implementation", "varlen"])
-    # each a one-line refusal before any runner process starts (they were tracebacks from inside one)
-    with pytest.raises(SystemExit, match="--precision must be"):
-        train_throughput.main(["--precision", "fp8"])
-    with pytest.raises(SystemExit, match="--lora_r must be >= 1"):
-        train_throughput.main(["--train_type", "lora", "--lora_r", "0"])
-    with pytest.raises(SystemExit, match="ds_config: nope.json not found"):
-        train_throughput.main(["--ds_config", "nope.json"])
-    with pytest.raises(SystemExit, match="no such directory"):
-        train_throughput.main(["--model", "./no/such/model"])
-    with pytest.raises(SystemExit, match="--dtype must be"):
-        generate_speed.main(["--dtype", "fp8"])
-    with pytest.raises(SystemExit, match="--device must be"):
-        generate_speed.main(["--device", "tpu"])
-    from benchmarks import zero3_load_memory
+# each a one-line refusal before any runner process starts (the later ones were tracebacks from inside one)
+BAD_OPTIONS = [
+    ("train_throughput", ["--train_type", "qlora"], "train_type"),
+    ("train_throughput", ["--compile", "true", "--zero", "3"], "ZeRO 0-2"),
+    ("train_throughput", ["--memory_gb", "24", "--memory_fraction", "0.3"], "not both"),
+    ("train_throughput", ["--gradient_checkpointing_every", "2"], "needs --gradient_checkpointing"),
+    ("train_throughput", ["--attn_implementation", "varlen"], "add --doc_attention block"),
+    ("train_throughput", ["--precision", "fp8"], "--precision must be"),
+    ("train_throughput", ["--train_type", "lora", "--lora_r", "0"], "--lora_r must be >= 1"),
+    ("train_throughput", ["--ds_config", "nope.json"], "ds_config: nope.json not found"),
+    ("train_throughput", ["--model", "./no/such/model"], "no such directory"),
+    ("generate_speed", ["--paths", "vllm"], "paths"),
+    ("generate_speed", ["--dtype", "fp8"], "--dtype must be"),
+    ("generate_speed", ["--device", "tpu"], "--device must be"),
+    ("zero3_load_memory", ["--model", "./no/such/model"], "no such directory"),
+]
 
-    with pytest.raises(SystemExit, match="no such directory"):
-        zero3_load_memory.main(["--model", "./no/such/model"])
+
+@pytest.mark.parametrize(("bench", "argv", "match"), BAD_OPTIONS, ids=[" ".join(c[1]) for c in BAD_OPTIONS])
+def test_bad_options_are_refused(bench, argv, match):
+    import importlib
+
+    with pytest.raises(SystemExit, match=match):
+        importlib.import_module(f"benchmarks.{bench}").main(argv)
 
 
 def test_memory_cap_and_recompute_fraction():
