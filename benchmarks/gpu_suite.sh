@@ -21,9 +21,9 @@
 # On the device machine (no deepspeed in its image), carry the wheels made by scripts/device_wheels.sh:
 #   run(carry=[".whl"], command="bash benchmarks/gpu_suite.sh env smoke")
 #
-# REHEARSE=1 runs every part at CPU size (llama-tiny, fp32 or REHEARSE_PRECISION=bf16, seq 256, a few steps; no GPU-only flags) with the same
-# flags otherwise: run it before spending device minutes, ideally in a venv like the device image's
-# (Python 3.12, its torch/transformers, .whl installed as below) -- see benchmarks/RESULTS.md.
+# REHEARSE=1 runs every part at CPU size (llama-tiny, fp32 or REHEARSE_PRECISION=bf16, seq 256, a few steps, no
+# GPU-only flags) with the same flags otherwise: run it before spending device minutes, ideally in a venv like the
+# device image's (Python 3.12, its torch/transformers, .whl installed as below) -- see benchmarks/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PARTS="env smoke lora7b loss7b compile7b full1b fit24 fit24off decode varlen"
@@ -54,7 +54,9 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 
 FAILED=""
-run_py() { "$PY" "$@" || FAILED="$FAILED $part"; }   # a failed run is reported at the end; the next one still runs
+run_py() {   # a failed run is reported at the end (each part once); the next one still runs
+  "$PY" "$@" || case " $FAILED " in *" $part "*) ;; *) FAILED="$FAILED $part" ;; esac
+}
 tt() { run_py -m benchmarks.train_throughput "$@"; }
 # the GPU sizes; REHEARSE=1: the same runs at CPU size
 M7B=llama2-7b M1B=llama-1b MSMALL=llama-small PREC=bf16 SEQ=2048 SEQ_SMALL=1024 MB7=4 MB8=8 STEPS=12 WARM=3
