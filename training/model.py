@@ -260,8 +260,49 @@ def _estimate_activations(cfg: TrainConfig, mcfg, seq_len: int, precision: str, 
 
 
 # ------------------------------------------------------------------------------------------------
-# ZeRO memory estimate (before the model is built)
+# ZeRO memory estimate (before the model is built), and what to say when a job runs out of memory
 # ------------------------------------------------------------------------------------------------
+MEMORY_FIXES = ("gradient_checkpointing=true (or a smaller gradient_checkpointing_every), a smaller micro_batch_size "
+                "(global_batch_size stays: accumulation grows), a higher ZeRO stage, an *_offload ds_config, LoRA, "
+                "or more GPUs")
+
+
+def memory_fixes(cfg: TrainConfig | None, estimate: dict | None = None) -> str:
+    """What to change when a job does not fit, the likeliest first: with the HF logits loss taking most of the
+    estimated activations, ``loss=chunked``; else :data:`MEMORY_FIXES`."""
+    act = (estimate or {}).get("activations") or {}
+    if cfg is not None and cfg.loss == "hf" and act.get("loss_bytes", 0) > act.get("layers_bytes", 0):
+        return (f"loss=chunked (the HF loss's full logits are ~{act['loss_bytes'] / 2**30:,.1f} GiB of the estimate), "
+                + MEMORY_FIXES)
+    return MEMORY_FIXES
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: CUDA's ``torch.OutOfMemoryError``, the CPU allocator's "can't allocate memory"
+    RuntimeError, or Python's MemoryError."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
+
+
+def out_of_memory_summary(e: BaseException) -> str:
+    """One short clause of an allocation failure: "CUDA out of memory, tried to allocate 2.00 GiB" (torch's CUDA
+    message is a paragraph; the CPU allocator's names bytes)."""
+    import re
+
+    msg = str(e)
+    kind = ("CUDA out of memory" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in msg
+            else "out of host memory")
+    m = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]iB|\d+ bytes)", msg)
+    if not m:
+        return kind
+    size = m.group(1)
+    if size.endswith("bytes"):
+        size = f"{int(size.split()[0]) / 2**30:,.2f} GiB"
+    return f"{kind}, tried to allocate {size}"
+
+
 def estimate_memory(cfg: TrainConfig, tok, stage: int, off_opt: bool, off_par: bool, world: int,
                     gpus_per_node: int, device_mem_bytes: int | None, seq_len: int | None = None,
                     precision: str = "fp32", device: str = "cpu") -> dict:
@@ -329,10 +370,10 @@ def estimate_memory(cfg: TrainConfig, tok, stage: int, off_opt: bool, off_par: b
     need = dev + act
     out["device_bytes_total"] = int(need)
     if device_mem_bytes and need > 0.9 * device_mem_bytes:
-        log.warning("[memory] model states (~%.1f GiB) + activations (~%.1f GiB) need about %.1f GiB per device but "
-                    "it has %.1f GiB: this will not fit. Try gradient_checkpointing=true (or a smaller "
-                    "gradient_checkpointing_every), a smaller micro_batch_size, a higher ZeRO stage, an *_offload "
-                    "ds_config, LoRA, or more GPUs.", dev / 2**30, act / 2**30, need / 2**30, device_mem_bytes / 2**30)
+        log.warning("[memory] model states (~%.1f GiB) + activations (~%.1f GiB) need about %.1f GiB per %s but "
+                    "it has %.1f GiB: this will not fit. Try %s.", dev / 2**30, act / 2**30, need / 2**30,
+                    "device" if device == "cuda" else "rank (its share of this host's memory)",
+                    device_mem_bytes / 2**30, memory_fixes(cfg, out))
         out["fits"] = False
     else:
         out["fits"] = True

@@ -158,9 +158,37 @@ def evaluate(engine, split, cfg: TrainConfig, tok, rank: int, world: int, device
 
 
 def main(argv=None) -> int:
+    """Runs the job; exit status 0 done, 2 bad config, 3 out of memory (one ``error:`` line per rank that ran out,
+    with where it happened and what to change, instead of an allocator traceback)."""
+    progress = {"at": "before the model was built", "estimate": None, "device": None, "rank": 0, "cfg": None}
+    try:
+        return run(argv, progress)
+    except Exception as e:
+        from training.model import is_out_of_memory, memory_fixes, out_of_memory_summary
+
+        if not is_out_of_memory(e):
+            raise
+        device, est = progress["device"], progress["estimate"] or {}
+        peak = (f"; {'peak' if device.type == 'cuda' else 'RSS'} {memory_gb(device):.2f} GiB"
+                if device is not None else "")
+        need = est.get("device_bytes_total")
+        plan = f"; estimated before training: {need / 2**30:,.2f} GiB per device" if need else ""
+        print(f"error: rank {progress['rank']} ran out of memory {progress['at']}: {out_of_memory_summary(e)}{peak}"
+              f"{plan}. Fix: {memory_fixes(progress['cfg'], est)}", file=sys.stderr, flush=True)
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() == 1:
+            dist.destroy_process_group()
+        return 3
+
+
+def run(argv, progress: dict) -> int:
+    """The job (see the module docstring); ``progress`` tells :func:`main` where it is, for an out-of-memory
+    message."""
     args = parse_args(argv)
     launcher_defaults()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    progress["rank"] = rank
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
@@ -175,6 +203,7 @@ def main(argv=None) -> int:
             print(f"config error: {e}", file=sys.stderr)
         return 2
     tok, meta, precision = facts["tokenizer"], facts["meta"], facts["precision"]
+    progress["cfg"] = cfg
 
     # ---- 2. distributed ----------------------------------------------------------------------------
     import deepspeed
@@ -192,6 +221,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    progress["device"] = device
     deepspeed.init_distributed(dist_backend="nccl" if env.device == "cuda" else "gloo")
     seed_all(cfg.seed)
 
@@ -221,9 +251,16 @@ def main(argv=None) -> int:
 
     # ---- 3. memory estimate, model, engine --------------------------------------------------------
     if rank == 0:
-        dev_mem = torch.cuda.get_device_properties(device).total_memory if env.device == "cuda" else None
-        estimate_memory(cfg, tok, stage, *offloads(ds), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), dev_mem,
-                        seq_len=L, precision=precision, device=env.device)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if env.device == "cuda":
+            dev_mem = torch.cuda.get_device_properties(device).total_memory
+        else:  # CPU ranks share the host's memory
+            import psutil
+
+            dev_mem = psutil.virtual_memory().total // max(1, local_world)
+        progress["estimate"] = estimate_memory(cfg, tok, stage, *offloads(ds), world, local_world, dev_mem,
+                                               seq_len=L, precision=precision, device=env.device)
+    progress["at"] = "while building the model and the DeepSpeed engine"
     # an adapter on a random-init preset needs its base: saved once (rank 0) to OUTPUT_DIR/base_model
     from training.presets import PRESETS
 
@@ -294,6 +331,7 @@ def main(argv=None) -> int:
 
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=rank != 0 or not sys.stderr.isatty())
     while step < max_steps:
+        progress["at"] = f"in training step {step + 1}, micro_batch_size {cfg.micro_batch_size} x {L} tokens"
         micro_rows = step_micro_batches(stream, position, G, cfg.micro_batch_size, rank, world)
         batches = [make_batch(train_split, rows, cfg.batch_attention, mask_dtype, device) for rows in micro_rows]
         # the loss of a step is (sum of token losses over ALL micro-batches and ranks) / (their target count);
@@ -325,6 +363,7 @@ def main(argv=None) -> int:
             rec = {"loss": loss, "lr": lr}
         metrics.log(rec, step)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps:
+            progress["at"] = f"in the evaluation after step {step}"
             ev = evaluate(engine, val_split, cfg, tok, rank, world, device, mask_dtype, byte_cache, head)
             metrics.log(ev, step)
             if rank == 0:
