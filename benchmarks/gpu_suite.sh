@@ -18,6 +18,9 @@
 #   varlen    doc_attention=block on CUDA: the flash-varlen kernel test, then 1B full at seq 2048 with the 4D mask
 #             (sdpa) vs document bounds (attn_implementation=varlen)
 #
+# A part whose job runs out of memory (train_throughput exit 3: a "fits": false JSON) is named under "did not fit";
+# a part that fails otherwise under "failed in" (exit 1). The other parts still run. Exit 3 = only "did not fit".
+#
 # On the device machine (no deepspeed in its image), carry the wheels made by scripts/device_wheels.sh:
 #   run(carry=[".whl"], command="bash benchmarks/gpu_suite.sh env smoke")
 #
@@ -53,9 +56,15 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null; then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 
-FAILED=""
+FAILED="" NOFIT=""
 run_py() {   # a failed run is reported at the end (each part once); the next one still runs
-  "$PY" "$@" || case " $FAILED " in *" $part "*) ;; *) FAILED="$FAILED $part" ;; esac
+  local rc=0
+  "$PY" "$@" || rc=$?
+  if [ "$rc" = 3 ]; then   # train_throughput: ran out of memory -- a "fits": false verdict, its JSON is in $OUT
+    case " $NOFIT " in *" $part "*) ;; *) NOFIT="$NOFIT $part" ;; esac
+  elif [ "$rc" != 0 ]; then
+    case " $FAILED " in *" $part "*) ;; *) FAILED="$FAILED $part" ;; esac
+  fi
 }
 tt() { run_py -m benchmarks.train_throughput "$@"; }
 # the GPU sizes; REHEARSE=1: the same runs at CPU size
@@ -129,4 +138,6 @@ PYEOF
       done ;;
   esac
 done
+[ -z "$NOFIT" ] || echo "gpu_suite: did not fit (out of memory, see the JSON):$NOFIT" >&2
 [ -z "$FAILED" ] || { echo "gpu_suite: failed in:$FAILED" >&2; exit 1; }
+[ -z "$NOFIT" ] || exit 3

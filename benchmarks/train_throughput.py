@@ -36,6 +36,9 @@ jobs it is far steadier than wall time. MFU by :mod:`benchmarks.flops` (model FL
 count for LoRA); HFU adds the recompute of gradient checkpointing.
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS of the runner process on CPU.
 JSON goes to ``--output``; a markdown table is printed.
+Does not fit: a runner whose allocation fails (CUDA out of memory, e.g. under ``--memory_gb 23``; the host
+allocator on CPU) is a verdict, not a crash: the JSON says ``"fits": false`` with where it ran out (memory
+estimate / engine build / step N) and the peak, one line per runner is printed, and the command exits 3.
 """
 from __future__ import annotations
 
@@ -221,6 +224,9 @@ def step_rows(n_blocks: int, steps: int, micro: int, seed: int) -> list:
 
 # --------------------------------------------------------------------------------------------- runners
 
+# where the runner of this process is, for the "does not fit" record when an allocation fails (see worker)
+_PROGRESS: dict = {"at": "while building the model", "memory_estimate_gb": None}
+
 
 def memory_cap_fraction(cfg: ThroughputConfig, total_bytes: int) -> float:
     """The per-process CUDA memory fraction of ``--memory_gb`` (GiB, on a card of ``total_bytes``) or
@@ -310,10 +316,13 @@ def memory_estimate(cfg: ThroughputConfig, tcfg, tok, ds: dict, precision: str, 
     from training.config import offloads, zero_stage
     from training.model import estimate_memory
 
-    dev_mem = None
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         dev_mem = int((memory_cap_fraction(cfg, total) or 1.0) * total)
+    else:  # the host's memory, as the engine does
+        import psutil
+
+        dev_mem = psutil.virtual_memory().total
     est = estimate_memory(tcfg, tok, zero_stage(ds), *offloads(ds), 1, 1, dev_mem, seq_len=cfg.seq_len,
                           precision=precision, device=device.type)
     if device.type == "cuda":
@@ -336,7 +345,9 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     tcfg, precision, split, tok, model, info, ds, device, rows = _setup(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    estimate = memory_estimate(cfg, tcfg, tok, ds, precision, device)
+    _PROGRESS["at"] = "in the memory estimate"
+    estimate = _PROGRESS["memory_estimate_gb"] = memory_estimate(cfg, tcfg, tok, ds, precision, device)
+    _PROGRESS["at"] = "while building the DeepSpeed engine"
     if tcfg.compile:
         from training.model import compile_decoder_layers
 
@@ -356,6 +367,7 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     times = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": []}
     losses, cpu_times = [], []
     for s, r in enumerate(rows):
+        _PROGRESS["at"] = f"in step {s + 1}"
         _sync(device)
         c0 = time.process_time()
         t0 = time.perf_counter()
@@ -420,6 +432,7 @@ def run_hf_trainer(cfg: ThroughputConfig) -> dict:
             self.t0, self.c0, self.times, self.cpu_times = None, None, [], []
 
         def on_step_begin(self, args, state, control, **kw):
+            _PROGRESS["at"] = f"in step {state.global_step + 1}"
             _sync(device)
             self.c0, self.t0 = time.process_time(), time.perf_counter()
 
@@ -439,6 +452,7 @@ def run_hf_trainer(cfg: ThroughputConfig) -> dict:
         dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device.type == "cpu")
     assert not adam or adam.get("lr") == cfg.lr
     timer = Timer()
+    _PROGRESS["at"] = "while building the Trainer and its DeepSpeed engine"
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[timer])
     # the Trainer shuffles with its own sampler; throughput does not depend on which blocks
     trainer.train()
@@ -546,13 +560,23 @@ def run(cfg: ThroughputConfig) -> dict:
         from tqdm.auto import tqdm
 
         rounds: dict[str, list] = {r: [] for r in cfg.runners()}
+        oom: dict[str, dict] = {}  # runners that ran out of memory: the job does not fit (no further rounds)
         for _ in tqdm(range(cfg.rounds), desc="train_throughput rounds", unit="round"):
             for runner in cfg.runners():  # alternate, so a busy spell of a shared machine hits both
+                if runner in oom:
+                    continue
                 raw = spawn(runner, cfg, Path(tmp))
-                rounds[runner].append({**summarise(cfg, raw, peak), "raw": raw})
+                if "out_of_memory" in raw:
+                    oom[runner] = {"fits": False, **{k: v for k, v in raw.items() if k != "wall_s"}}
+                else:
+                    rounds[runner].append({**summarise(cfg, raw, peak), "raw": raw})
         for runner, rs in rounds.items():
+            if runner in oom:
+                continue
             best = max(rs, key=lambda r: r["tokens_per_s"])
-            results[runner] = {**best, "rounds_tokens_per_s": [r["tokens_per_s"] for r in rs]}
+            results[runner] = {**best, "fits": True, "rounds_tokens_per_s": [r["tokens_per_s"] for r in rs]}
+    if oom:
+        return _does_not_fit(cfg, peak, results, oom)
     for name, r in results.items():
         bd = r["raw"]["breakdown_s"]
         rows.append([name, f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_cpu_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
@@ -597,9 +621,52 @@ def run(cfg: ThroughputConfig) -> dict:
     return out
 
 
+def _does_not_fit(cfg: ThroughputConfig, peak, fitted: dict, oom: dict) -> dict:
+    """The verdict of a job that ran out of memory in at least one runner: JSON with ``"fits": false`` and where
+    it ran out, one line per runner, and ``out["out_of_memory"]`` (the command then exits 3)."""
+    cap = ""
+    if cfg.memory_gb or cfg.memory_fraction:
+        cap = f" under a {cfg.memory_gb:g} GiB cap" if cfg.memory_gb else f" under a {cfg.memory_fraction:g} memory fraction"
+    results = {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in fitted.items()} | oom
+    out = {"benchmark": "train_throughput", "config": asdict(cfg), "device": peak.as_dict(), "fits": False,
+           "out_of_memory": sorted(oom), "results": results, "environment": environment()}
+    path = cfg.output or default_output("train_throughput", cfg.model, extra=f"_{cfg.train_type}")
+    write_json(path, out)
+    print(f"\n{cfg.model} {cfg.train_type}, seq {cfg.seq_len} x micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}, "
+          f"{peak.device}{cap}:")
+    for runner, r in results.items():
+        if r["fits"]:
+            print(f"  {runner}: fits, {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_memory_gb']:.2f} GiB")
+            continue
+        o, est = r["out_of_memory"], r.get("memory_estimate_gb") or {}
+        print(f"  {runner}: does not fit -- ran out of memory {o['at']}: {o['error']}; peak {r['peak_memory_gb']:.2f} "
+              f"GiB" + (f"; estimated before training: {est['total']:,.2f} GiB" if est.get("total") else ""))
+    print(f"results -> {path}")
+    out["output"] = str(path)
+    return out
+
+
 def worker(runner: str, cfg_path: str, out_path: str) -> None:
+    """One runner; an allocation failure (CUDA OOM under ``--memory_gb``, the host allocator on CPU) is a result --
+    the job does not fit -- written as ``{"out_of_memory": {...}}`` instead of a traceback."""
+    import torch
+
     cfg = ThroughputConfig(**json.loads(Path(cfg_path).read_text()))
-    res = {"tunesmith": run_tunesmith, "hf_trainer": run_hf_trainer}[runner](cfg)
+    try:
+        res = {"tunesmith": run_tunesmith, "hf_trainer": run_hf_trainer}[runner](cfg)
+    except Exception as e:
+        from training.model import is_out_of_memory, out_of_memory_summary
+
+        if not is_out_of_memory(e):
+            raise
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        res = {"out_of_memory": {"at": _PROGRESS["at"], "error": out_of_memory_summary(e),
+                                 "message": (str(e).splitlines() or [""])[0][:1000]},
+               "peak_memory_gb": _peak_memory(device), "memory_estimate_gb": _PROGRESS["memory_estimate_gb"]}
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     Path(out_path).write_text(json.dumps(res, default=str))
 
 
@@ -612,4 +679,5 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    _out = main()
+    raise SystemExit(3 if _out and _out.get("out_of_memory") else 0)

@@ -1,5 +1,5 @@
 """A job that does not fit: the engine ends with one ``error:`` line (where, how much, what to change) and exit
-status 3 instead of an allocator traceback.
+status 3, and the speed harness writes a ``"fits": false`` verdict -- instead of allocator tracebacks.
 
 The out-of-memory is real, not simulated: a 1-layer LLaMA whose 16.8 M-token vocabulary (hidden size 4, tied
 embeddings: 256 MiB on disk) makes the HF loss's logits of one micro-batch of 256 x 64 tokens 1 TiB. The host's
@@ -8,11 +8,15 @@ fails), so nothing near it is ever touched: the runs peak at about 1 GiB. Skippe
 (``vm.overcommit_memory=1``), since the matmul would then really fill memory."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_train_fixtures import run_train, write_shards
+from test_train_fixtures import REPO, run_train, write_shards
 
 from training.model import is_out_of_memory, out_of_memory_summary
 
@@ -84,3 +88,26 @@ def test_engine_out_of_memory_is_one_line_and_exit_3(huge_vocab, tmp_path):
     # the estimate puts the HF loss's logits first, so the likeliest fix is named first
     assert "Fix: loss=chunked (the HF loss's full logits are ~3,072.0 GiB of the estimate), gradient_checkpointing" in e
     assert (tmp_path / "run" / "job.json").is_file()
+
+
+@needs_refusal
+@pytest.mark.slow
+def test_harness_out_of_memory_is_a_does_not_fit_verdict(huge_vocab, tmp_path):
+    out = tmp_path / "tp.json"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--model", str(huge_vocab["model"]),
+                        "--train_type", "full", "--loss", "hf", "--seq_len", "64", "--micro_batch", "256",
+                        "--steps", "1", "--warmup", "0", "--zero", "0", "--output", str(out)],
+                       cwd=REPO, capture_output=True, text=True, check=False, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    assert ("tunesmith: does not fit -- ran out of memory in step 1: out of host memory, tried to allocate "
+            "1,024.00 GiB; peak ") in p.stdout
+    saved = json.loads(out.read_text())
+    assert saved["fits"] is False and saved["out_of_memory"] == ["tunesmith"]
+    r = saved["results"]["tunesmith"]
+    assert r["fits"] is False and r["out_of_memory"]["at"] == "in step 1"
+    assert "can't allocate memory" in r["out_of_memory"]["message"]
+    assert 0 < r["peak_memory_gb"] < 8
+    est = r["memory_estimate_gb"]  # against the host's memory: the estimate saw it coming
+    assert est["fits"] is False and est["activations"] > 3000

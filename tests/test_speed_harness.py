@@ -104,6 +104,36 @@ def test_gpu_suite_refuses_an_unknown_part(tmp_path):
     assert p.returncode == 2 and "unknown part 'lora7bb'" in p.stderr and "===" not in p.stdout, p.stdout
 
 
+def test_gpu_suite_tells_did_not_fit_from_failed(tmp_path):
+    """The suite's bookkeeping: train_throughput's exit 3 (out of memory, a "fits": false JSON) is "did not fit",
+    any other failure is "failed in"; each part is named once and the remaining parts still run. The interpreter
+    is a stand-in shell script here (the verdict itself is tested in test_out_of_memory.py)."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    py = tmp_path / "py"
+    py.write_text('#!/bin/sh\n[ "$1 $2" = "-m benchmarks.train_throughput" ] && exit "${TT_RC:-3}"\n'
+                  '[ "$1 $2" = "-m benchmarks.generate_speed" ] && exit 1\nexit 0\n')
+    py.chmod(0o755)
+
+    def suite(*parts, **env):
+        return subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh"), *parts], cwd=repo, check=False,
+                              capture_output=True, text=True, timeout=120,
+                              env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin", "PYTHON": str(py), **env})
+
+    # (the suite logs stderr into stdout: both go to $OUT/suite.log)
+    p = suite("fit24", "fit24off")  # fit24 runs the harness twice: named once
+    assert p.returncode == 3, p.stdout
+    assert "gpu_suite: did not fit (out of memory, see the JSON): fit24 fit24off" in p.stdout
+    assert "failed in" not in p.stdout
+    p = suite("fit24", "decode")
+    assert p.returncode == 1 and "did not fit (out of memory, see the JSON): fit24\n" in p.stdout, p.stdout
+    assert "gpu_suite: failed in: decode" in p.stdout
+    p = suite("fit24", TT_RC="0")
+    assert p.returncode == 0 and "did not fit" not in p.stdout and "failed" not in p.stdout, p.stdout
+
+
 @pytest.mark.slow
 def test_gpu_suite_rehearses_on_cpu(tmp_path):
     """REHEARSE=1 runs a device part's exact harness flags at CPU size: the check before spending device time."""
