@@ -18,6 +18,8 @@
 #   varlen    doc_attention=block on CUDA: the flash-varlen kernel test, then 1B full at seq 2048 with the 4D mask
 #             (sdpa) vs document bounds (attn_implementation=varlen)
 #
+# The suite ends with `python -m benchmarks.gpu_report $OUT`: every JSON there (this call's and earlier calls')
+# against the issue's targets, and the A/B pairs, as markdown in suite.log.
 # A part whose job runs out of memory (train_throughput exit 3: a "fits": false JSON) is named under "did not fit";
 # a part that fails otherwise under "failed in" (exit 1). The other parts still run. Exit 3 = only "did not fit".
 #
@@ -138,6 +140,8 @@ PYEOF
       done ;;
   esac
 done
+echo "=== report ($(date -u +%FT%TZ))"
+"$PY" -m benchmarks.gpu_report "$OUT" || echo "gpu_suite: the report failed (the JSONs above are complete)" >&2
 [ -z "$NOFIT" ] || echo "gpu_suite: did not fit (out of memory, see the JSON):$NOFIT" >&2
 [ -z "$FAILED" ] || { echo "gpu_suite: failed in:$FAILED" >&2; exit 1; }
 [ -z "$NOFIT" ] || exit 3

@@ -68,6 +68,7 @@ BAD_OPTIONS = [
     ("generate_speed", ["--dtype", "fp8"], "--dtype must be"),
     ("generate_speed", ["--device", "tpu"], "--device must be"),
     ("zero3_load_memory", ["--model", "./no/such/model"], "no such directory"),
+    ("gpu_report", ["./no/such/dir"], "no/such/dir: no such directory"),
 ]
 
 
@@ -153,6 +154,57 @@ def test_gpu_suite_rehearses_on_cpu(tmp_path):
     assert saved["config"]["model"] == "llama-tiny" and saved["config"]["loss"] == "hf"
     assert saved["config"]["train_type"] == "lora" and saved["config"]["lora_r"] == 64
     assert saved["results"]["tunesmith"]["tokens_per_s"] > 0
+    # the suite ends with the report against the issue's targets; a rehearsal's CPU figures are marked as such
+    report = p.stdout[p.stdout.index("=== report"):]
+    assert "REHEARSAL: these are CPU-size runs" in report
+    assert "| 7B LoRA MFU | lora7b | - | >= 40 % | not run |" in report
+    assert "| HF logits loss (B) vs the chunked loss (A), 7B LoRA | loss7b | - |" in report
+    _report_verdicts(saved, tmp_path / "verdicts")
+
+
+def _report_verdicts(tt: dict, d):
+    """benchmarks.gpu_report's verdicts on a real harness JSON (the rehearsal's) given known figures."""
+    import copy
+
+    from benchmarks import gpu_report
+    from benchmarks.common import write_json
+
+    def tt_with(tokens_per_s, mfu, peak=10.0, oom=None):
+        j = copy.deepcopy(tt)
+        j["device"]["device"] = "NVIDIA H200"
+        r = j["results"]["tunesmith"]
+        r.update(tokens_per_s=tokens_per_s, mfu=mfu, peak_memory_gb=peak, fits=True)
+        if oom:
+            j["fits"], j["results"]["tunesmith"] = False, {"fits": False, "peak_memory_gb": 22.9, "out_of_memory": {
+                "at": "in step 1", "error": "CUDA out of memory, tried to allocate 1.95 GiB"}}
+        return j
+
+    lora = tt_with(3000.0, 0.42)
+    lora["results"]["hf_trainer"] = {**lora["results"]["tunesmith"], "tokens_per_s": 1875.0}
+    lora["tunesmith_vs_hf_trainer"] = 3000.0 / 1875.0
+    write_json(d / "tt_7b_lora.json", lora)
+    write_json(d / "tt_7b_lora_hfloss.json", tt_with(2400.0, 0.34, peak=30.0))
+    write_json(d / "tt_1b_full.json", tt_with(20000.0, 0.449))
+    write_json(d / "tt_7b_lora_24gb.json", tt_with(0, 0, oom=True))
+    write_json(d / "tt_7b_lora_24gb_ck2.json", tt_with(900.0, 0.3, peak=22.5))
+    rep = gpu_report.main([str(d)])
+    t = {row["target"]: row for row in rep["targets"]}
+    assert not rep["rehearsal"]
+    assert t["7B LoRA tokens/s vs HF Trainer"]["status"] == "met" and t["7B LoRA tokens/s vs HF Trainer"]["shown"] == "1.60x"
+    assert t["7B LoRA MFU"]["status"] == "met" and t["7B LoRA MFU"]["shown"] == "42.0 %"
+    assert t["1B full fine-tune MFU"]["status"] == "NOT met"  # 44.9 % < 45 %
+    fit = t["7B LoRA + embeddings fits 24 GB (allocator capped at 23 GiB)"]
+    assert fit["status"] == "met" and fit["shown"] == "yes: checkpointing every 2nd layer"
+    assert "checkpointing every layer: ran out of memory in step 1: CUDA out of memory, tried to allocate 1.95 GiB" in fit["detail"]
+    assert t["7B batch-1 decode, share of the bandwidth bound"]["status"] == "not run"
+    ab = {row["part"]: row for row in rep["ab"]}
+    assert ab["loss7b"]["b_over_a"] == pytest.approx(0.8) and ab["loss7b"]["b_peak_gb"] == 30.0
+    assert ab["fit24"]["a_note"].startswith("ran out of memory in step 1") and ab["fit24"]["b_over_a"] is None
+    # the job did not fit at all: the targets say so instead of "not run"
+    write_json(d / "tt_7b_lora.json", tt_with(0, 0, oom=True))
+    rep = gpu_report.main([str(d), "--output", str(d / "report.json")])
+    assert {row["status"] for row in rep["targets"][:2]} == {"did not fit"}
+    assert json.loads((d / "report.json").read_text())["targets"][0]["detail"].startswith("ran out of memory in step 1")
 
 
 @pytest.mark.slow
