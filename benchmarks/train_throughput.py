@@ -655,7 +655,7 @@ def worker(runner: str, cfg_path: str, out_path: str) -> None:
     try:
         res = {"tunesmith": run_tunesmith, "hf_trainer": run_hf_trainer}[runner](cfg)
     except Exception as e:
-        from training.model import is_out_of_memory, out_of_memory_summary
+        from training.oom import is_out_of_memory, out_of_memory_summary
 
         if not is_out_of_memory(e):
             raise

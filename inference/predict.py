@@ -34,6 +34,7 @@ from inference.generation import (
     trim_history,
 )
 from training.hf_io import ModelPathError, exit_on_model_path_error
+from training.oom import is_out_of_memory, out_of_memory_summary
 
 INPUT_FIELDS = ("instruction", "input", "prompt", "text")
 
@@ -141,6 +142,11 @@ def render_reply(text: str, out_dir: str | None, stem: str, wav: bool = True) ->
     return render_text(text, out_dir, stem, wav=wav)
 
 
+def _write_predictions(out: Path, results: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def run_batch(a, loaded, cfg: SamplingConfig) -> list[dict]:
     from tqdm import tqdm
 
@@ -148,10 +154,22 @@ def run_batch(a, loaded, cfg: SamplingConfig) -> list[dict]:
     tok, model = loaded.tokenizer, loaded.model
     prompts = [build_prompt(tok, [{"role": "user", "content": it["input"]}], a.with_prompt) for it in items]
     results = []
+    out = Path(a.predictions_file)
     t0 = time.time()
     with tqdm(total=len(items), desc="generating", unit="prompt") as bar:
         for s in range(0, len(items), a.batch_size):
-            recs = generate_batch(model, tok, prompts[s:s + a.batch_size], cfg, device=loaded.device)
+            try:
+                recs = generate_batch(model, tok, prompts[s:s + a.batch_size], cfg, device=loaded.device)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                _write_predictions(out, results)  # what finished is kept
+                bar.close()
+                print(f"error: out of memory generating prompts {s + 1}-{min(s + a.batch_size, len(items))} of "
+                      f"{len(items)} (--batch_size {a.batch_size}, --max_new_tokens {cfg.max_new_tokens}): "
+                      f"{out_of_memory_summary(e)}. The {len(results)} finished predictions are in {out}. Fix: a "
+                      f"smaller --batch_size, a smaller --max_new_tokens, or --dtype bf16", file=sys.stderr)
+                raise SystemExit(3) from None
             for j, r in enumerate(recs):
                 it = items[s + j]
                 row = {"input": it["input"], "output": r["output"], "abc": extract_abc(r["output"]),
@@ -165,14 +183,19 @@ def run_batch(a, loaded, cfg: SamplingConfig) -> list[dict]:
                 results.append(row)
             bar.update(len(recs))
     elapsed = time.time() - t0
-    out = Path(a.predictions_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    _write_predictions(out, results)
     n_new = sum(r["new_tokens"] for r in results)
     n_abc = sum(bool(r["abc"]) for r in results)
     print(f"wrote {len(results)} predictions to {out} ({n_abc} with ABC; {n_new} new tokens in {elapsed:.1f} s, "
           f"{n_new / max(elapsed, 1e-9):.1f} tok/s; sampling {json.dumps(cfg.to_dict())})", file=sys.stderr)
     return results
+
+
+def _free_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
@@ -207,8 +230,17 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
             prompt = build_prompt(tok, msgs, a.with_prompt)
             print("Assistant: ", end="", file=stdout, flush=True)
             t0 = time.time()
-            r = generate(model, tok, prompt, cfg, on_text=lambda s: print(s, end="", file=stdout, flush=True),
-                         device=loaded.device)
+            try:
+                r = generate(model, tok, prompt, cfg, on_text=lambda s: print(s, end="", file=stdout, flush=True),
+                             device=loaded.device)
+            except Exception as e:  # the session survives a reply that does not fit; the turn is dropped
+                if not is_out_of_memory(e):
+                    raise
+                history.pop()
+                _free_cached_memory()
+                print(f"\n[out of memory: {out_of_memory_summary(e)} -- this turn is dropped. Try /reset (a shorter "
+                      f"history) or a smaller --max_new_tokens (now {cfg.max_new_tokens})]", file=stdout, flush=True)
+                continue
             dt = time.time() - t0
             turn += 1
             print(f"\n[turn {turn}: prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens, "

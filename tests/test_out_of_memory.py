@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_train_fixtures import REPO, run_train, write_shards
 
-from training.model import is_out_of_memory, out_of_memory_summary
+from training.oom import is_out_of_memory, out_of_memory_summary
 
 TIB = 2**40
 VOCAB = 2**24
@@ -111,3 +111,25 @@ def test_harness_out_of_memory_is_a_does_not_fit_verdict(huge_vocab, tmp_path):
     assert 0 < r["peak_memory_gb"] < 8
     est = r["memory_estimate_gb"]  # against the host's memory: the estimate saw it coming
     assert est["fits"] is False and est["activations"] > 3000
+
+
+@needs_refusal
+def test_predict_batch_out_of_memory_keeps_what_finished(huge_vocab, tmp_path):
+    """predict's batch mode: a batch whose logits cannot be allocated (16,384 prompts x 2^24 vocabulary x fp32 =
+    1 TiB per decode step) ends with one line naming the prompts, the batch size and the fix, exit 3, and the
+    predictions file holding what finished (none here: the first batch is the one that does not fit)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("X:1\n" * 16384)
+    out = tmp_path / "pred.json"
+    p = subprocess.run([sys.executable, str(REPO / "inference" / "predict.py"), "--base_model", str(huge_vocab["model"]),
+                        "--data_file", str(prompts), "--predictions_file", str(out), "--batch_size", "16384",
+                        "--max_new_tokens", "2", "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, check=False, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert err == [f"error: out of memory generating prompts 1-16384 of 16384 (--batch_size 16384, --max_new_tokens 2): "
+                   f"out of host memory, tried to allocate 1,024.00 GiB. The 0 finished predictions are in {out}. Fix: a "
+                   "smaller --batch_size, a smaller --max_new_tokens, or --dtype bf16"], p.stderr[-3000:]
+    assert json.loads(out.read_text()) == []

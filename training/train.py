@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     try:
         return run(argv, progress)
     except Exception as e:
-        from training.model import is_out_of_memory, memory_fixes, out_of_memory_summary
+        from training.model import memory_fixes
+        from training.oom import is_out_of_memory, out_of_memory_summary
 
         if not is_out_of_memory(e):
             raise

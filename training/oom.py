@@ -1,0 +1,31 @@
+"""Telling an allocation failure from other errors, and saying it in one clause (the engine, the speed harness and
+predict turn it into a one-line verdict instead of a traceback). Imports torch only: cheap for the CLIs."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: CUDA's ``torch.OutOfMemoryError``, the CPU allocator's "can't allocate memory"
+    RuntimeError, or Python's MemoryError."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
+
+
+def out_of_memory_summary(e: BaseException) -> str:
+    """One short clause of an allocation failure: "CUDA out of memory, tried to allocate 2.00 GiB" (torch's CUDA
+    message is a paragraph; the CPU allocator's names bytes)."""
+    msg = str(e)
+    kind = ("CUDA out of memory" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in msg
+            else "out of host memory")
+    m = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]iB|\d+ bytes)", msg)
+    if not m:
+        return kind
+    size = m.group(1)
+    if size.endswith("bytes"):
+        size = f"{int(size.split()[0]) / 2**30:,.2f} GiB"
+    return f"{kind}, tried to allocate {size}"
