@@ -320,9 +320,9 @@ def memory_estimate(cfg: ThroughputConfig, tcfg, tok, ds: dict, precision: str, 
         total = torch.cuda.get_device_properties(device).total_memory
         dev_mem = int((memory_cap_fraction(cfg, total) or 1.0) * total)
     else:  # the host's memory, as the engine does
-        import psutil
+        from training.oom import host_memory_bytes
 
-        dev_mem = psutil.virtual_memory().total
+        dev_mem = host_memory_bytes()
     est = estimate_memory(tcfg, tok, zero_stage(ds), *offloads(ds), 1, 1, dev_mem, seq_len=cfg.seq_len,
                           precision=precision, device=device.type)
     if device.type == "cuda":

@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_train_fixtures import REPO, run_train, write_shards
 
-from training.oom import is_out_of_memory, out_of_memory_summary
+from training.oom import host_memory_bytes, is_out_of_memory, out_of_memory_summary
 
 TIB = 2**40
 VOCAB = 2**24
@@ -67,6 +67,16 @@ def test_allocation_failures_are_recognised():
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_host_memory_is_ram_or_the_cgroup_limit():
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    assert 0 < host_memory_bytes() <= ram
+    limit = Path("/sys/fs/cgroup/memory.max")
+    if limit.is_file() and limit.read_text().strip().isdigit() and int(limit.read_text()) < ram:
+        assert host_memory_bytes() == int(limit.read_text())
 
 
 @needs_refusal
@@ -129,7 +139,8 @@ def test_predict_batch_out_of_memory_keeps_what_finished(huge_vocab, tmp_path):
     assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert err == [f"error: out of memory generating prompts 1-16384 of 16384 (--batch_size 16384, --max_new_tokens 2): "
-                   f"out of host memory, tried to allocate 1,024.00 GiB. The 0 finished predictions are in {out}. Fix: a "
-                   "smaller --batch_size, a smaller --max_new_tokens, or --dtype bf16"], p.stderr[-3000:]
+    want = (f"error: out of memory generating prompts 1-16384 of 16384 (--batch_size 16384, --max_new_tokens 2): "
+            f"out of host memory, tried to allocate 1,024.00 GiB. The 0 finished predictions are in {out}. Fix: a "
+            "smaller --batch_size, a smaller --max_new_tokens, or --dtype bf16")
+    assert err == [want], p.stderr[-3000:]
     assert json.loads(out.read_text()) == []

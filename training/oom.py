@@ -3,6 +3,7 @@ predict turn it into a one-line verdict instead of a traceback). Imports torch o
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -29,3 +30,19 @@ def out_of_memory_summary(e: BaseException) -> str:
     if size.endswith("bytes"):
         size = f"{int(size.split()[0]) / 2**30:,.2f} GiB"
     return f"{kind}, tried to allocate {size}"
+
+
+def host_memory_bytes() -> int:
+    """The memory this process's host may give it: physical RAM, or the container's cgroup limit when lower
+    (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``; "max" and v1's huge no-limit value mean none)."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and 0 < int(limit) < total:
+            return int(limit)
+    return total

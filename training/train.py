@@ -256,9 +256,9 @@ def run(argv, progress: dict) -> int:
         if env.device == "cuda":
             dev_mem = torch.cuda.get_device_properties(device).total_memory
         else:  # CPU ranks share the host's memory
-            import psutil
+            from training.oom import host_memory_bytes
 
-            dev_mem = psutil.virtual_memory().total // max(1, local_world)
+            dev_mem = host_memory_bytes() // max(1, local_world)
         progress["estimate"] = estimate_memory(cfg, tok, stage, *offloads(ds), world, local_world, dev_mem,
                                                seq_len=L, precision=precision, device=env.device)
     progress["at"] = "while building the model and the DeepSpeed engine"
