@@ -18,8 +18,9 @@
 #   varlen    doc_attention=block on CUDA: the flash-varlen kernel test, then 1B full at seq 2048 with the 4D mask
 #             (sdpa) vs document bounds (attn_implementation=varlen)
 #
-# The suite ends with `python -m benchmarks.gpu_report $OUT`: every JSON there (this call's and earlier calls')
-# against the issue's targets, and the A/B pairs, as markdown in suite.log.
+# The suite ends with `python -m benchmarks.gpu_report $KEEP`: its JSONs are also copied to KEEP (default
+# outputs/gpu_all, git-ignored, kept on a warm device machine between calls while each call's $OUT starts empty), so
+# the report covers this call's and earlier calls' parts: the targets and the A/B pairs, as markdown in suite.log.
 # A part whose job runs out of memory (train_throughput exit 3: a "fits": false JSON) is named under "did not fit";
 # a part that fails otherwise under "failed in" (exit 1). The other parts still run. Exit 3 = only "did not fit".
 #
@@ -72,7 +73,9 @@ tt() { run_py -m benchmarks.train_throughput "$@"; }
 # the GPU sizes; REHEARSE=1: the same runs at CPU size
 M7B=llama2-7b M1B=llama-1b MSMALL=llama-small PREC=bf16 SEQ=2048 SEQ_SMALL=1024 MB7=4 MB8=8 STEPS=12 WARM=3
 SMOKE_STEPS=5 CAP="--memory_gb 23" NEW_TOKENS=128
+KEEP=${KEEP:-outputs/gpu_all}
 if [ "${REHEARSE:-0}" = 1 ]; then
+  [ "$KEEP" = outputs/gpu_all ] && KEEP=outputs/gpu_rehearsal_all   # CPU figures never join the GPU ones
   M7B=llama-tiny M1B=llama-tiny MSMALL=llama-tiny PREC=${REHEARSE_PRECISION:-fp32} SEQ=256 SEQ_SMALL=256 MB7=2 MB8=2 STEPS=3 WARM=1
   SMOKE_STEPS=3 CAP="" NEW_TOKENS=16
 fi
@@ -141,7 +144,11 @@ PYEOF
   esac
 done
 echo "=== report ($(date -u +%FT%TZ))"
-"$PY" -m benchmarks.gpu_report "$OUT" || echo "gpu_suite: the report failed (the JSONs above are complete)" >&2
+mkdir -p "$KEEP"
+if ls "$OUT"/*.json >/dev/null 2>&1 && [ "$(cd "$OUT" && pwd -P)" != "$(cd "$KEEP" && pwd -P)" ]; then
+  cp "$OUT"/*.json "$KEEP"/
+fi
+"$PY" -m benchmarks.gpu_report "$KEEP" || echo "gpu_suite: the report failed (the JSONs above are complete)" >&2
 [ -z "$NOFIT" ] || echo "gpu_suite: did not fit (out of memory, see the JSON):$NOFIT" >&2
 [ -z "$FAILED" ] || { echo "gpu_suite: failed in:$FAILED" >&2; exit 1; }
 [ -z "$NOFIT" ] || exit 3

@@ -121,7 +121,8 @@ def test_gpu_suite_tells_did_not_fit_from_failed(tmp_path):
     def suite(*parts, **env):
         return subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh"), *parts], cwd=repo, check=False,
                               capture_output=True, text=True, timeout=120,
-                              env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin", "PYTHON": str(py), **env})
+                              env={"OUT": str(tmp_path / "out"), "KEEP": str(tmp_path / "keep"), "PATH": "/usr/bin:/bin",
+                                   "PYTHON": str(py), **env})
 
     # (the suite logs stderr into stdout: both go to $OUT/suite.log)
     p = suite("fit24", "fit24off")  # fit24 runs the harness twice: named once
@@ -144,7 +145,8 @@ def test_gpu_suite_rehearses_on_cpu(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OUT": str(tmp_path), "REHEARSE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OUT": str(tmp_path), "KEEP": str(tmp_path / "keep"), "REHEARSE": "1",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_suite.sh"), "env", "loss7b"], cwd=repo, check=False,
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
@@ -159,6 +161,9 @@ def test_gpu_suite_rehearses_on_cpu(tmp_path):
     assert "REHEARSAL: these are CPU-size runs" in report
     assert "| 7B LoRA MFU | lora7b | - | >= 40 % | not run |" in report
     assert "| HF logits loss (B) vs the chunked loss (A), 7B LoRA | loss7b | - |" in report
+    # the report reads KEEP, where each call's JSONs are gathered (a device call's $OUT starts empty)
+    assert (tmp_path / "keep" / "tt_7b_lora_hfloss.json").read_text() == (tmp_path / "tt_7b_lora_hfloss.json").read_text()
+    assert f"## GPU suite report: {tmp_path / 'keep'}" in report
     _report_verdicts(saved, tmp_path / "verdicts")
 
 
