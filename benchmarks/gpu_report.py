@@ -171,7 +171,7 @@ def _device(d: Path) -> tuple[str, dict]:
             j = json.loads(p.read_text())
         except (json.JSONDecodeError, OSError):
             continue
-        if isinstance(j, dict) and "device" in j and "environment" in j:
+        if isinstance(j, dict) and isinstance(j.get("device"), dict) and "environment" in j:  # a benchmark's JSON
             return str(j["device"].get("device", "?")), j["environment"]
     return "?", {}
 
