@@ -95,11 +95,13 @@ def targets(d: Path) -> list[dict]:
         r = _runner(_load(d, name))
         if r is None:
             continue
-        fitted = f"fits, peak {r['peak_memory_gb']:.2f} GiB, {r.get('tokens_per_s', 0):,.0f} tokens/s"
-        if not _oom(r) and r["peak_memory_gb"] > CAP_GIB:  # ran, but not under the suite's cap
-            fitted = f"ran, but peaked at {r['peak_memory_gb']:.2f} GiB > {CAP_GIB:g} GiB (without --memory_gb?)"
-        tried.append(f"{what}: {_oom(r) or fitted}")
-        if not _oom(r) and r["peak_memory_gb"] <= CAP_GIB:
+        oom, peak = _oom(r), r["peak_memory_gb"]
+        if oom:
+            tried.append(f"{what}: {oom}")
+        elif peak > CAP_GIB:  # ran, but not under the suite's cap
+            tried.append(f"{what}: ran, but peaked at {peak:.2f} GiB > {CAP_GIB:g} GiB (without --memory_gb?)")
+        else:
+            tried.append(f"{what}: fits, peak {peak:.2f} GiB, {r['tokens_per_s']:,.0f} tokens/s")
             fits.append(what)
     rows.append({"target": "7B LoRA + embeddings fits 24 GB (allocator capped at 23 GiB)", "part": "fit24, fit24off",
                  "value": bool(fits) if tried else None, "shown": ("yes: " + fits[0]) if fits else ("no" if tried else None),

@@ -159,6 +159,9 @@ class ThroughputConfig:
     def ds_path(self) -> str:
         return self.ds_config or f"ds_configs/zero{self.zero}.json"
 
+    def output_path(self) -> str:
+        return self.output or str(default_output("train_throughput", self.model, extra=f"_{self.train_type}"))
+
     def runners(self) -> list[str]:
         return ["tunesmith"] + ([self.compare] if self.compare else [])
 
@@ -597,7 +600,7 @@ def run(cfg: ThroughputConfig) -> dict:
                        for k, v in results.items()},
            "ds_config": first["ds_config"], "tunesmith_vs_hf_trainer": ratio,
            "tunesmith_vs_hf_trainer_cpu_time": cpu_ratio, "environment": environment()}
-    path = cfg.output or default_output("train_throughput", cfg.model, extra=f"_{cfg.train_type}")
+    path = cfg.output_path()
     write_json(path, out)
     print(f"\n{cfg.model} {cfg.train_type}, seq {cfg.seq_len} x micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}, "
           f"{first['precision']}, {first['n_params'] / 1e6:.2f} M params ({first['n_trainable'] / 1e6:.2f} M trainable)"
@@ -630,7 +633,7 @@ def _does_not_fit(cfg: ThroughputConfig, peak, fitted: dict, oom: dict) -> dict:
     results = {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in fitted.items()} | oom
     out = {"benchmark": "train_throughput", "config": asdict(cfg), "device": peak.as_dict(), "fits": False,
            "out_of_memory": sorted(oom), "results": results, "environment": environment()}
-    path = cfg.output or default_output("train_throughput", cfg.model, extra=f"_{cfg.train_type}")
+    path = cfg.output_path()
     write_json(path, out)
     print(f"\n{cfg.model} {cfg.train_type}, seq {cfg.seq_len} x micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}, "
           f"{peak.device}{cap}:")

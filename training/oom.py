@@ -1,5 +1,6 @@
-"""Telling an allocation failure from other errors, and saying it in one clause (the engine, the speed harness and
-predict turn it into a one-line verdict instead of a traceback). Imports torch only: cheap for the CLIs."""
+"""Out of memory: telling an allocation failure from other errors and saying it in one clause (the engine, the speed
+harness and predict turn it into a one-line verdict instead of a traceback), and how much memory the host gives
+(the CPU memory estimate). Imports torch only: cheap for the CLIs."""
 from __future__ import annotations
 
 import re
