@@ -80,7 +80,9 @@ def gathered_state_dict(module: torch.nn.Module, keep=lambda name: True, rank: i
     import deepspeed
 
     out = {}
-    for name, p in module.named_parameters():
+    # tied parameters under every name (PEFT's ensure_weight_tying shares one Parameter between the embed_tokens and
+    # lm_head copies, and an adapter's state dict must hold both names)
+    for name, p in module.named_parameters(remove_duplicate=False):
         if not keep(name):
             continue
         if hasattr(p, "ds_id"):  # a ZeRO-3 partitioned parameter

@@ -44,6 +44,11 @@ class TrainConfig:
     # None = default: [embed_tokens, lm_head] in pt mode (ChatMusician trains embeddings), else [] unless
     # the tokenizer adds tokens to the base model (then the resized embeddings must be trained and saved)
     lora_modules_to_save: list[str] | None = None
+    # a base whose lm_head IS embed_tokens (tie_word_embeddings, e.g. SmolLM2) with the embeddings in
+    # lora_modules_to_save -- shared: one trained matrix serves both (PEFT ensure_weight_tying; the merged model
+    # stays tied, like the base); untie: embed_tokens and lm_head become two trained copies (the merged model
+    # has tie_word_embeddings false and twice the embedding parameters). Logged and recorded either way.
+    tied_embeddings: str = "shared"
     attn_implementation: str = "sdpa"  # sdpa | eager | varlen (with doc_attention=block: attention given the
                                      # document bounds, no [B,1,L,L] mask; flash varlen kernel on a GPU in
                                      # bf16/fp16, exact per-document SDPA elsewhere -- training/attention.py)
@@ -356,7 +361,8 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
 
     choice = {"train_type": ("full", "lora"), "precision": ("auto", "bf16", "fp16", "fp32"),
               "optimizer": ("deepspeed", "torch"), "doc_attention": ("causal", "block"),
-              "attn_implementation": ("sdpa", "eager", "varlen"), "loss": ("auto", "chunked", "hf")}
+              "attn_implementation": ("sdpa", "eager", "varlen"), "loss": ("auto", "chunked", "hf"),
+              "tied_embeddings": ("shared", "untie")}
     for k, allowed in choice.items():
         if getattr(cfg, k) not in allowed:
             bad(f"{k}={getattr(cfg, k)!r} is not one of {list(allowed)}. Fix: {k}={allowed[0]}")

@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # `python training/merge.py`: make the repo root 
 import torch
 
 from training.hf_io import exit_on_model_path_error, resolve_model_path
+from training.model import embeddings_tied
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # max |logit difference| allowed, relative to max(1, max |reference logit|): the merge is W + s*B@A
@@ -348,10 +349,12 @@ def merge_and_save(model, tok, base_rows: int, out: Path, tmp: Path, out_dtype: 
     ref = probe_logits(model, batches)
     checks = {}
     if is_peft:
-        model = model.merge_and_unload()
+        model = model.merge_and_unload()  # a tied base trained with tied_embeddings=shared stays tied
         checks["in_memory"] = compare(ref, probe_logits(model, batches), compute)
         log(f"merged in {str(compute).replace('torch.', '')}: max |logit diff| vs adapter model "
             f"{checks['in_memory']['max_abs_diff']:.3g} (tolerance {checks['in_memory']['tolerance']:.3g})")
+    tied = embeddings_tied(model)
+    log(f"embeddings: {'tied (one matrix as embed_tokens and lm_head)' if tied else 'untied'}")
     save_hf(model, tok, tmp, out_dtype, max_shard_size)
     del model
     gc.collect()
@@ -364,7 +367,7 @@ def merge_and_save(model, tok, base_rows: int, out: Path, tmp: Path, out_dtype: 
         f"{'adapter' if is_peft else 'checkpoint'} model {checks['reloaded']['max_abs_diff']:.3g} "
         f"(tolerance {checks['reloaded']['tolerance']:.3g})")
     ok = all(c["ok"] for c in checks.values()) and vocab_ok
-    info.update(checks=checks, verified=ok, vocab_rows=rows, base_rows=base_rows, tokenizer_tokens=len(tok),
+    info.update(checks=checks, verified=ok, tied_embeddings=tied, vocab_rows=rows, base_rows=base_rows, tokenizer_tokens=len(tok),
                 probe_sequences=len(batches), dtype=str(out_dtype).replace("torch.", ""),
                 merge_dtype=str(compute).replace("torch.", ""), seconds=round(time.time() - t0, 2))
     (tmp / "merge_info.json").write_text(json.dumps(info, indent=2))
