@@ -77,7 +77,7 @@ def test_shared_trains_one_matrix_and_the_merge_stays_tied(tied_base, tmp_path):
 
 
 def test_untie_trains_two_copies_and_the_merge_keeps_both(tied_base, tmp_path):
-    log, out, merged, sd = _train_and_merge(tied_base, tmp_path, "untie")
+    log, _, merged, sd = _train_and_merge(tied_base, tmp_path, "untie")
     assert "untied on purpose" in log
     cfg = json.loads((merged / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
