@@ -66,7 +66,7 @@ def test_shared_trains_one_matrix_and_the_merge_stays_tied(tied_base, tmp_path):
     assert "tied embeddings: one shared matrix" in log
     assert json.loads((out / "final" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
     ck = json.loads(next((out / "checkpoints").glob("step-*/tunesmith.json")).read_text())
-    assert ck["lora"]["tied_embeddings"] == "shared"
+    assert ck["lora"]["tied_embeddings"] == "shared" and ck["lora"]["modules_to_save"] == ["embed_tokens", "lm_head"]
     cfg = json.loads((merged / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is True
     emb = sd["model.embed_tokens.weight"]

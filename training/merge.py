@@ -229,8 +229,33 @@ def _lora_config(meta: dict, where: Path):
                       bias="none", task_type="CAUSAL_LM")
 
 
+def refuse_unsafe_torch_files(ckpt_dir: Path) -> None:
+    """Every ``*.pt`` of a checkpoint must load with ``torch.load(weights_only=True)`` (tensors, numbers, strings,
+    plain containers): a pickle naming any other callable could run code, and checkpoints get passed around.
+    DeepSpeed's own ZeRO reader (``zero_to_fp32``) unpickles with ``weights_only=False``; running it only on files
+    that passed this check means it meets nothing but what the safe loader allows. Raises SystemExit (one line)."""
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    # the only non-tensor objects DeepSpeed's ZeRO optimizer states pickle: an enum and two plain state holders
+    # (rebuilt from their attribute dicts, no code of theirs runs)
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    for f in sorted(ckpt_dir.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError) as e:
+            why = str(e).strip().splitlines()[0][:200]
+            raise SystemExit(f"{f}: refused -- it does not load with torch.load(weights_only=True), so it may "
+                             f"run code when unpickled ({why}). Fix: convert only checkpoints you trust, with their "
+                             "own tools; tunesmith never unpickles arbitrary objects") from None
+
+
 def deepspeed_state_dict(checkpoints_dir: Path, tag: str, ckpt_dir: Path, zero_stage: int | None) -> dict:
     """fp32 weights of the engine's module for any ZeRO stage (stage 0 keeps them in the model file)."""
+    refuse_unsafe_torch_files(ckpt_dir)
     if any(ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")) and zero_stage != 0:
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
@@ -240,9 +265,7 @@ def deepspeed_state_dict(checkpoints_dir: Path, tag: str, ckpt_dir: Path, zero_s
     files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise SystemExit(f"{ckpt_dir}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    # DeepSpeed model-state files pickle the engine's settings next to the tensors, so they need the
-    # full unpickler: only convert checkpoints you produced yourself.
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
 
 

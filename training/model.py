@@ -174,9 +174,9 @@ def _build(cfg: TrainConfig, tok, dtype, zero3: bool, save_base_to, rank: int):
         info.modules_to_save = default_modules_to_save(cfg, info.vocab_after > info.vocab_before)
         tie = _tie_embeddings(model, cfg.tied_embeddings, info)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_target_modules), modules_to_save=info.modules_to_save or None,
+                          target_modules=list(cfg.lora_target_modules), modules_to_save=list(info.modules_to_save) or None,
                           bias="none", task_type="CAUSAL_LM", ensure_weight_tying=tie)
-        model = get_peft_model(model, lcfg)
+        model = get_peft_model(model, lcfg)  # (PEFT rewrites the list it is given: hence the copy above)
     info.n_params = sum(_numel(p) for p in model.parameters())
     info.n_trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return model, info
