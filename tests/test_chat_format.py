@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from data_preprocess.chat_format import CHAT_TEMPLATE, LEGACY_CHAT_TEMPLATES, ChatFormat, ensure_chat_template
+from data_preprocess.chat_format import (
+    CHAT_TEMPLATE,
+    LEGACY_CHAT_TEMPLATES,
+    ChatFormat,
+    ensure_chat_template,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = {"role": "system", "content": "You are a folk musician who writes ABC notation."}
@@ -112,16 +117,52 @@ def test_batch_equals_single_and_defaults(own_tok, tmp_path):
         assert tok.chat_template == CHAT_TEMPLATE
 
 
-def test_merge_across_the_prompt_end_is_a_target(own_tok):
-    """ChatMusician's generation prompt ends in a space; a vocabulary with ``▁A`` merges it with an answer that
-    starts with ``A``. Training ids still equal apply_chat_template's, the merged token is a target (the answer's
-    first letter is learnt), and the generation prompt then ends in ``▁`` where training had ``▁A``."""
+def test_no_token_crosses_the_end_of_the_prompt(own_tok):
+    """ChatMusician's generation prompt ends in a space, and the vocabulary holds ``▁A``: tokenised as one text,
+    ``Assistant: A minor.`` would train on ``: ▁A`` while generation feeds ``: ▁``. Cut at the answer's start,
+    training has the prompt's ids, then ``A``; only there do they differ from apply_chat_template's."""
     tok = own_tok
-    assert "▁A" in tok.get_vocab()
+    a_merged, space = tok.convert_tokens_to_ids("▁A"), tok.convert_tokens_to_ids("▁")
+    assert a_merged != tok.unk_token_id
     fmt = ChatFormat(tok)
-    msgs = [{"role": "user", "content": "Which key?"}, {"role": "assistant", "content": "A minor."}]
+    msgs = [{"role": "user", "content": "Which key?"}, {"role": "assistant", "content": "A minor."},
+            {"role": "user", "content": "And the next?"}, {"role": "assistant", "content": "A major."}]
     ids, mask = fmt.encode(msgs)
-    assert ids == _template_ids(tok, msgs)
-    p = fmt.prompt_ids(msgs[:1])
-    j = ids.index(tok.convert_tokens_to_ids("▁A"), len(p) - 1)
-    assert j == len(p) - 1 and mask[j] == 1 and p[-1] == tok.convert_tokens_to_ids("▁") and ids[:j] == p[:-1]
+    whole = _template_ids(tok, msgs)
+    for k in (1, 3):
+        p = fmt.prompt_ids(msgs[:k])
+        assert ids[:len(p)] == p and p[-1] == space and mask[len(p)] == 1
+        assert tok.convert_ids_to_tokens(ids[len(p)]) == "A" and a_merged in whole
+    assert [tok.decode(r) for r in _target_runs(ids, mask)] == ["A minor. </s>", "A major. </s>"]
+    assert tok.decode(ids) == tok.decode(whole) and len(ids) == len(whole) + 2  # ": ▁ A" for ": ▁A", twice
+
+
+def test_preprocess_sft_in_smollm2s_chatml(smollm2_tok, tmp_path):
+    """The SFT shards of a tokenizer with its own template: ChatML ids (apply_chat_template's), pad = unk != eos,
+    ``sft_format`` chatml in meta.json."""
+    import json
+
+    import numpy as np
+
+    from data_preprocess.preprocess import PreprocessConfig, run
+    from data_preprocess.shards import open_split
+
+    tok_dir = tmp_path / "smollm2_tok"
+    smollm2_tok.save_pretrained(tok_dir)
+    recs = [{"messages": [SYSTEM, *CONV]}, {"messages": CONV[:4]}, {"instruction": "Write a reel.", "output": "X:3\nK:A\nABcd|]"}]
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    meta = run(PreprocessConfig(tokenizer=str(tok_dir), input=str(src), output_dir=str(tmp_path / "sft"), mode="sft",
+                                max_len=512, val_ratio=0.0, progress=False))
+    assert meta["sft_format"] == "chatml" and meta["counts"]["sft"]["conversations"] == 3
+    assert meta["pad_id"] == smollm2_tok.unk_token_id != meta["eos_id"] == smollm2_tok.eos_token_id
+    s = open_split(tmp_path / "sft", "train", meta)
+    toks, mask = (np.asarray(a).reshape(-1) for a in (s.tokens, s.loss_mask))
+    convs = [r["messages"] if "messages" in r else [{"role": "user", "content": r["instruction"]},
+                                                    {"role": "assistant", "content": r["output"]}] for r in recs]
+    want = [_template_ids(smollm2_tok, c) for c in convs]
+    starts = [i for i in range(len(toks)) if toks[i:i + 3].tolist() == want[0][:3]]  # <|im_start|>system\n
+    got = [toks[a:a + len(w)].tolist() for a, w in zip(starts, want)]
+    assert got == want
+    targets = [smollm2_tok.decode(toks[a:a + len(w)][mask[a:a + len(w)] == 1]) for a, w in zip(starts, want)]
+    assert targets[2] == "X:3\nK:A\nABcd|]<|im_end|>"
