@@ -232,8 +232,8 @@ class ABCQualityConfig(ModelArgs):
 
 
 def generate_entries(cfg: ABCQualityConfig, loaded) -> list[dict]:
+    from data_preprocess.chat_format import ChatFormat
     from inference.abc_extract import extract_abc
-    from inference.generation import build_prompt
 
     n_cond = round(cfg.n * cfg.conditioned_share)
     n_unc = cfg.n - n_cond
@@ -251,8 +251,9 @@ def generate_entries(cfg: ABCQualityConfig, loaded) -> list[dict]:
     if n_cond:
         specs = read_prompts(cfg.prompts) if cfg.prompts else builtin_prompts(n_cond, cfg.seed)
         specs = [specs[i % len(specs)] for i in range(n_cond)]
-        texts = [build_prompt(loaded.tokenizer, [{"role": "user", "content": s["prompt"]}]) for s in specs]
-        outs = generate(loaded, texts, desc="conditioned", **gen_kw)
+        fmt = ChatFormat(loaded.tokenizer)  # the model's chat format, as ids (their BOS included)
+        prompts = [fmt.prompt_ids([{"role": "user", "content": s["prompt"]}]) for s in specs]
+        outs = generate(loaded, prompts, desc="conditioned", **gen_kw)
         for s, o in zip(specs, outs):
             tunes = extract_abc(o)
             entries.append({"source": "conditioned", "prompt": s["prompt"], "key": s.get("key"),

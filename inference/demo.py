@@ -38,8 +38,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python inference/demo.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_preprocess.chat_format import ChatFormat
 from inference.cli_config import parse_with_config
-from inference.generation import SamplingConfig, build_prompt, generate, trim_history
+from inference.generation import SamplingConfig, generate, trim_history
 from inference.predict import add_model_args, add_sampling_args, sampling_from_args
 from inference.render import render_text
 from training.hf_io import exit_on_model_path_error
@@ -57,6 +58,7 @@ class DemoApp:
     def __init__(self, loaded, defaults: SamplingConfig, render_dir: Path, model_name: str, wav: bool = True):
         self.loaded, self.defaults, self.render_dir, self.model_name, self.wav = loaded, defaults, render_dir, model_name, wav
         self.lock = threading.Lock()  # one generation at a time on the one model
+        self.fmt = ChatFormat(loaded.tokenizer)  # the chat format the model was trained in
         max_pos = getattr(loaded.model.config, "max_position_embeddings", 4096)
         self.max_pos = int(max_pos)
 
@@ -90,8 +92,8 @@ class DemoApp:
 
     def chat(self, messages: list[dict], sampling: SamplingConfig, on_text) -> dict:
         tok = self.loaded.tokenizer
-        msgs = trim_history(tok, messages, max(16, self.max_pos - sampling.max_new_tokens))
-        prompt = build_prompt(tok, msgs)
+        msgs = trim_history(self.fmt, messages, max(16, self.max_pos - sampling.max_new_tokens))
+        prompt = self.fmt.prompt_ids(msgs)
         t0 = time.time()
         with self.lock:
             r = generate(self.loaded.model, tok, prompt, sampling, on_text=on_text, device=self.loaded.device)

@@ -8,10 +8,11 @@
     # batch: one instruction per line (or JSONL with an "instruction"/"input"/"prompt" field)
     python inference/predict.py --base_model M --data_file prompts.txt --predictions_file out.json --render out/abc
 
-``--with_prompt`` wraps input in the tokenizer's chat template (ChatMusician's
-``Human: ... </s> Assistant: `` format); without it the raw text is continued (e.g. an ABC header).
+``--with_prompt`` wraps input in the model's chat format (:mod:`data_preprocess.chat_format`: the tokenizer's
+chat template, e.g. ChatML, else ChatMusician's ``Human: ... </s> Assistant: ``), as token ids identical to what
+SFT trained on; without it the raw text is continued (e.g. an ABC header).
 Sampling defaults are ChatMusician's: temperature 0.2, top_k 40, top_p 0.9, repetition_penalty 1.1,
-max_new_tokens 1536. Generation uses the KV cache and stops at EOS (pad != eos).
+max_new_tokens 1536. Generation uses the KV cache and stops at EOS or the format's end-of-turn token (pad != eos).
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python inference/predict.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_preprocess.chat_format import ChatFormat
 from inference.abc_extract import extract_abc
 from inference.cli_config import parse_with_config
 from inference.generation import (
     SamplingConfig,
-    build_prompt,
     generate,
     generate_batch,
     trim_history,
@@ -152,7 +153,9 @@ def run_batch(a, loaded, cfg: SamplingConfig) -> list[dict]:
 
     items = read_instructions(a.data_file, a.input_field)
     tok, model = loaded.tokenizer, loaded.model
-    prompts = [build_prompt(tok, [{"role": "user", "content": it["input"]}], a.with_prompt) for it in items]
+    fmt = ChatFormat(tok)
+    prompts = [fmt.prompt_ids([{"role": "user", "content": it["input"]}]) if a.with_prompt else it["input"]
+               for it in items]
     results = []
     out = Path(a.predictions_file)
     t0 = time.time()
@@ -201,6 +204,7 @@ def _free_cached_memory() -> None:
 def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     tok, model = loaded.tokenizer, loaded.model
+    fmt = ChatFormat(tok)
     max_pos = getattr(model.config, "max_position_embeddings", 4096)
     budget = max(16, max_pos - cfg.max_new_tokens)
     history: list[dict] = []
@@ -223,15 +227,17 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
                 print("(history cleared)", file=stdout, flush=True)
                 continue
             history.append({"role": "user", "content": text})
-            msgs = trim_history(tok, history, budget, a.with_prompt) if a.with_prompt else history[-1:]
+            msgs = trim_history(fmt, history, budget) if a.with_prompt else history[-1:]
             if len(msgs) < len(history):
                 print(f"(context full: dropped {len(history) - len(msgs)} oldest messages)", file=stdout, flush=True)
                 history = msgs
-            prompt = build_prompt(tok, msgs, a.with_prompt)
+            # the log gets the text, the model its ids (the same tokens)
+            prompt = fmt.render(msgs, add_generation_prompt=True) if a.with_prompt else text
+            prompt_in = fmt.prompt_ids(msgs) if a.with_prompt else text
             print("Assistant: ", end="", file=stdout, flush=True)
             t0 = time.time()
             try:
-                r = generate(model, tok, prompt, cfg, on_text=lambda s: print(s, end="", file=stdout, flush=True),
+                r = generate(model, tok, prompt_in, cfg, on_text=lambda s: print(s, end="", file=stdout, flush=True),
                              device=loaded.device)
             except Exception as e:  # the session survives a reply that does not fit; the turn is dropped
                 if not is_out_of_memory(e):

@@ -343,7 +343,7 @@ def save_hf(model, tok, out: Path, dtype: torch.dtype, max_shard_size: str):
     """Sharded safetensors + tokenizer (with chat template) + generation config."""
     from transformers import GenerationConfig
 
-    from data_preprocess.train_tokenizer import CHAT_TEMPLATE
+    from data_preprocess.chat_format import ensure_chat_template
 
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit("the tokenizer's pad token equals eos (or is missing): generation would stop on padding; "
@@ -356,8 +356,7 @@ def save_hf(model, tok, out: Path, dtype: torch.dtype, max_shard_size: str):
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, **GENERATION_DEFAULTS)
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHAT_TEMPLATE
+    ensure_chat_template(tok)  # the chat format the model was trained in (ChatMusician's when none)
     tok.save_pretrained(out)
 
 
