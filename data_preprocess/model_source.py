@@ -239,7 +239,12 @@ def import_gguf(path, out_dir, name: str | None = None, sha256: str | None = Non
         return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not _is_cache_dir(out):
         raise ModelSourceError(f"{out}: exists and is not empty. Fix: a new output dir, or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        open(out.parent / f".{out.name}.lock", "a").close()  # can we write there? (the lock file, kept)
+    except OSError as e:
+        raise ModelSourceError(f"{label}: cannot write the import to {out.parent} ({type(e).__name__}: "
+                               f"{e.strerror or e}). Fix: set TUNESMITH_CACHE to a writable dir") from None
     with _lock(out, label):
         if _complete(out):  # imported by whoever held the lock before us
             return out
