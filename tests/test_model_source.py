@@ -321,7 +321,7 @@ def test_failed_import_leaves_no_cache_dir(tmp_path, cache):
 def test_cli_concurrent_imports_and_bad_file(tiny, tmp_path, cache):
     """Two processes resolving one source at once (like two ranks) and a third importing it into -o DIR: the
     two import it once (one waits for the other) and print the same dir; stdout is only the dir. A bad file:
-    one `error: ...` line, exit 2."""
+    one `error: ...` line, exit 2. (~40 s on 2 busy cores: three processes load torch + transformers at once.)"""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TUNESMITH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "training.import_gguf", str(tiny["f32"])]
     dest = tmp_path / "hf"
