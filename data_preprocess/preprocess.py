@@ -53,6 +53,7 @@ from data_preprocess.corpus import (
     split_of,
 )
 from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.model_source import resolve_source
 from data_preprocess.sft import (
     iter_sft_records,
     metadata_conversations,
@@ -109,12 +110,14 @@ class PreprocessConfig:
 
 
 def load_tokenizer(path: str):
-    """An HF tokenizer from a dir / hub id, or from a SentencePiece ``.model`` (wrapped via a temp dir:
+    """An HF tokenizer from a dir / hub id, a named model source or ``.gguf`` (its imported HF dir:
+    :mod:`data_preprocess.model_source`), or a SentencePiece ``.model`` (wrapped via a temp dir:
     ``LlamaTokenizer(vocab_file=...)`` silently builds a 3-token tokenizer in transformers 5). A missing
-    pad token becomes ``<unk>`` (never EOS); a missing chat template becomes ChatMusician's
+    pad token, or pad == EOS, becomes ``<unk>`` (never EOS); a missing chat template becomes ChatMusician's
     (:func:`data_preprocess.chat_format.ensure_chat_template`)."""
     from transformers import AutoTokenizer
 
+    path = resolve_source(path)  # smollm2-135m / X.gguf -> the cached import (ModelSourceError: exit 2)
     p = Path(path).expanduser()
     try:
         if p.is_file() and p.suffix == ".model":
@@ -480,7 +483,7 @@ def parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     ap = argparse.ArgumentParser(prog="python -m data_preprocess.preprocess", description=__doc__.split("\n")[0],
                                  argument_default=S)
-    ap.add_argument("-t", "--tokenizer", help="HF tokenizer dir / hub id, or a SentencePiece .model")
+    ap.add_argument("-t", "--tokenizer", help="HF tokenizer dir / hub id, a SentencePiece .model, a .gguf or smollm2-135m")
     ap.add_argument("-i", "--input", help="dir of .abc/.txt, a .jsonl, a datasets dir/file/hub id, or music21 (default)")
     ap.add_argument("-o", "--output_dir", help="output dir (shards, meta.json, rejects.jsonl, tokenizer/)")
     ap.add_argument("--mode", choices=("pt", "sft"),

@@ -352,7 +352,16 @@ def model_config_dict(model: str) -> dict | None:
 
 
 def validate(cfg: TrainConfig, env: Environment) -> dict:
-    """Refuses invalid jobs with a one-line reason + fix. Returns facts learnt on the way (meta, ds config)."""
+    """Refuses invalid jobs with a one-line reason + fix. Returns facts learnt on the way (meta, ds config).
+
+    A ``model`` given as a named source or ``PATH.gguf`` is imported here and ``cfg.model`` is set to the
+    imported HF dir (``facts["model_source"]`` keeps what was asked for, for job.json)."""
+    from data_preprocess.hub import ArgumentError
+    from data_preprocess.model_source import (
+        is_model_source,
+        read_record,
+        resolve_source,
+    )
     from data_preprocess.shards import open_split, read_meta
     from training.presets import PRESETS
 
@@ -465,6 +474,18 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
     if tok.pad_token_id is None:
         bad(f"tokenizer {tdir} has no pad token. Fix: re-save it with a pad token distinct from eos")
     # ---- model source
+    model_source = None
+    if is_model_source(cfg.model):
+        # smollm2-135m / PATH.gguf: imported once into a cached HF dir (a lock makes the ranks import it once);
+        # from here on the job -- engine, checkpoints' model_source, merge -- uses that dir
+        try:
+            resolved = resolve_source(cfg.model)
+        except ArgumentError as e:
+            bad(f"model={e}")
+        record = read_record(resolved) or {}
+        model_source = {"source": cfg.model, "dir": resolved, "sha256": record.get("sha256"),
+                        "quantization": record.get("quantization")}
+        cfg.model = resolved
     base_vocab = None
     if cfg.model in PRESETS:
         max_pos = PRESETS[cfg.model]["max_position_embeddings"]
@@ -500,4 +521,5 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         except ImportError:
             bad("report_to includes wandb but wandb is not installed. Fix: pip install wandb, or report_to=tensorboard")
     return {"meta": meta, "ds": ds, "precision": precision, "tokenizer": tok, "tokenizer_identity": ident,
-            "hidden_size": hidden, "base_vocab": base_vocab, "n_train_blocks": len(train), "n_val_blocks": len(val)}
+            "hidden_size": hidden, "base_vocab": base_vocab, "n_train_blocks": len(train), "n_val_blocks": len(val),
+            "model_source": model_source}

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from data_preprocess.hub import ArgumentError, could_be_hub_id, offline
 from data_preprocess.hub import exit_on_argument_error as exit_on_model_path_error  # noqa: F401 (the CLIs' decorator)
+from data_preprocess.model_source import ModelSourceError, resolve_source
 
 # kind of argument -> (the file that marks such a dir, the fix shown when the argument is wrong)
 _KINDS = {
@@ -32,11 +33,18 @@ class ModelPathError(ArgumentError):
 def resolve_model_path(name: str, kind: str = "model") -> str:
     """Checks a model (``kind`` model | adapter | tokenizer) argument before anything is loaded.
 
+    A model / tokenizer given as a named source (``smollm2-135m``) or a ``PATH.gguf`` is first imported (once)
+    into a cached HF dir by :func:`data_preprocess.model_source.resolve_source`, and that dir is returned.
     An existing local dir is local (it must hold the kind's marker file: config.json, adapter_config.json,
     a tokenizer file); a name that cannot be a Hub id is a missing local path; a Hub id while
     HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set must be in the local HF cache. Anything else is left to
     transformers / PEFT to fetch. Returns the name (``~`` expanded); raises :class:`ModelPathError`."""
     marker, fix = _KINDS[kind]
+    if kind in ("model", "tokenizer"):
+        try:
+            name = resolve_source(name)
+        except ModelSourceError as e:
+            raise ModelPathError(f"{kind} {e}") from None
     p = Path(name).expanduser()
     if p.is_dir():
         ok = _has_tokenizer(p) if kind == "tokenizer" else (p / marker).is_file()

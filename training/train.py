@@ -241,8 +241,8 @@ def run(argv, progress: dict) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_root.mkdir(exist_ok=True)
-        job = {"config": cfg.to_dict(), "ds_config": ds, "world_size": world, "precision": precision,
-               "device": env.device, "max_steps": max_steps, "gradient_accumulation_steps": gas,
+        job = {"config": cfg.to_dict(), "model_source": facts["model_source"], "ds_config": ds, "world_size": world,
+               "precision": precision, "device": env.device, "max_steps": max_steps, "gradient_accumulation_steps": gas,
                "data": {"max_len": L, "train_blocks": len(train_split), "val_blocks": len(val_split),
                         "tokenizer": facts["tokenizer_identity"]}}
         (out / "job.json").write_text(json.dumps(job, indent=2) + "\n")
