@@ -64,8 +64,13 @@ if [ "$preset" = 1 ]; then
   fi
 else
   # a named source or a .gguf is imported once into a cached HF dir (printed); an HF dir / hub id is itself
-  say "model $PT_MODEL"
-  TOKENIZER="$(python -m training.import_gguf "$PT_MODEL" --print_dir)"
+  if python -c 'import sys; from data_preprocess.model_source import is_model_source as s; sys.exit(not s(sys.argv[1]))' \
+      "$PT_MODEL"; then
+    say "model $PT_MODEL: import (once; cached)"
+    TOKENIZER="$(python -m training.import_gguf "$PT_MODEL")"
+  else
+    TOKENIZER="$PT_MODEL"
+  fi
   say "model dir $TOKENIZER (its own tokenizer is used)"
 fi
 
