@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_mmlu
 
 from benchmarks import mmlu
 from benchmarks.common import ModelArgs, load
@@ -96,26 +97,9 @@ def test_cli_smoke(tiny_model_dir, tmp_path, capsys):
     assert json.loads(out.read_text())["shots"] == 2
 
 
-def _write_mmlu(root: Path) -> None:
-    """A two-subject MMLU dir in the header layout, written here (tests never read ../shared/data/mmlu)."""
-    rows = {"astronomy": [("Which planet is closest to the Sun?", "Venus", "Mercury", "Earth", "Mars", 1),
-                          ("What is the Sun?", "A planet", "A comet", "A star", "A moon", 2),
-                          ("Which planet has rings?", "Saturn", "Mercury", "Venus", "Mars", 0)],
-            "world_religions": [("Where is Mecca?", "Saudi Arabia", "Egypt", "Iran", "Iraq", 0),
-                                ("What is the holy book of Islam?", "Torah", "Vedas", "Quran", "Bible", 2),
-                                ("Which religion has the Four Noble Truths?", "Islam", "Hinduism", "Judaism",
-                                 "Buddhism, as taught by the Buddha", 3)]}
-    for split in ("dev", "test"):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for subj, rs in rows.items():
-            lines = ["question,choice0,choice1,choice2,choice3,answer"]
-            lines += [",".join(f'"{x}"' for x in r[:5]) + f",{r[5]}" for r in rs]
-            (root / split / f"{subj}_{split}.csv").write_text("\n".join(lines) + "\n")
-
-
 def test_cloze_formulation_matches_direct_computation(tiny_model_dir, tmp_path, loaded):
     data = tmp_path / "mmlu"
-    _write_mmlu(data)
+    write_tiny_mmlu(data)
     base = {"model": str(tiny_model_dir), "data_dir": str(data), "shots": 2, "batch_size": 4, "device": "cpu"}
     both = mmlu.run(mmlu.MMLUConfig(**base, formulation="both", output=str(tmp_path / "both.json")), loaded)
     letter = mmlu.run(mmlu.MMLUConfig(**base, output=str(tmp_path / "letter.json")), loaded)
