@@ -184,28 +184,29 @@ def mmlu_config(cfg: ReportConfig, model: str, adapter: str | None, out: Path) -
 
 def estimate_mmlu(cfg: mmlu.MMLUConfig, loaded) -> dict:
     """Requests, forward sequences and tokens MMLU will score, and the seconds that takes at this machine's
-    speed: one batch of real requests (the longest, as scoring runs longest first) is timed."""
+    current speed: one batch of real inputs of the median length is timed (scoring runs the inputs sorted by
+    length, so its batches carry little padding)."""
     questions, shots_of = mmlu.load_questions(cfg)
     tok = loaded.tokenizer
     max_len = model_max_length(loaded.model, cfg.max_length)
-    inputs: set[tuple[int, ...]] = set()
-    sample = []
+    by_input: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
     n_req = 0
     for form in cfg.formulations:
         reqs = encode_pairs(tok, mmlu.request_pairs(questions, shots_of, form), cfg.add_bos)
         n_req += len(reqs)
-        inputs |= {tuple((list(c) + list(x))[-(max_len + 1):][:-1]) for c, x in reqs}
-        sample += reqs
-    tokens = sum(len(x) for x in inputs)
-    sample.sort(key=lambda r: len(r[0]) + len(r[1]), reverse=True)
-    probe = sample[:: max(1, len(sample) // cfg.batch_size)][: cfg.batch_size]  # a spread of lengths
+        for c, x in reqs:
+            by_input.setdefault(tuple((list(c) + list(x))[-(max_len + 1):][:-1]), (c, x))
+    tokens = sum(len(x) for x in by_input)
+    ordered = sorted(by_input, key=len)
+    mid = max(0, len(ordered) // 2 - cfg.batch_size // 2)
+    probe = [by_input[x] for x in ordered[mid:mid + cfg.batch_size]]
     t0 = time.time()
     score_continuations(loaded.model, probe, tok.pad_token_id, cfg.batch_size, max_len, loaded.device,
                         progress=False)
     dt = time.time() - t0
-    probe_tokens = sum(len(c) + len(x) - 1 for c, x in probe)
+    probe_tokens = len(probe) * max(len(c) + len(x) - 1 for c, x in probe)  # padded, as it ran
     tps = probe_tokens / dt if dt > 0 else float("inf")
-    return {"questions": len(questions), "subjects": len(shots_of), "requests": n_req, "sequences": len(inputs),
+    return {"questions": len(questions), "subjects": len(shots_of), "requests": n_req, "sequences": len(by_input),
             "tokens": tokens, "tokens_per_second": tps, "expected_seconds": tokens / tps}
 
 
