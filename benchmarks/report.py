@@ -23,6 +23,7 @@ tokens per second), and every section shows a progress bar.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -184,8 +185,8 @@ def mmlu_config(cfg: ReportConfig, model: str, adapter: str | None, out: Path) -
 
 def estimate_mmlu(cfg: mmlu.MMLUConfig, loaded) -> dict:
     """Requests, forward sequences and tokens MMLU will score, and the seconds that takes at this machine's
-    current speed: one batch of real inputs of the median length is timed (scoring runs the inputs sorted by
-    length, so its batches carry little padding)."""
+    current speed: one batch of real inputs at the token-weighted median length is timed (scoring runs the inputs
+    sorted by length, so its batches carry little padding; attention makes long inputs dearer per token)."""
     questions, shots_of = mmlu.load_questions(cfg)
     tok = loaded.tokenizer
     max_len = model_max_length(loaded.model, cfg.max_length)
@@ -198,7 +199,12 @@ def estimate_mmlu(cfg: mmlu.MMLUConfig, loaded) -> dict:
             by_input.setdefault(tuple((list(c) + list(x))[-(max_len + 1):][:-1]), (c, x))
     tokens = sum(len(x) for x in by_input)
     ordered = sorted(by_input, key=len)
-    mid = max(0, len(ordered) // 2 - cfg.batch_size // 2)
+    cum, mid = 0, 0
+    for mid, x in enumerate(ordered):  # the token-weighted median: half of all tokens are in longer inputs
+        cum += len(x)
+        if cum >= tokens / 2:
+            break
+    mid = max(0, min(mid - cfg.batch_size // 2, len(ordered) - cfg.batch_size))
     probe = [by_input[x] for x in ordered[mid:mid + cfg.batch_size]]
     t0 = time.time()
     score_continuations(loaded.model, probe, tok.pad_token_id, cfg.batch_size, max_len, loaded.device,
@@ -238,8 +244,9 @@ def run_mtb(cfg: ReportConfig, model: str, adapter: str | None, loaded, out: Pat
     return {"metrics": m, "n": res["n_questions"], "seconds": res["seconds"], "output": res["output"]}
 
 
+@functools.cache
 def load_metric(name: str):
-    """One of the repository's ``evaluate`` modules, by path (no hub access)."""
+    """One of the repository's ``evaluate`` modules, by path (no hub access); loaded once per process."""
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name))
@@ -437,8 +444,9 @@ def markdown(result: dict) -> str:
     cfg = result["config"]
     first = next(iter(result["models"].values()))["sections"]
     if "mmlu" in first:
+        limit = f"at most {cfg['mmlu_limit']} per subject" if cfg["mmlu_limit"] else "all of each subject"
         lines.append(f"* MMLU: {first['mmlu']['n']} test questions over {first['mmlu']['subjects']} subjects "
-                     f"(`{cfg['mmlu_dir']}`, {cfg['mmlu_shots']}-shot, limit {cfg['mmlu_limit']} per subject); "
+                     f"(`{cfg['mmlu_dir']}`, {cfg['mmlu_shots']}-shot, {limit}); "
                      "letter = log-likelihood of ' A'..' D' (lm-eval `mmlu`), cloze = of ' {option text}' "
                      "(lm-eval `mmlu_continuation`; acc_norm per UTF-8 byte). Chance: 25 %.")
     if "mtb" in first:
