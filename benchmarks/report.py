@@ -46,7 +46,7 @@ from benchmarks.common import (
     score_continuations,
     write_json,
 )
-from training.hf_io import ModelPathError, exit_on_model_path_error
+from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MMLU = REPO.parent / "shared" / "data" / "mmlu"
@@ -337,6 +337,13 @@ def versions() -> dict:
 
 def run(cfg: ReportConfig) -> dict:
     models = parse_models(cfg.models)
+    for name, model, adapter in models:  # every path is checked before the first model spends hours
+        try:
+            resolve_model_path(model, "model")
+            if adapter:
+                resolve_model_path(adapter, "adapter")
+        except ModelPathError as e:
+            raise ModelPathError(f"--models {name}=...: {e}") from None
     if cfg.mmlu and not cfg.mmlu_dir and DEFAULT_MMLU.is_dir():
         cfg.mmlu_dir = str(DEFAULT_MMLU)
     _check_inputs(cfg)
@@ -383,6 +390,7 @@ def run(cfg: ReportConfig) -> dict:
             entry["metrics"].update(r["metrics"])
         entry["wall_seconds"] = time.time() - t0
         result["models"][name] = entry
+        write_json(out_dir / "report.json", result)  # partial: the models done so far survive a later failure
         del loaded
         gc.collect()
     result["wall_seconds"] = time.time() - t_start
