@@ -26,6 +26,24 @@ def music21_abc_texts(n_files: int = 20) -> list[str]:
     return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
 
 
+def write_tiny_mmlu(root: Path) -> Path:
+    """A two-subject MMLU dir in the header layout, written here (tests never read ../shared/data/mmlu)."""
+    rows = {"astronomy": [("Which planet is closest to the Sun?", "Venus", "Mercury", "Earth", "Mars", 1),
+                          ("What is the Sun?", "A planet", "A comet", "A star", "A moon", 2),
+                          ("Which planet has rings?", "Saturn", "Mercury", "Venus", "Mars", 0)],
+            "world_religions": [("Where is Mecca?", "Saudi Arabia", "Egypt", "Iran", "Iraq", 0),
+                                ("What is the holy book of Islam?", "Torah", "Vedas", "Quran", "Bible", 2),
+                                ("Which religion has the Four Noble Truths?", "Islam", "Hinduism", "Judaism",
+                                 "Buddhism, as taught by the Buddha", 3)]}
+    for split in ("dev", "test"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for subj, rs in rows.items():
+            lines = ["question,choice0,choice1,choice2,choice3,answer"]
+            lines += [",".join(f'"{x}"' for x in r[:5]) + f",{r[5]}" for r in rs]
+            (root / split / f"{subj}_{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
