@@ -34,8 +34,9 @@ def resolve_model_path(name: str, kind: str = "model") -> str:
 
     An existing local dir is local (it must hold the kind's marker file: config.json, adapter_config.json,
     a tokenizer file); a name that cannot be a Hub id is a missing local path; a Hub id while
-    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set must be in the local HF cache. Anything else is left to
-    transformers / PEFT to fetch. Returns the name (``~`` expanded); raises :class:`ModelPathError`."""
+    must be in the local HF cache, whether or not HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set: tunesmith never
+    downloads a model (a typo'd name would otherwise hang on the network, then end in a traceback). Returns
+    the name (``~`` expanded); raises :class:`ModelPathError`."""
     marker, fix = _KINDS[kind]
     p = Path(name).expanduser()
     if p.is_dir():
@@ -48,13 +49,13 @@ def resolve_model_path(name: str, kind: str = "model") -> str:
         raise ModelPathError(f"{kind} {name}: is a file, not a directory. Fix: {fix}")
     if not could_be_hub_id(name):
         raise ModelPathError(f"{kind} {name}: no such directory (and not a Hub id). Fix: {fix}")
-    if offline("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(name, marker), str):
-            raise ModelPathError(f"{kind} {name}: no such directory, and as a Hub id it is not downloaded while "
-                                 "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set. Fix: a local dir, or download it "
-                                 f"where there is network (huggingface-cli download {name})")
+    if not isinstance(try_to_load_from_cache(name, marker), str):
+        state = " while HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set" if offline("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") \
+            else " (tunesmith never downloads models)"
+        raise ModelPathError(f"{kind} {name}: no such directory, and as a Hub id it is not downloaded{state}. Fix: a "
+                             f"local dir, or download it where there is network (huggingface-cli download {name})")
     return name
 
 
