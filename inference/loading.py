@@ -5,7 +5,6 @@ Safe by default: no ``trust_remote_code``, safetensors preferred.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,24 +27,6 @@ def auto_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     return torch.float32
 
 
-@contextmanager
-def _unloadable(kind: str, path: str):
-    """A dir that passed :func:`resolve_model_path` but cannot be loaded (a config.json alone, a truncated
-    model.safetensors, an invalid config.json, no tokenizer): one-line :class:`ModelPathError` instead of the
-    loader's traceback. Running out of memory is not the dir's fault and propagates."""
-    from training.oom import is_out_of_memory
-
-    try:
-        yield
-    except Exception as e:  # transformers/safetensors raise many types for a broken dir
-        if is_out_of_memory(e) or isinstance(e, ModelPathError):
-            raise
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ModelPathError(f"{kind} {path}: cannot be loaded ({type(e).__name__}: {why}). Fix: pass a complete "
-                             "model dir (config.json, model.safetensors and tokenizer files, as written by "
-                             "training/merge.py or train.py), or re-export it") from None
-
-
 # Tokenizer/adapter helpers live in the training layer (merge.py needs them too); re-exported here.
 from training.hf_io import (  # noqa: F401
     ModelPathError,
@@ -54,6 +35,7 @@ from training.hf_io import (  # noqa: F401
     load_tokenizer,
     resize_for_adapter,
     resolve_model_path,
+    unloadable_is_a_path_error,
 )
 
 
@@ -83,9 +65,9 @@ def load_model(base_model: str, lora_model: str | None = None, tokenizer_path: s
     dev = auto_device(device)
     dt = auto_dtype(dev, dtype)
     tok_src = tokenizer_path or (lora_model if lora_model and _has_tokenizer(lora_model) else base_model)
-    with _unloadable("tokenizer" if tokenizer_path else "model", tok_src):
+    with unloadable_is_a_path_error("tokenizer" if tokenizer_path else "model", tok_src):
         tok = load_tokenizer(tok_src, trust_remote_code)
-    with _unloadable("model", base_model):
+    with unloadable_is_a_path_error("model", base_model):
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dt, trust_remote_code=trust_remote_code,
                                                      use_safetensors=None)
     resize_for_adapter(model, tok, lora_model)

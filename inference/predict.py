@@ -36,7 +36,7 @@ from inference.generation import (
     generate_batch,
     trim_history,
 )
-from training.hf_io import ModelPathError, exit_on_model_path_error
+from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
 from training.oom import is_out_of_memory, out_of_memory_summary
 
 INPUT_FIELDS = ("instruction", "input", "prompt", "text")
@@ -318,7 +318,10 @@ def main(argv=None) -> int:
         ap.error("--batch_size must be >= 1")
     cfg = sampling_from_args(a)
     items = None
-    if a.data_file:   # the data and the output path are checked before the model is loaded
+    if a.data_file:   # model paths, then the data and the output path: all checked before the model is loaded
+        for arg, kind in ((a.base_model, "model"), (a.lora_model, "adapter"), (a.tokenizer_path, "tokenizer")):
+            if arg:
+                resolve_model_path(arg, kind)
         items = read_instructions(a.data_file, a.input_field)
         check_predictions_file(a.predictions_file, a.data_file)
     from inference.loading import load_model

@@ -47,7 +47,7 @@ def _one_error_line(p: SimpleNamespace, *words: str):
 def test_predict_bad_data_and_output_files_refused_before_loading(cli, tmp_path, tiny_model_dir):
     data = tmp_path / "same.json"
     data.write_text('["write a jig"]')
-    model = tmp_path / "not_loaded_model"   # never reached: the files are checked first
+    model = tiny_model_dir   # resolved, never loaded: the files are checked first
     cases = {
         "binary": (tmp_path / "b.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not UTF-8 text"),
         "utf16": (tmp_path / "u.jsonl", '{"instruction": "hi"}\n'.encode("utf-16"), "UTF-16"),
@@ -153,3 +153,10 @@ def test_merge_refuses_a_base_that_already_holds_the_adapter_and_a_foreign_base(
     p = cli("training.merge", "--base_model", gpt2, "--lora_model", lora_run["adapter"], "--output_dir",
              tmp_path / "foreign")
     _one_error_line(p, f"adapter {lora_run['adapter']} does not fit base {gpt2} (gpt2", "Fix:")
+    truncated = tmp_path / "truncated_base"
+    shutil.copytree(lora_run["base"], truncated)
+    st = truncated / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    p = cli("training.merge", "--base_model", truncated, "--lora_model", lora_run["adapter"], "--output_dir",
+            tmp_path / "from_truncated")
+    _one_error_line(p, f"model {truncated}: cannot be loaded", "Fix:")

@@ -7,6 +7,7 @@ It lives in the training layer because merge.py (training) needs it and a lower 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -117,3 +118,21 @@ def resize_for_adapter(model, tokenizer, lora_model: str | None = None) -> int:
         need = adapter_vocab_size(lora_model) or need
     resize_embeddings(model, need)
     return model.get_input_embeddings().weight.shape[0]
+
+
+@contextmanager
+def unloadable_is_a_path_error(kind: str, path: str):
+    """A dir that passed :func:`resolve_model_path` but cannot be loaded (a config.json alone, a truncated
+    model.safetensors, an invalid config.json, no tokenizer): one-line :class:`ModelPathError` instead of the
+    loader's traceback. Running out of memory is not the dir's fault and propagates."""
+    from training.oom import is_out_of_memory
+
+    try:
+        yield
+    except Exception as e:  # transformers/safetensors raise many types for a broken dir
+        if is_out_of_memory(e) or isinstance(e, ModelPathError):
+            raise
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelPathError(f"{kind} {path}: cannot be loaded ({type(e).__name__}: {why}). Fix: pass a complete "
+                             "model dir (config.json, model.safetensors and tokenizer files, as written by "
+                             "training/merge.py or train.py), or re-export it") from None

@@ -163,11 +163,18 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from training.hf_io import _has_tokenizer, load_tokenizer, resize_for_adapter
+    from training.hf_io import (
+        _has_tokenizer,
+        load_tokenizer,
+        resize_for_adapter,
+        unloadable_is_a_path_error,
+    )
 
     tok_src = tokenizer_path or (lora_model if _has_tokenizer(lora_model) else base_model)
-    tok = load_tokenizer(tok_src)
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
+    with unloadable_is_a_path_error("tokenizer" if tokenizer_path else "model", tok_src):
+        tok = load_tokenizer(tok_src)
+    with unloadable_is_a_path_error("model", base_model):
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
     base_rows = base.get_input_embeddings().weight.shape[0]
     rows = resize_for_adapter(base, tok, lora_model)
     if rows != base_rows:
