@@ -294,10 +294,11 @@ def refuse_unsafe_torch_files(ckpt_dir: Path) -> None:
 
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    # the only non-tensor objects DeepSpeed's ZeRO optimizer states pickle: an enum and two plain state holders
-    # (rebuilt from their attribute dicts, no code of theirs runs)
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    # the only non-tensor objects DeepSpeed's ZeRO optimizer states pickle: an enum and plain state holders
+    # (rebuilt from their attribute dicts, no code of theirs runs; fragment_address: ZeRO-1/2's (numel, start))
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     for f in sorted(ckpt_dir.glob("*.pt")):
         try:
             with torch.serialization.safe_globals(allowed):
