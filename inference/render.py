@@ -5,9 +5,12 @@ Model output is untrusted input: the tools run through :mod:`data_preprocess.abc
 sandbox dir holding only the tune file (argument lists, no shell, no format file, capped time / output bytes /
 music duration, process group killed on timeout or interrupt). Directives that make a tool read a file are
 stripped first (``%%abc-include``/``I:abc-include``, ``%%format``, ``%%EPS``, ``%%abc-charset``,
-``%%MIDI ptstress``, PostScript/SVG pass-through, font directives naming a path; the full list and what
-is kept, and why, is in :mod:`data_preprocess.abctools`); the written ``.abc`` is the sanitised text the
-tools saw and the record's ``stripped`` lists what was removed (``line N: text``). Every problem -- a syntax error, a tool that crashed or timed out, a tool that is
+``%%MIDI ptstress``, PostScript/SVG pass-through, font directives naming a path; the full list is in
+:mod:`data_preprocess.abctools`). Kept: every other directive -- ``%%MIDI program/chord/drum/...`` and the
+engraving ones (``%%scale``, ``%%titlefont Times-Bold 20``...) -- because they change how the tune sounds or
+looks and reach no file. The written ``.abc`` is the sanitised text the tools saw and the record's
+``stripped`` lists what was removed (``line N: text``). Every problem -- a syntax error, a tool that
+crashed or timed out, a tool that is
 not installed (with the apt-get command to fix it) -- lands in the returned record's ``errors`` /
 ``warnings``; nothing here raises on bad ABC.
 
@@ -32,7 +35,7 @@ if __package__ in (None, ""):  # `python inference/render.py`: make the repo roo
 from data_preprocess import abctools
 from inference.abc_extract import extract_abc
 
-_TMP_ABC = re.compile(r"\S*/ts_(?:ps|abc)_[^/\s]+/tune\.abc")
+_TMP_ABC = re.compile(r"(?:\S*/ts_(?:ps|abc)_[^/\s]+/)?\btune\.abc\b")   # the tools' sandbox copy
 
 
 def safe_stem(stem: str) -> str:
