@@ -52,7 +52,7 @@ from data_preprocess.corpus import (
     split_hash,
     split_of,
 )
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from data_preprocess.model_source import resolve_source
 from data_preprocess.sft import (
     iter_sft_records,
@@ -288,6 +288,19 @@ def _versions() -> dict:
     return out
 
 
+def check_out_is_not_an_input(cfg) -> None:
+    """-o is emptied and rewritten (``OUT/tokenizer`` is deleted first), so it may neither be nor contain the
+    -t tokenizer or an -i input: a one-line :class:`ArgumentError` naming both, before anything is touched."""
+    out = os.path.realpath(cfg.output_dir)
+    for flag, value in (("-t/--tokenizer", cfg.tokenizer), ("-i/--input", cfg.input)):
+        if not value or not Path(value).expanduser().exists():
+            continue
+        real = os.path.realpath(Path(value).expanduser())
+        if real == out or real.startswith(out + os.sep):
+            raise ArgumentError(f"-o/--output_dir {cfg.output_dir} contains {flag} {value}: preprocessing would delete "
+                                "or overwrite it. Fix: choose another -o directory (or copy the input elsewhere)")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file() and not overwrite:
         raise SystemExit(f"{out}: exists, is not empty and holds no previous preprocess output; "
@@ -299,6 +312,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def run(cfg: PreprocessConfig) -> dict:
     """Runs the whole job; returns the meta dict (also written to OUT/meta.json). See the module doc for
     the val split of a small corpus."""
+    check_out_is_not_an_input(cfg)
     meta, candidate = _write(cfg)
     sizes = meta["counts"]["split_sizes"]
     if cfg.val_ratio > 0 and not sizes["val"] and candidate is not None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from data_preprocess.chat_format import ChatFormat
@@ -125,6 +126,16 @@ def _seed(seed: int | None):
         set_seed(int(seed))
 
 
+class _AskStop(StoppingCriteria):
+    """Ends generation when ``ask()`` returns true (checked once per generated token)."""
+
+    def __init__(self, ask: Callable[[], bool]):
+        self.ask = ask
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.ask()), dtype=torch.bool, device=input_ids.device)
+
+
 def reply_text(tokenizer, fmt: ChatFormat, ids: list[int], final: bool = True) -> str:
     """The text of reply ``ids``: special tokens dropped, and so is the format's answer suffix (ChatMusician's
     space before ``</s>``) before a stop token -- the reply is the answer as training saw it, so it goes back into
@@ -152,8 +163,11 @@ def _cut_at_stop(new: list[int], stop: set[int]) -> tuple[list[int], bool]:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None,
-             on_text: Callable[[str], None] | None = None, device: torch.device | None = None) -> dict:
-    """Generates one reply to ``prompt`` (chat prompt ids, or raw text). ``on_text`` receives streamed pieces.
+             on_text: Callable[[str], None] | None = None, device: torch.device | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict:
+    """Generates one reply to ``prompt`` (chat prompt ids, or raw text). ``on_text`` receives streamed pieces;
+    ``should_stop()`` is asked after every token and ends generation when true (the demo: the client went
+    away, or the server is shutting down).
 
     Returns ``{"output", "prompt_tokens", "new_tokens", "stopped_at_eos"}`` (``stopped_at_eos``: at EOS or the
     end-of-turn token)."""
@@ -163,8 +177,9 @@ def generate(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | No
     fmt = ChatFormat(tokenizer)
     _seed(cfg.seed)
     streamer = CallbackStreamer(tokenizer, on_text, fmt=fmt) if on_text else None
+    extra = {"stopping_criteria": StoppingCriteriaList([_AskStop(should_stop)])} if should_stop else {}
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                         **cfg.generate_kwargs(tokenizer, fmt.stop_ids))
+                         **cfg.generate_kwargs(tokenizer, fmt.stop_ids), **extra)
     new, stopped = _cut_at_stop(out[0, ids.shape[1]:].tolist(), set(fmt.stop_ids))
     return {"output": reply_text(tokenizer, fmt, new),
             "prompt_tokens": int(ids.shape[1]), "new_tokens": len(new), "stopped_at_eos": stopped}

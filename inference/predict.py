@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ if __package__ in (None, ""):  # `python inference/predict.py`: make the repo ro
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_preprocess.chat_format import ChatFormat
+from data_preprocess.hub import ArgumentError
 from inference.abc_extract import extract_abc
 from inference.cli_config import parse_with_config
 from inference.generation import (
@@ -34,7 +36,7 @@ from inference.generation import (
     generate_batch,
     trim_history,
 )
-from training.hf_io import ModelPathError, exit_on_model_path_error
+from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
 from training.oom import is_out_of_memory, out_of_memory_summary
 
 INPUT_FIELDS = ("instruction", "input", "prompt", "text")
@@ -100,7 +102,16 @@ def read_instructions(path: str, input_field: str | None = None) -> list[dict]:
     if not p.is_file():
         raise SystemExit(f"{p}: data file not found")
     items = []
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise ArgumentError(f"--data_file {p}: cannot be read ({e.strerror}). Fix: make it readable") from None
+    except UnicodeDecodeError as e:
+        raise ArgumentError(f"--data_file {p}: not UTF-8 text (byte {e.start}; UTF-16 or a binary file?). Fix: save it "
+                            "as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)") from None
+    if "\x00" in text:
+        raise ArgumentError(f"--data_file {p}: holds NUL bytes (a binary file?). Fix: pass a UTF-8 text, .json or "
+                            ".jsonl file")
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -148,10 +159,27 @@ def _write_predictions(out: Path, results: list[dict]) -> None:
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def run_batch(a, loaded, cfg: SamplingConfig) -> list[dict]:
+def check_predictions_file(predictions_file: str, data_file: str) -> None:
+    """Before any model is loaded: the output must not be the input (same real path), a directory, or under
+    a path that cannot hold it -- else a one-line :class:`ArgumentError` (results are written only at the end)."""
+    out = Path(predictions_file)
+    if os.path.realpath(out) == os.path.realpath(data_file):
+        raise ArgumentError(f"--predictions_file {out} is the --data_file {data_file}: it would be overwritten. Fix: "
+                            "pass another --predictions_file")
+    if out.is_dir():
+        raise ArgumentError(f"--predictions_file {out}: is a directory. Fix: name a file, e.g. {out / 'predictions.json'}")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent if not out.exists() else out, os.W_OK):
+        raise ArgumentError(f"--predictions_file {out}: cannot be written ({parent} is not a writable directory). Fix: "
+                            "pass a path in a writable directory")
+
+
+def run_batch(a, loaded, cfg: SamplingConfig, items: list[dict] | None = None) -> list[dict]:
     from tqdm import tqdm
 
-    items = read_instructions(a.data_file, a.input_field)
+    items = items if items is not None else read_instructions(a.data_file, a.input_field)
     tok, model = loaded.tokenizer, loaded.model
     fmt = ChatFormat(tok)
     prompts = [fmt.prompt_ids([{"role": "user", "content": it["input"]}]) if a.with_prompt else it["input"]
@@ -289,6 +317,13 @@ def main(argv=None) -> int:
     if a.batch_size < 1:
         ap.error("--batch_size must be >= 1")
     cfg = sampling_from_args(a)
+    items = None
+    if a.data_file:   # model paths, then the data and the output path: all checked before the model is loaded
+        for arg, kind in ((a.base_model, "model"), (a.lora_model, "adapter"), (a.tokenizer_path, "tokenizer")):
+            if arg:
+                resolve_model_path(arg, kind)
+        items = read_instructions(a.data_file, a.input_field)
+        check_predictions_file(a.predictions_file, a.data_file)
     from inference.loading import load_model
 
     loaded = load_model(a.base_model, a.lora_model, a.tokenizer_path, device=a.device, dtype=a.dtype,
@@ -300,7 +335,7 @@ def main(argv=None) -> int:
     print(f"loaded {a.base_model}{' + ' + a.lora_model if a.lora_model else ''} on {loaded.device} "
           f"({str(loaded.dtype).replace('torch.', '')})", file=sys.stderr)
     if a.data_file:
-        run_batch(a, loaded, cfg)
+        run_batch(a, loaded, cfg, items)
     if a.interactive:
         run_interactive(a, loaded, cfg)
     return 0

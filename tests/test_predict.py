@@ -205,7 +205,9 @@ def test_model_paths_are_resolved_before_loading(tiny_model_dir, tmp_path, monke
         resolve_model_path(hub_id)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    assert resolve_model_path(hub_id) == hub_id  # online: transformers may fetch it (nothing fetched here)
+    with pytest.raises(ModelPathError, match=r"never-downloaded: no such directory, and as a Hub id it is not "
+                                             r"downloaded \(tunesmith never downloads models\)"):
+        resolve_model_path(hub_id)  # online too: refused up front, never fetched (issue 18)
     # load_model refuses a missing adapter before loading anything
     with pytest.raises(ModelPathError, match=r"^adapter outputs/default/sft/finall: no such directory"):
         load_model(str(tiny_model_dir), "outputs/default/sft/finall", device="cpu")

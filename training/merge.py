@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # `python training/merge.py`: make the repo root 
 
 import torch
 
-from training.hf_io import exit_on_model_path_error, resolve_model_path
+from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
 from training.model import embeddings_tied
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -163,11 +163,18 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from training.hf_io import _has_tokenizer, load_tokenizer, resize_for_adapter
+    from training.hf_io import (
+        _has_tokenizer,
+        load_tokenizer,
+        resize_for_adapter,
+        unloadable_is_a_path_error,
+    )
 
     tok_src = tokenizer_path or (lora_model if _has_tokenizer(lora_model) else base_model)
-    tok = load_tokenizer(tok_src)
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
+    with unloadable_is_a_path_error("tokenizer" if tokenizer_path else "model", tok_src):
+        tok = load_tokenizer(tok_src)
+    with unloadable_is_a_path_error("model", base_model):
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
     base_rows = base.get_input_embeddings().weight.shape[0]
     rows = resize_for_adapter(base, tok, lora_model)
     if rows != base_rows:
@@ -175,8 +182,57 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     if len(tok) > rows:
         raise SystemExit(f"{tok_src}: tokenizer has {len(tok)} tokens but the adapter's embeddings have {rows} rows; "
                          "pass the tokenizer the adapter was trained with (--tokenizer_path)")
-    model = PeftModel.from_pretrained(base, lora_model)
+    try:
+        model = PeftModel.from_pretrained(base, lora_model)
+    except (ValueError, RuntimeError, KeyError) as e:   # target modules missing, shape mismatch: another model
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelPathError(f"adapter {lora_model} does not fit base {base_model} ({base.config.model_type}, "
+                             f"{base.config.hidden_size} hidden): {type(e).__name__}: {why}. Fix: pass the base the "
+                             "adapter was trained on (its adapter_config.json names it: base_model_name_or_path)") from None
     return model, tok, base_rows
+
+
+def adapter_fingerprint(lora_model: str) -> str:
+    """sha256 of the adapter's weights file: the identity of an adapter, wherever it was copied to."""
+    import hashlib
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        f = Path(lora_model) / name
+        if f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for piece in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(piece)
+            return h.hexdigest()
+    return ""
+
+
+def applied_adapters(base_model: str) -> list[dict]:
+    """The adapters already merged into ``base_model`` (its merge_info.json, written by this tool), oldest first."""
+    f = Path(base_model) / "merge_info.json"
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(info, dict):
+        return []
+    if isinstance(info.get("adapters"), list):
+        return [a for a in info["adapters"] if isinstance(a, dict)]
+    return [{"path": info["lora_model"], "sha256": ""}] if info.get("source") == "lora" and info.get("lora_model") else []
+
+
+def refuse_adapter_twice(base_model: str, lora_model: str, sha: str) -> None:
+    """A base that already holds this adapter (same weights sha, or same path when no sha was recorded) would
+    get the LoRA delta twice: one-line :class:`ModelPathError`."""
+    import os
+
+    for a in applied_adapters(base_model):
+        same = (sha and a.get("sha256") == sha) or (not a.get("sha256") and
+                                                     os.path.realpath(str(a.get("path", ""))) == os.path.realpath(lora_model))
+        if same:
+            raise ModelPathError(f"base {base_model} already holds adapter {lora_model} (merged from {a.get('path')}, "
+                                 f"see {Path(base_model) / 'merge_info.json'}): merging again would apply the LoRA twice. "
+                                 "Fix: pass the original base (adapter_config.json: base_model_name_or_path)")
 
 
 # DeepSpeed checkpoints ------------------------------------------------------------------------------
@@ -238,10 +294,11 @@ def refuse_unsafe_torch_files(ckpt_dir: Path) -> None:
 
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    # the only non-tensor objects DeepSpeed's ZeRO optimizer states pickle: an enum and two plain state holders
-    # (rebuilt from their attribute dicts, no code of theirs runs)
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    # the only non-tensor objects DeepSpeed's ZeRO optimizer states pickle: an enum and plain state holders
+    # (rebuilt from their attribute dicts, no code of theirs runs; fragment_address: ZeRO-1/2's (numel, start))
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     for f in sorted(ckpt_dir.glob("*.pt")):
         try:
             with torch.serialization.safe_globals(allowed):
@@ -442,12 +499,15 @@ def main(argv=None) -> int:
         # a wrong path fails here, in one line, before anything is written
         a.base_model, a.lora_model = resolve_model_path(a.base_model, "model"), resolve_model_path(a.lora_model, "adapter")
         a.tokenizer_path = a.tokenizer_path and resolve_model_path(a.tokenizer_path, "tokenizer")
+        sha = adapter_fingerprint(a.lora_model)
+        refuse_adapter_twice(a.base_model, a.lora_model, sha)
         out_dtype = DTYPES[a.dtype if a.dtype != "auto" else default_out_dtype(a.base_model)]
         inputs = [Path(a.lora_model)] + ([Path(a.base_model)] if Path(a.base_model).exists() else [])
         tmp = prepare_output(out, a.overwrite, inputs)
         compute = pick_compute_dtype(out_dtype, weight_bytes_fp32(a.base_model))
         model, tok, base_rows = load_adapter_model(a.base_model, a.lora_model, a.tokenizer_path, compute)
-        info = {"source": "lora", "base_model": a.base_model, "lora_model": a.lora_model}
+        info = {"source": "lora", "base_model": a.base_model, "lora_model": a.lora_model, "adapter_sha256": sha,
+                "adapters": [*applied_adapters(a.base_model), {"path": a.lora_model, "sha256": sha}]}
     try:
         return merge_and_save(model, tok, base_rows, out, tmp, out_dtype, compute, a.max_shard_size, info)
     except BaseException:
