@@ -1,5 +1,6 @@
 """Text generation for chat and batch prediction: prompts from the tokenizer's chat template, sampling
-with ChatMusician's defaults, KV cache, stop at EOS, token streaming through a callback.
+with ChatMusician's defaults, KV cache, stop at EOS, token streaming through a callback, and optionally
+ABC-constrained decoding (``constrain="abc"``: inference/abc_constraint.py).
 
 Used by inference/predict.py (terminal chat, batch files) and inference/demo.py (web page).
 """
@@ -9,7 +10,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from transformers import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
+
+CONSTRAIN_CHOICES = ("none", "abc")
 
 
 @dataclass
@@ -126,6 +130,23 @@ class CallbackStreamer(BaseStreamer):
             self.callback(piece)
 
 
+def constraint_kwargs(tokenizer, prompts: list[str], cfg: SamplingConfig, constrain: str = "none",
+                      fields: list[dict] | None = None):
+    """(extra ``generate`` kwargs, the processor or None) for ``constrain`` (none | abc). ``fields``: the
+    header fields each prompt asks for (None: extracted from each prompt text; pass the user's own
+    message's fields when the prompt is chat-templated). Raises ConstraintError (a ValueError) for an
+    impossible request or a tokenizer that cannot spell ABC."""
+    if constrain in (None, "none"):
+        return {}, None
+    if constrain != "abc":
+        raise ValueError(f"constrain={constrain!r}: choose one of {CONSTRAIN_CHOICES}")
+    from inference.abc_constraint import constraint_processor
+
+    greedy = not (cfg.temperature and cfg.temperature > 0)
+    proc = constraint_processor(tokenizer, prompts, fields, greedy=greedy, top_k=cfg.top_k)
+    return {"logits_processor": LogitsProcessorList([proc])}, proc
+
+
 def _seed(seed: int | None):
     if seed is not None:
         from transformers import set_seed
@@ -135,30 +156,39 @@ def _seed(seed: int | None):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str, cfg: SamplingConfig | None = None,
-             on_text: Callable[[str], None] | None = None, device: torch.device | None = None) -> dict:
+             on_text: Callable[[str], None] | None = None, device: torch.device | None = None,
+             constrain: str = "none", fields: dict | None = None) -> dict:
     """Generates one reply to ``prompt`` (already formatted). ``on_text`` receives streamed pieces.
+    ``constrain="abc"``: the reply is an ABC tune with the header ``fields`` asked for (see
+    :func:`constraint_kwargs`).
 
-    Returns ``{"output", "prompt_tokens", "new_tokens", "stopped_at_eos"}``."""
+    Returns ``{"output", "prompt_tokens", "new_tokens", "stopped_at_eos"}`` (+ ``"constraint"``: fields,
+    satisfied, stop reason, when constrained)."""
     cfg = cfg or SamplingConfig()
     device = device or next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt").to(device)
+    extra, proc = constraint_kwargs(tokenizer, [prompt], cfg, constrain, None if fields is None else [fields])
     _seed(cfg.seed)
     streamer = CallbackStreamer(tokenizer, on_text) if on_text else None
-    out = model.generate(**enc, streamer=streamer, **cfg.generate_kwargs(tokenizer))
+    out = model.generate(**enc, streamer=streamer, **cfg.generate_kwargs(tokenizer), **extra)
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     eos = tokenizer.eos_token_id
     stopped = eos in new
     if stopped:
         new = new[: new.index(eos) + 1]
-    return {"output": tokenizer.decode(new, skip_special_tokens=True),
-            "prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": len(new), "stopped_at_eos": stopped}
+    rec = {"output": tokenizer.decode(new, skip_special_tokens=True),
+           "prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": len(new), "stopped_at_eos": stopped}
+    if proc is not None:
+        rec["constraint"] = proc.report(0, rec["output"])
+    return rec
 
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig | None = None,
-                   device: torch.device | None = None) -> list[dict]:
+                   device: torch.device | None = None, constrain: str = "none",
+                   fields: list[dict] | None = None) -> list[dict]:
     """Generates replies for several prompts at once, left-padded (padding never sits between a prompt
-    and its continuation). Same record per prompt as :func:`generate`."""
+    and its continuation). Same record per prompt as :func:`generate` (``fields``: one dict per prompt)."""
     cfg = cfg or SamplingConfig()
     device = device or next(model.parameters()).device
     side = tokenizer.padding_side
@@ -167,8 +197,9 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig | N
         enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     finally:
         tokenizer.padding_side = side
+    extra, proc = constraint_kwargs(tokenizer, prompts, cfg, constrain, fields)
     _seed(cfg.seed)
-    out = model.generate(**enc, **cfg.generate_kwargs(tokenizer))
+    out = model.generate(**enc, **cfg.generate_kwargs(tokenizer), **extra)
     width = enc["input_ids"].shape[1]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     recs = []
@@ -179,6 +210,8 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig | N
         recs.append({"output": tokenizer.decode(new, skip_special_tokens=True),
                      "prompt_tokens": int(enc["attention_mask"][i].sum()), "new_tokens": len(new),
                      "stopped_at_eos": stopped})
+        if proc is not None:
+            recs[-1]["constraint"] = proc.report(i, recs[-1]["output"])
     return recs
 
 
