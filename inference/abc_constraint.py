@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from fractions import Fraction
 
 import torch
@@ -1176,7 +1177,8 @@ class ABCConstraintProcessor(LogitsProcessor):
     first allowed candidate. ``top_n``: candidates checked before the vocabulary walk."""
 
     def __init__(self, tokenizer, fields: list[dict] | dict | None, prompts: list[str], greedy: bool = False,
-                 top_n: int = 64, eos_token_id: int | None = None):
+                 top_n: int = 64, eos_token_id: int | None = None, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0):
         self.vocab = vocab_for(tokenizer)
         rows = len(prompts)
         fl = fields if isinstance(fields, list) else [fields or {}] * rows
@@ -1190,7 +1192,10 @@ class ABCConstraintProcessor(LogitsProcessor):
         self.states = [s for s, _ in starts]
         self.prefix = [t for _, t in starts]  # the prompt's own ABC that a reply continues
         self.eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        self.greedy, self.top_n = greedy, max(1, int(top_n))
+        self.greedy, self.top_n = greedy, max(1, int(top_n), int(top_k or 0))
+        self.temperature = float(temperature) if temperature and temperature > 0 else 1.0
+        self.top_k, self.top_p = int(top_k or 0), float(top_p or 1.0)
+        self.seconds, self.steps, self.checked, self.scans = 0.0, 0, 0, 0  # cost accounting (report())
         self.start: int | None = None
         self.fed = 0
         self.done = [False] * rows
@@ -1261,12 +1266,29 @@ class ABCConstraintProcessor(LogitsProcessor):
                 self.states[r] = ns
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t0 = time.perf_counter()
+        out = self._mask(input_ids, scores)
+        self.seconds += time.perf_counter() - t0
+        self.steps += 1
+        return out
+
+    def _mask(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Candidates in logit order; a row stops checking as soon as the tokens the warpers after it can
+        keep are decided: greedy at the first allowed token, top-k after k allowed ones, top-p once the
+        allowed mass found is at least top_p of every allowed mass still possible (found + unseen, under
+        the same temperature), so the sampled distribution is exactly the masked one; at most ``top_n``."""
         self._consume(input_ids)
         B, V = scores.shape
         k = min(self.top_n, V)
         top_v, top_i = torch.topk(scores, k, dim=1)
+        if self.greedy or self.top_p >= 1.0:  # no nucleus to decide: the probabilities are not needed
+            top_p = [[0.0] * k] * B
+        else:
+            lse = torch.logsumexp(scores.float() / self.temperature, dim=1, keepdim=True)
+            top_p = torch.exp(top_v.float() / self.temperature - lse).tolist()
         top_v, top_i = top_v.tolist(), top_i.tolist()
         neg = float("-inf")
+        need_k = 1 if self.greedy else (self.top_k or k)
         rows, cols = [], []
         forced = []
         out = torch.full_like(scores, neg)
@@ -1276,15 +1298,20 @@ class ABCConstraintProcessor(LogitsProcessor):
                 continue
             st = self.states[r]
             allowed = []
-            for v, t in zip(top_v[r], top_i[r]):
+            seen = found = 0.0
+            for v, t, p in zip(top_v[r], top_i[r], top_p[r]):
                 if v == neg:
                     break
+                self.checked += 1
                 ok = st.can_end() if t == self.eos else self._next(st, t) is not None
+                seen += p
                 if ok:
                     allowed.append(t)
-                    if self.greedy:
+                    found += p
+                    if len(allowed) >= need_k or (self.top_p < 1.0 and found >= self.top_p * (found + max(0.0, 1.0 - seen))):
                         break
             if not allowed:
+                self.scans += 1
                 idx = torch.tensor([t for t in self.allowed_all(st) if t < V], dtype=torch.long)
                 if len(idx):
                     vals = scores[r, idx.to(scores.device)].cpu()
@@ -1314,7 +1341,8 @@ class ABCConstraintProcessor(LogitsProcessor):
         """What row ``row`` asked for and whether the reply met it: ``{"fields", "satisfied", "stop"}``
         (stop: eos | max_new_tokens | the reason the constraint had to end it)."""
         stop = self.stop[row] or "max_new_tokens"
-        rec = {"fields": dict(self.fields[row]), "satisfied": stop == "eos", "stop": stop}
+        rec = {"fields": dict(self.fields[row]), "satisfied": stop == "eos", "stop": stop,
+               "ms_per_step": round(1000 * self.seconds / max(self.steps, 1), 3)}
         if text is not None and stop == "eos":
             text = self.prefix[row] + text
             header, _ = split_header_body(text[text.find("X:"):] if "X:" in text else text)
@@ -1323,11 +1351,14 @@ class ABCConstraintProcessor(LogitsProcessor):
 
 
 def constraint_processor(tokenizer, prompts: list[str], fields: list[dict] | dict | None = None,
-                         greedy: bool = False, top_k: int = 0) -> ABCConstraintProcessor:
-    """The processor for a generation call: ``fields`` None = extracted from each prompt."""
+                         greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0) -> ABCConstraintProcessor:
+    """The processor for a generation call (the sampling settings decide how many candidates matter):
+    ``fields`` None = extracted from each prompt."""
     if fields is None:
         fields = [extract_fields(p) for p in prompts]
-    return ABCConstraintProcessor(tokenizer, fields, prompts, greedy=greedy, top_n=max(64, int(top_k or 0)))
+    return ABCConstraintProcessor(tokenizer, fields, prompts, greedy=greedy, temperature=temperature,
+                                  top_k=top_k, top_p=top_p)
 
 
 # ------------------------------------------------------------------------- corpus property check

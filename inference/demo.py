@@ -8,7 +8,10 @@ One page, a small JSON API, Python's standard library HTTP server (no gradio, no
   generated, sampling sliders (temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed);
 - every ABC tune in a reply is rendered by inference.render: sheet music engraved by ``abcm2ps`` straight
   from the ABC, a WAV player (abc2midi + fluidsynth), MIDI/ABC downloads, tool errors shown;
-- a "Render ABC" box renders any ABC you paste (the same pipeline, no model involved).
+- a "Render ABC" box renders any ABC you paste (the same pipeline, no model involved);
+- a "constrain to ABC" checkbox (JSON ``"constrain": "abc"``; default from ``--constrain``): the reply is an
+  ABC tune with the header fields the message asks for and bars that keep time (inference/abc_constraint.py);
+  the ``done`` event then carries a ``constraint`` record (fields asked, satisfied, stop reason).
 
 Ctrl-C or SIGTERM (``kill PID``) stops it cleanly: the temporary render dir (named in the start line) is
 removed and the exit status is 0.
@@ -40,7 +43,12 @@ if __package__ in (None, ""):  # `python inference/demo.py`: make the repo root 
 
 from inference.cli_config import parse_with_config
 from inference.generation import SamplingConfig, build_prompt, generate, trim_history
-from inference.predict import add_model_args, add_sampling_args, sampling_from_args
+from inference.predict import (
+    add_constrain_arg,
+    add_model_args,
+    add_sampling_args,
+    sampling_from_args,
+)
 from inference.render import render_text
 from training.hf_io import exit_on_model_path_error
 
@@ -54,8 +62,10 @@ _TYPES = {".svg": "image/svg+xml", ".wav": "audio/wav", ".mid": "audio/midi", ".
 class DemoApp:
     """The model, the render directory and the two operations the page needs."""
 
-    def __init__(self, loaded, defaults: SamplingConfig, render_dir: Path, model_name: str, wav: bool = True):
+    def __init__(self, loaded, defaults: SamplingConfig, render_dir: Path, model_name: str, wav: bool = True,
+                 constrain: str = "none"):
         self.loaded, self.defaults, self.render_dir, self.model_name, self.wav = loaded, defaults, render_dir, model_name, wav
+        self.constrain = constrain  # the page's checkbox starts from this
         self.lock = threading.Lock()  # one generation at a time on the one model
         max_pos = getattr(loaded.model.config, "max_position_embeddings", 4096)
         self.max_pos = int(max_pos)
@@ -88,18 +98,37 @@ class DemoApp:
                           "errors": t["errors"], "warnings": t["warnings"]})
         return {"tunes": tunes, "note": res["note"]}
 
-    def chat(self, messages: list[dict], sampling: SamplingConfig, on_text) -> dict:
+    def chat(self, messages: list[dict], sampling: SamplingConfig, on_text, constrain: str = "none") -> dict:
         tok = self.loaded.tokenizer
         msgs = trim_history(tok, messages, max(16, self.max_pos - sampling.max_new_tokens))
         prompt = build_prompt(tok, msgs)
+        fields = None
+        if constrain == "abc":
+            from inference.abc_constraint import extract_fields
+
+            fields = extract_fields(msgs[-1]["content"])  # the user's own words, not the template's
         t0 = time.time()
         with self.lock:
-            r = generate(self.loaded.model, tok, prompt, sampling, on_text=on_text, device=self.loaded.device)
+            r = generate(self.loaded.model, tok, prompt, sampling, on_text=on_text, device=self.loaded.device,
+                         constrain=constrain, fields=fields)
         dt = time.time() - t0
-        return {"reply": r["output"], "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
-                "stopped_at_eos": r["stopped_at_eos"], "seconds": round(dt, 3),
-                "tokens_per_s": round(r["new_tokens"] / max(dt, 1e-9), 2),
-                "dropped_messages": len(messages) - len(msgs)}
+        res = {"reply": r["output"], "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
+               "stopped_at_eos": r["stopped_at_eos"], "seconds": round(dt, 3),
+               "tokens_per_s": round(r["new_tokens"] / max(dt, 1e-9), 2),
+               "dropped_messages": len(messages) - len(msgs)}
+        if "constraint" in r:
+            res["constraint"] = r["constraint"]
+        return res
+
+
+def _check_constrain(body: dict, default: str) -> str:
+    """The request's ``constrain``: "abc"/"none" or a boolean (the page's checkbox); absent = the server's."""
+    v = body.get("constrain", default)
+    if v is True or v == "abc":
+        return "abc"
+    if v in (False, None, "none", ""):
+        return "none"
+    raise ValueError("'constrain' must be \"abc\", \"none\" or a boolean")
 
 
 def _check_messages(body: dict) -> list[dict]:
@@ -157,7 +186,8 @@ def make_handler(app: DemoApp):
                            {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                             "style-src 'unsafe-inline'; img-src 'self'; media-src 'self'"})
             elif path == "/api/config":
-                self._json({"model": app.model_name, "sampling": app.defaults.to_dict(), "max_new_tokens_cap": MAX_NEW_TOKENS})
+                self._json({"model": app.model_name, "sampling": app.defaults.to_dict(), "max_new_tokens_cap": MAX_NEW_TOKENS,
+                            "constrain": app.constrain})
             elif path.startswith("/files/"):
                 self._file(path)
             else:
@@ -183,12 +213,20 @@ def make_handler(app: DemoApp):
                         raise ValueError("'abc' must be a non-empty string")
                     return self._json(app.render(abc))
                 if path == "/api/chat":
-                    return self._chat(_check_messages(body), app.sampling(body.get("sampling")))
+                    msgs, constrain = _check_messages(body), _check_constrain(body, app.constrain)
+                    if constrain == "abc":  # an impossible request is a 400 naming the field, before streaming
+                        from inference.abc_constraint import (
+                            extract_fields,
+                            validate_fields,
+                        )
+
+                        validate_fields(extract_fields(msgs[-1]["content"]))
+                    return self._chat(msgs, app.sampling(body.get("sampling")), constrain)
                 return self._json({"error": f"not found: {path}"}, 404)
             except (ValueError, TypeError) as e:
                 return self._json({"error": str(e)}, 400)
 
-        def _chat(self, messages: list[dict], sampling: SamplingConfig):
+        def _chat(self, messages: list[dict], sampling: SamplingConfig, constrain: str = "none"):
             """Streams NDJSON: {"type": "token", "text"} per piece, then {"type": "done", reply, tunes, ...}."""
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "application/x-ndjson")
@@ -201,7 +239,8 @@ def make_handler(app: DemoApp):
                 self.wfile.flush()
 
             try:
-                res = app.chat(messages, sampling, on_text=lambda s: emit({"type": "token", "text": s}))
+                res = app.chat(messages, sampling, on_text=lambda s: emit({"type": "token", "text": s}),
+                               constrain=constrain)
                 emit({"type": "done", **res, **app.render(res["reply"]), "sampling": sampling.to_dict()})
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the page went away: generation stops here
@@ -224,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=7860, help="0 = any free port (the URL is printed)")
     ap.add_argument("--render_dir", default=None, help="where rendered files go (default: a temp dir, removed on exit)")
     ap.add_argument("--no_wav", action="store_true", help="skip audio synthesis (sheet music only)")
+    add_constrain_arg(ap)
     add_sampling_args(ap)
     return ap
 
@@ -254,7 +294,8 @@ def main(argv=None) -> int:
         else:
             render_dir = tmp = Path(tempfile.mkdtemp(prefix="tunesmith_demo_"))
         name = a.base_model + (f" + {a.lora_model}" if a.lora_model else "")
-        server = serve(DemoApp(loaded, defaults, render_dir, name, wav=not a.no_wav), a.host, a.port)
+        server = serve(DemoApp(loaded, defaults, render_dir, name, wav=not a.no_wav, constrain=a.constrain),
+                       a.host, a.port)
         host, port = server.server_address[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"tunesmith demo: http://{shown}:{port}/  (model {name} on {loaded.device}; renders in {render_dir}"
@@ -322,6 +363,7 @@ PAGE = r"""<!doctype html>
   <label>repetition_penalty <span id="v-repetition_penalty"></span><input type="range" id="repetition_penalty" min="1" max="2" step="0.05"></label>
   <label>max_new_tokens <span id="v-max_new_tokens"></span><input type="range" id="max_new_tokens" min="16" max="4096" step="16"></label>
   <label>seed (empty = random) <input type="number" id="seed" style="width:100%"></label>
+  <label><input type="checkbox" id="constrain"> constrain to ABC (asked key/meter/title, bars keep time)</label>
   <hr>
   <b>Render ABC</b>
   <textarea id="abc-input" rows="8" placeholder="Paste an ABC tune (X:, T:, M:, L:, K: then notes)"></textarea>
@@ -371,7 +413,8 @@ async function send(){
   const box = addMsg("assistant", ""); const pre = box.querySelector("pre");
   try{
     const res = await fetch("/api/chat", {method: "POST", headers: {"Content-Type": "application/json"},
-                                          body: JSON.stringify({messages: history, sampling: sampling()})});
+                                          body: JSON.stringify({messages: history, sampling: sampling(),
+                                                                constrain: $("constrain").checked ? "abc" : "none"})});
     if(!res.ok){ const e = await res.json(); throw new Error(e.error); }
     const reader = res.body.getReader(); const dec = new TextDecoder(); let buf = "";
     for(;;){
@@ -385,6 +428,8 @@ async function send(){
           pre.textContent = ev.reply; history.push({role: "assistant", content: ev.reply});
           box.appendChild(el("div", "stats", `${ev.new_tokens} tokens, ${ev.tokens_per_s} tok/s` +
                                              (ev.stopped_at_eos ? "" : " (hit max_new_tokens)")));
+          if(ev.constraint){ box.appendChild(el("div", "stats", "constraint " + JSON.stringify(ev.constraint.fields) +
+                                             (ev.constraint.satisfied ? ": satisfied" : ": not satisfied (" + ev.constraint.stop + ")"))); }
           showTunes(box, ev); box.dataset.done = "1";
         } else if(ev.type === "error"){ throw new Error(ev.error); }
       }
@@ -412,6 +457,7 @@ async function init(){
     $(k).addEventListener("input", () => { $("v-" + k).textContent = $(k).value; });
   }
   if(cfg.sampling.seed !== null) $("seed").value = cfg.sampling.seed;
+  $("constrain").checked = cfg.constrain === "abc";
   $("send").onclick = send; $("render-btn").onclick = renderAbc;
   $("reset").onclick = () => { history = []; $("chat").replaceChildren(); };
   $("prompt").addEventListener("keydown", e => { if(e.key === "Enter" && !e.shiftKey){ e.preventDefault(); send(); } });

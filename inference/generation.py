@@ -143,7 +143,8 @@ def constraint_kwargs(tokenizer, prompts: list[str], cfg: SamplingConfig, constr
     from inference.abc_constraint import constraint_processor
 
     greedy = not (cfg.temperature and cfg.temperature > 0)
-    proc = constraint_processor(tokenizer, prompts, fields, greedy=greedy, top_k=cfg.top_k)
+    proc = constraint_processor(tokenizer, prompts, fields, greedy=greedy, temperature=cfg.temperature,
+                                top_k=cfg.top_k, top_p=cfg.top_p)
     return {"logits_processor": LogitsProcessorList([proc])}, proc
 
 
