@@ -321,7 +321,8 @@ def generate(loaded, prompts: list[str], max_new_tokens: int = 256, batch_size: 
             if stats is not None:
                 stats["new_tokens"] = stats.get("new_tokens", 0) + len(row)
                 if proc is not None:
-                    stats.setdefault("reports", []).append(proc.report(r, text))
+                    stats.setdefault("reports", []).append(
+                        proc.report(r, text, ended_at_eos=bool(row) and row[-1] == tok.eos_token_id))
         if stats is not None:
             stats["seconds"] = stats.get("seconds", 0.0) + dt
     return outs

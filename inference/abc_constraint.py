@@ -13,6 +13,7 @@ TEXT, byte by byte, to :class:`AbcState`, an incremental ABC state machine, so a
 
 What the state machine checks
 -----------------------------
+* Before the tune: at most one line of text (up to 80 chars: a chat reply's "Here it is:").
 * Header: ``X:`` (digits) first, ``K:`` last; the requested fields (``T: M: L: K: R: O:``) present with
   exactly the requested value (``K`` may be requested by mode only: "a minor key"), each written once;
   ``K:`` is refused until every other requested field is written. Unrequested ``M:``/``L:``/``K:``
@@ -82,10 +83,12 @@ _DIGITS = frozenset("0123456789")
 _DECORATIONS = frozenset("HIJKLMNOPQRSTUVWhijklmnopqrstuvw.~")
 _NEUTRAL = frozenset(" \t`\\$y*")
 _INLINE_FIELDS = frozenset("IKLMNPQRTUVWmrsw")
+_AFTER_DECORATION = frozenset("ABCDEFGabcdefg^_=zxZX[{(!\"+")
 _HEADER_LETTERS = frozenset("ABCDFGHIKLMNOPQRSTUVWXZmr")  # ABC 2.1's header fields
 _DECO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789<>()-.^_/")
 _MODE_WORDS = tuple(_MODES)
 _MAX_VALUE = 256
+_MAX_PREAMBLE = 80                  # chars of the one line of text a reply may open with
 _MAX_DEN = 64                       # note lengths: denominators up to 64, numerators up to 3 digits
 _MIN_LENGTH = Fraction(1, _MAX_DEN)
 
@@ -291,7 +294,9 @@ def extract_fields(prompt: str) -> dict:
     m = (re.search(r"(?i)\b(?:meter|time signature|time|M)\s*(?:of\s*|:\s*|\s)\s*(C\||C\b|[0-9]+/[0-9]+)", low)
          or re.search(r"(?i)\b([0-9]+/[0-9]+)\s*(?:time|meter|signature)\b", low)
          or re.search(r"(?i)\bin\s+([0-9]+/[0-9]+)\b", low)
-         or re.search(r"(?i)\b([0-9]+/[0-9]+)\s+(?:" + "|".join(_RHYTHMS) + r")\b", low))
+         or re.search(r"(?i)\b([0-9]+/[0-9]+)\s+(?:" + "|".join(_RHYTHMS) + r")\b", low)
+         # a bare fraction that can only be a meter (a note length would be 1/8, 1/16 ...)
+         or re.search(r"(?<![/0-9])([2-9]/[248]|1[0-2]/[248])(?![/0-9])", low))
     if m:
         out["M"] = m.group(1).upper() if m.group(1)[0] in "cC" else m.group(1)
     elif re.search(r"(?i)\bcommon time\b", low):
@@ -310,14 +315,14 @@ def extract_fields(prompt: str) -> dict:
     elif re.search(r"(?i)\bmajor\s+(?:key|mode|tonality)\b|\bin\s+(?:a\s+)?major\b", text):
         out["mode"] = "maj"
     m = (re.search(r"(?i)\brhythm\s*:?\s*([A-Za-z][A-Za-z -]*?)\s*(?:$|[.,;/\n])", text)
-         or re.search(r"(?i)\b(?:an?|the|this|some)\s+(?:[a-z]+\s+)?(" + "|".join(_RHYTHMS) + r")s?\b", text))
+         or re.search(r"(?i)\b(?:an?|the|this|some)\s+(?:[a-z]+\s+)??(" + "|".join(_RHYTHMS) + r")s?\b", text))
     if m:
         out["R"] = m.group(1).strip().lower()
         if "M" not in out and out["R"] in _RHYTHM_METER:
             out["M"] = _RHYTHM_METER[out["R"]]
     m = (re.search(r"(?i)\b(?:called|titled|entitled|named|title)\s*:?\s*[\"“'‘]([^\"”’\n]+)[\"”’]", text)
-         or re.search(r"\b(?i:called|titled|entitled|named)\s+((?:[A-Z0-9][\w'’-]*)(?:\s+(?:[A-Z0-9][\w'’-]*|of|the|"
-                      r"a|an|and|de|la|le|na)(?=\s+[A-Z0-9]))*)", text))
+         or re.search(r"\b(?i:called|titled|entitled|named)\s+((?:[A-Z0-9][\w'’-]*)(?:\s+(?:[A-Z0-9][\w'’-]*|(?:of|the|"
+                      r"a|an|and|de|la|le|na)(?=\s+[A-Z0-9])))*)", text))
     if m:
         out["T"] = m.group(1).strip()
     return out
@@ -344,6 +349,7 @@ class AbcState:
         "chord_first",
         "chord_n",
         "closed",
+        "deco",
         "done",
         "dur",
         "fctx",
@@ -370,6 +376,7 @@ class AbcState:
         "phase",
         "pickup",
         "plen",
+        "pre_lines",
         "prev",
         "replay",
         "slur",
@@ -429,6 +436,8 @@ class AbcState:
         self.plen = 0
         self.replay = False
         self.u8 = 0
+        self.deco = 0
+        self.pre_lines = 0
         self._key = None
 
     # -- copying / caching ---------------------------------------------------------------------
@@ -468,17 +477,21 @@ class AbcState:
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, c: str) -> bool:
         o = ord(c)
-        if o >= 128:  # UTF-8 must stay well formed, so the decoded reply is the text checked here
+        if o >= 128:  # UTF-8 must stay well formed (RFC 3629), so the decoded reply is the text checked here
             if self.u8:
-                if o > 0xBF:
+                lo, hi = self.u8 >> 16, (self.u8 >> 8) & 0xFF
+                if not lo <= o <= hi:
                     return False
-                self.u8 -= 1
+                n = (self.u8 & 0xFF) - 1
+                self.u8 = (0x80 << 16 | 0xBF << 8 | n) if n else 0
             elif 0xC2 <= o <= 0xDF:
-                self.u8 = 1
-            elif 0xE0 <= o <= 0xEF:
-                self.u8 = 2
-            elif 0xF0 <= o <= 0xF4:
-                self.u8 = 3
+                self.u8 = 0x80 << 16 | 0xBF << 8 | 1
+            elif 0xE0 <= o <= 0xEF:  # no overlong forms (E0 A0..), no surrogates (ED ..9F)
+                lo, hi = (0xA0 if o == 0xE0 else 0x80), (0x9F if o == 0xED else 0xBF)
+                self.u8 = lo << 16 | hi << 8 | 2
+            elif 0xF0 <= o <= 0xF4:  # nothing past U+10FFFF
+                lo, hi = (0x90 if o == 0xF0 else 0x80), (0x8F if o == 0xF4 else 0xBF)
+                self.u8 = lo << 16 | hi << 8 | 3
             else:
                 return False
         elif self.u8 or (o < 32 and c not in "\n\t") or o == 127:
@@ -491,13 +504,24 @@ class AbcState:
 
     # header ------------------------------------------------------------------------------------
     def _pre(self, c):
-        if c in " \n\t":
-            self.plen += 1
-            return self.plen <= 2
-        if c == "X":
+        """Before the tune: at most one short line of text (a chat reply's "Here it is:"), then ``X:``
+        at the start of a line."""
+        if c == "X" and self.plen == 0:
             self.phase, self.mode, self.fletter = "header", "h_letter", "X"
             return True
-        return False
+        if c == "\n":
+            if self.plen:
+                self.pre_lines += 1
+            self.plen = 0
+            return self.pre_lines <= 1
+        if self.pre_lines >= 1 or not (" " <= c <= "~" or c >= "\x80"):
+            return False
+        if self.plen == 1 and c == ":" and "A" <= self.buf <= "z":
+            return False  # a line that looks like a header field is the header: X: comes first
+        self.plen += 1
+        if self.plen == 1:
+            self.buf = c
+        return self.plen <= _MAX_PREAMBLE or "\x80" <= c <= "\xbf"  # a started character may end
 
     def _h_start(self, c):
         if c == "%":
@@ -529,7 +553,7 @@ class AbcState:
             return self._field_done()
         if inline and c == "[":
             return False
-        if len(self.fval) >= _MAX_VALUE:
+        if len(self.fval) >= _MAX_VALUE and not "\x80" <= c <= "\xbf":
             return False
         v = self.fval + c
         L = self.fletter
@@ -672,6 +696,14 @@ class AbcState:
 
     def _music(self, c):
         just, self.just = self.just, False
+        if self.deco:  # a one-letter decoration (~ . T u ...) decorates the note, rest or chord that follows
+            if c in _DECORATIONS:
+                self.deco += 1
+                self.after_bar = False
+                return self.deco <= 3
+            if c not in _AFTER_DECORATION:
+                return False
+            self.deco = 0
         if c in _NOTE_LETTERS or c in "^_=":
             if not self._room():
                 return False
@@ -693,6 +725,7 @@ class AbcState:
             return True
         if c in _DECORATIONS:
             self.after_bar = False
+            self.deco = 1
             return True
         if c in "|:":
             return self._bar_open(c)
@@ -893,7 +926,7 @@ class AbcState:
             self.mode = "music"
             return True
         self.plen += 1
-        return (" " <= c <= "~" or c >= "\x80") and self.plen <= 64
+        return (" " <= c <= "~" or c >= "\x80") and (self.plen <= 64 or "\x80" <= c <= "\xbf")
 
     def _deco(self, c):
         if c == "!":
@@ -1033,8 +1066,8 @@ _STEP = {"pre": AbcState._pre, "h_start": AbcState._h_start, "h_letter": AbcStat
 
 
 def _requested_prefix_ok(v: str, want: str) -> bool:
-    """A requested header value: leading spaces, then exactly ``want``, then only spaces or a comment."""
-    s = v.lstrip(" ")
+    """A requested header value: one optional space, then exactly ``want``, then only spaces or a comment."""
+    s = v.removeprefix(" ")
     if len(s) <= len(want):
         return want.startswith(s)
     return s.startswith(want) and re.fullmatch(r" *(%.*)?", s[len(want):]) is not None
@@ -1337,9 +1370,12 @@ class ABCConstraintProcessor(LogitsProcessor):
         return out
 
     # results ----------------------------------------------------------------------------------
-    def report(self, row: int, text: str | None = None) -> dict:
+    def report(self, row: int, text: str | None = None, ended_at_eos: bool = False) -> dict:
         """What row ``row`` asked for and whether the reply met it: ``{"fields", "satisfied", "stop"}``
-        (stop: eos | max_new_tokens | the reason the constraint had to end it)."""
+        (stop: eos | max_new_tokens | the reason the constraint had to end it). ``ended_at_eos``: the
+        caller saw EOS as the row's last token (generation ends before the processor sees it)."""
+        if self.stop[row] is None and ended_at_eos:
+            self.stop[row] = "eos"
         stop = self.stop[row] or "max_new_tokens"
         rec = {"fields": dict(self.fields[row]), "satisfied": stop == "eos", "stop": stop,
                "ms_per_step": round(1000 * self.seconds / max(self.steps, 1), 3)}

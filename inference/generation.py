@@ -180,7 +180,7 @@ def generate(model, tokenizer, prompt: str, cfg: SamplingConfig | None = None,
     rec = {"output": tokenizer.decode(new, skip_special_tokens=True),
            "prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": len(new), "stopped_at_eos": stopped}
     if proc is not None:
-        rec["constraint"] = proc.report(0, rec["output"])
+        rec["constraint"] = proc.report(0, rec["output"], ended_at_eos=stopped)
     return rec
 
 
@@ -212,7 +212,7 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig | N
                      "prompt_tokens": int(enc["attention_mask"][i].sum()), "new_tokens": len(new),
                      "stopped_at_eos": stopped})
         if proc is not None:
-            recs[-1]["constraint"] = proc.report(i, recs[-1]["output"])
+            recs[-1]["constraint"] = proc.report(i, recs[-1]["output"], ended_at_eos=stopped)
     return recs
 
 
