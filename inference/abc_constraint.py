@@ -84,10 +84,12 @@ _DECORATIONS = frozenset("HIJKLMNOPQRSTUVWhijklmnopqrstuvw.~")
 _NEUTRAL = frozenset(" \t`\\$y*")
 _INLINE_FIELDS = frozenset("IKLMNPQRTUVWmrsw")
 _AFTER_DECORATION = frozenset("ABCDEFGabcdefg^_=zxZX[{(!\"+")
+_BODY_FIELDS = frozenset("IKLMmNPQRrsTUVWwZ")  # ABC 2.1's fields allowed in a tune body (+ Z: transcription)
 _HEADER_LETTERS = frozenset("ABCDFGHIKLMNOPQRSTUVWXZmr")  # ABC 2.1's header fields
 _DECO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789<>()-.^_/")
 _MODE_WORDS = tuple(_MODES)
 _MAX_VALUE = 256
+_MAX_HEADER_LINES = 24              # music21's longest header has 21 field lines
 _MAX_PREAMBLE = 80                  # chars of the one line of text a reply may open with
 _MAX_DEN = 64                       # note lengths: denominators up to 64, numerators up to 3 digits
 _MIN_LENGTH = Fraction(1, _MAX_DEN)
@@ -107,15 +109,17 @@ def _meter_prefix_ok(v: str) -> bool:
 
 
 def _unit_ok(v: str) -> bool:
-    m = re.fullmatch(r"\s*([0-9]+)/([0-9]+)\s*", v)
-    return bool(m) and int(m.group(1)) > 0 and int(m.group(2)) > 0
+    """``1/N``, N a power of two up to 64 (abc2midi: "Default length must be 1/X"; all music21 tunes)."""
+    m = re.fullmatch(r"\s*1/([0-9]+)\s*", v)
+    return bool(m) and m.group(1) in ("1", "2", "4", "8", "16", "32", "64")
 
 
 def _unit_prefix_ok(v: str) -> bool:
     s = v.lstrip(" ")
     if s.rstrip(" ") != s:
         return _unit_ok(s)
-    return re.fullmatch(r"[0-9]*|[0-9]+/[0-9]*", s) is not None
+    return s in ("", "1", "1/") or (s.startswith("1/") and any(d.startswith(s[2:]) for d in
+                                                                ("1", "2", "4", "8", "16", "32", "64")))
 
 
 def _key_mode(v: str) -> str | None:
@@ -166,7 +170,8 @@ def validate_fields(fields: dict) -> dict:
                                       "(numerator and denominator must be positive)")
         elif k == "L":
             if not _unit_ok(v):
-                raise ConstraintError(f"field L:{v}: not a unit note length; use e.g. L:1/8 (both numbers positive)")
+                raise ConstraintError(f"field L:{v}: not a unit note length; use L:1/N with N = 1, 2, 4 ... 64 "
+                                      "(e.g. L:1/8)")
         elif k == "K":
             if _key_mode(v) is None:
                 raise ConstraintError(f"field K:{v}: unknown key; use e.g. K:D, K:Em, K:Ador, K:F#m, K:Bb or K:none")
@@ -534,8 +539,12 @@ class AbcState:
                 return False
         elif c == "X" or (c in "ML" and c in self.done):
             return False
-        if c == "K" and any(k not in self.done for k in self.spec if k not in ("K", "mode")):
+        missing = [k for k in self.spec if k not in ("K", "mode") and k not in self.done]
+        if c == "K" and missing:
             return False
+        if self.nbars >= _MAX_HEADER_LINES and c != "K" and c not in missing:
+            return False  # a header that goes on and on: only the asked fields and K: may come now
+        self.nbars += 1  # (counts header lines until the body starts)
         self.mode, self.fletter = "h_letter", c
         return True
 
@@ -602,7 +611,7 @@ class AbcState:
                 self.x_seen = True
             self.fletter = ""
             if L == "K":
-                self.phase = "body"
+                self.phase, self.nbars = "body", 0
                 if "L" not in self.done:
                     self.unit = Fraction(1, 16) if (self.meter is not None and self.meter < Fraction(3, 4)) \
                         else Fraction(1, 8)
@@ -633,7 +642,7 @@ class AbcState:
         if c == "%":
             self.mode, self.fctx = "comment", "b"
             return True
-        if ("A" <= c <= "Z" or "a" <= c <= "z") and c not in _NOTE_LETTERS and c not in "zx":
+        if c in _BODY_FIELDS or c == "X" or c in _DECORATIONS:
             self.mode, self.buf = "b_letter", c
             return True
         self.mode = "music"
@@ -641,8 +650,8 @@ class AbcState:
 
     def _b_letter(self, c):
         if c == ":":
-            if self.buf == "X":
-                return False  # a new tune inside this one
+            if self.buf not in _BODY_FIELDS:
+                return False  # "X:" would start a new tune; "J:", "C:" ... are header-only fields
             self.mode = "b_colon"
             return True
         return self._replay(self.buf, c)

@@ -337,3 +337,38 @@ def test_predict_batch_records_the_constraint_and_refuses_impossible_requests(ti
     p = subprocess.run(args, check=False, capture_output=True, text=True, env=ENV, timeout=300, cwd=str(REPO))
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "prompts.txt:2" in p.stderr and "M:0/4" in p.stderr
+
+
+def test_demo_chat_takes_constrain_and_refuses_impossible_requests(tiny, tmp_path):
+    """The demo's JSON API (the page's checkbox sends ``"constrain": "abc"``): the done event carries the
+    constraint record; an impossible request is a 400 naming the field, before any generation."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from inference.demo import DemoApp, serve
+    from inference.generation import SamplingConfig
+
+    app = DemoApp(tiny, SamplingConfig(max_new_tokens=24, seed=0), tmp_path, "tiny", wav=False)
+    server = serve(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        def post(body):
+            req = urllib.request.Request(url + "/api/chat", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return [json.loads(x) for x in r.read().decode().splitlines() if x.strip()]
+
+        events = post({"messages": [{"role": "user", "content": "a reel in G"}], "constrain": "abc"})
+        done = events[-1]
+        assert done["type"] == "done", events[-1]
+        assert done["constraint"]["fields"] == {"R": "reel", "K": "G"} and "stop" in done["constraint"]
+        plain = post({"messages": [{"role": "user", "content": "a reel in G"}]})[-1]
+        assert plain["type"] == "done" and "constraint" not in plain
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post({"messages": [{"role": "user", "content": "a tune in 0/4 time"}], "constrain": True})
+        assert e.value.code == 400 and "M:0/4" in json.loads(e.value.read())["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
