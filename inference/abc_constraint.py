@@ -16,8 +16,9 @@ What the state machine checks
 * Before the tune: at most one line of text (up to 80 chars: a chat reply's "Here it is:").
 * Header: ``X:`` (digits) first, ``K:`` last; the requested fields (``T: M: L: K: R: O:``) present with
   exactly the requested value (``K`` may be requested by mode only: "a minor key"), each written once;
-  ``K:`` is refused until every other requested field is written. Unrequested ``M:``/``L:``/``K:``
-  values must stay a prefix of a valid value (so no value can be started that cannot be finished).
+  ``K:`` is refused until every other requested field is written; at most 24 header lines. Unrequested
+  ``M:``/``L:``/``K:`` values must stay a prefix of a valid value (so no value can be started that
+  cannot be finished); ``L:`` is ``1/N`` (N a power of two up to 64: what abc2midi accepts).
 * Body, per bar: the duration (in whole notes, from ``L:`` and each note's length) never exceeds the
   bar length that ``M:`` implies (``M:C`` = 4/4, ``M:C|`` = 2/2, ``M:none`` / no ``M:`` = free meter,
   unchecked); a bar closed by a plain barline must be full, except the first bar of the tune or of a
@@ -28,13 +29,18 @@ What the state machine checks
   broken rhythm ``> >> <`` (duration preserving), grace notes ``{g}`` (no time), ties, slurs,
   decorations ``~ . H-W !trill! +trill+``, chord symbols / annotations ``"Am"``, numbered endings
   ``[1 |1 :|2``, inline and body-line fields ``[M:3/4] [L:1/16] [K:G] V:2`` (a meter change applies
-  from the next bar it starts), voice overlay ``&``, comments ``%``.
+  from the next bar it starts), voice overlay ``&``, comments ``%``. Body field lines are ABC 2.1's body
+  fields only (``w: W: P: V: K: L: M: Q: T: N: I:`` ...: abc2midi refuses the others there). Text stays
+  well-formed UTF-8, so the decoded reply is byte for byte the text that was checked.
 * End: EOS only after a barline that closed a complete bar (full, or completing the pickup), with no
   chord, slur, tuplet, quote, decoration or broken rhythm open; a blank line ends the tune (only then
   allowed) after which only whitespace or EOS may follow.
 
-Not checked: pitch (any note in any key), beaming, lyrics alignment, a tie's two notes having the same
-pitch, that repeats are balanced (``:|`` without ``|:`` is fine in ABC), body key/meter changes (a tune
+Known refusals of real music: tunes that let a line end stand for a barline (no ``|`` at the line's end,
+a full bar on every line: abc2midi checks bar lengths only at barlines, so it has no warning to give;
+this checker, like benchmarks.abc_metrics, counts the bar on), a tuplet across a barline, a broken
+rhythm across a line break. Not checked: pitch (any note in any key), beaming, lyrics alignment, a
+tie's two notes having the same pitch, that repeats are balanced (``:|`` without ``|:`` is fine in ABC), body key/meter changes (a tune
 may modulate: the *header* carries what was asked), voices agreeing with each other.
 
 Decoding strategy (speed)
@@ -43,11 +49,15 @@ Each token's text is computed once. The processor runs after the repetition pena
 temperature / top-k / top-p (that is where transformers puts a custom ``logits_processor``): the
 warpers then see the model's distribution restricted to allowed tokens, so top-k/top-p keep their
 meaning ("the k most likely *allowed* tokens") and can never leave nothing to sample. Per step and
-row it checks the ``top_n`` (default 64, at least top-k) highest-scoring tokens in logit order
-(greedy: until the first allowed one) through a transition cache keyed by (state, token); if one passes,
-every other token is masked (an implicit top-``top_n`` over the allowed set, which top-k <= top_n makes
-exact for ChatMusician's top-k 40). Only when none of them passes is the whole vocabulary walked, as a
-byte trie pruned by the state machine (a rejected prefix rejects every token under it); the result is
+row it walks the highest-scoring tokens in logit order (at most ``top_n`` = max(64, top-k)) through a
+transition cache keyed by (state, token) and stops as soon as what the warpers after it keep is
+decided: greedy at the first allowed token; top-k after k allowed ones; top-p once the allowed mass
+found is at least top_p times all the allowed mass still possible (found + not yet seen, under the same
+temperature) -- so the sampled distribution is exactly the masked model distribution, checked on a
+handful of candidates (about 1-3 at ChatMusician's temperature 0.2); a walk that reaches ``top_n``
+first keeps what it found (an implicit top-``top_n`` of the allowed tokens, the one approximation).
+Everything not found allowed is masked. Only when none of them passes is the whole vocabulary walked, as a byte trie pruned by the
+state machine (a rejected prefix rejects every token under it); the result is
 cached per state. If even that finds nothing (a bug), the row is ended with EOS and the reason is kept
 in :meth:`ABCConstraintProcessor.report` -- never a hang or a traceback.
 """
@@ -1075,8 +1085,11 @@ _STEP = {"pre": AbcState._pre, "h_start": AbcState._h_start, "h_letter": AbcStat
 
 
 def _requested_prefix_ok(v: str, want: str) -> bool:
-    """A requested header value: one optional space, then exactly ``want``, then only spaces or a comment."""
-    s = v.removeprefix(" ")
+    """A requested header value: up to 3 spaces (real tunes write "T:  Title"), then exactly ``want``,
+    then only spaces or a comment."""
+    s = v.lstrip(" ")
+    if len(v) - len(s) > 3:
+        return False
     if len(s) <= len(want):
         return want.startswith(s)
     return s.startswith(want) and re.fullmatch(r" *(%.*)?", s[len(want):]) is not None

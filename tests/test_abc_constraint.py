@@ -372,3 +372,25 @@ def test_demo_chat_takes_constrain_and_refuses_impossible_requests(tiny, tmp_pat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_benchmarks_run_the_model_alone_and_constrained(tiny_model_dir, tmp_path):
+    """abc_quality --constrain both: two columns (model / constrained) with tokens/s and the constrained
+    side's satisfaction rate; generate_speed --constrain abc: a tunesmith_abc path timed next to tunesmith."""
+    from benchmarks import abc_quality, generate_speed
+
+    out = tmp_path / "q.json"
+    assert abc_quality.main(["--model", str(tiny_model_dir), "--n", "2", "--max_new_tokens", "24", "--device", "cpu",
+                             "--no-music21", "--constrain", "both", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["summary"]["model"]["n"] == 2 and res["summary"]["constrained"]["n"] == 2
+    assert res["summary"]["constrained"]["constraint_satisfied"] is not None
+    assert "constraint_satisfied" not in res["summary"]["model"]
+    assert set(res["generation_speed"]) == {"model", "constrained"}
+    assert all(v["tokens_per_s"] > 0 for v in res["generation_speed"].values())
+    r = generate_speed.main(["--model", str(tiny_model_dir), "--batch", "2", "--new_tokens", "6", "--prompt_len", "16",
+                             "--paths", "tunesmith", "--repeats", "1", "--constrain", "abc", "--device", "cpu",
+                             "--output", str(tmp_path / "s.json")])
+    assert set(r["results"]) == {"tunesmith", "tunesmith_abc"} and r["results"]["tunesmith_abc"]["vs_tunesmith"] > 0
+    with pytest.raises(SystemExit, match="needs a model dir"):
+        generate_speed.main(["--model", "llama-tiny", "--constrain", "abc"])
