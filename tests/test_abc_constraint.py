@@ -292,7 +292,8 @@ def test_memorised_tune_passes_and_a_different_meter_is_enforced(tiny_model_dir,
     same = generate(loaded.model, loaded.tokenizer, start, cfg, constrain="abc")
     assert same["output"] == REPLY
     assert same["constraint"] == {**same["constraint"], "fields": {"K": "D"}, "satisfied": True, "stop": "eos"}
-    other = generate(loaded.model, loaded.tokenizer, start, cfg, constrain="abc", fields={"M": "3/4", "K": "D"})
+    other = generate(loaded.model, loaded.tokenizer, start, SamplingConfig(temperature=0, max_new_tokens=300),
+                     constrain="abc", fields={"M": "3/4", "K": "D"})
     tune = other["output"][other["output"].index("X:"):]
     header, _ = split_header_body(tune)
     assert header["M"] == "3/4" and header["K"] == "D", tune
