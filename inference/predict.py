@@ -82,6 +82,21 @@ def prompt_fields(a, text: str) -> dict | None:
     return extract_fields(text)
 
 
+def request_fields(a, items: list[dict]) -> list[dict | None]:
+    """Each instruction's constrained fields (``--constrain abc``); an impossible request raises
+    ConstraintError naming its file and line."""
+    fields = [prompt_fields(a, it["input"]) for it in items]
+    if a.constrain == "abc":
+        from inference.abc_constraint import ConstraintError, validate_fields
+
+        for it, f in zip(items, fields):
+            try:
+                validate_fields(f)
+            except ConstraintError as e:
+                raise ConstraintError(f"{a.data_file}:{it['line']}: {e}") from None
+    return fields
+
+
 def sampling_from_args(a) -> SamplingConfig:
     try:
         return SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -173,15 +188,7 @@ def run_batch(a, loaded, cfg: SamplingConfig) -> list[dict]:
     items = read_instructions(a.data_file, a.input_field)
     tok, model = loaded.tokenizer, loaded.model
     prompts = [build_prompt(tok, [{"role": "user", "content": it["input"]}], a.with_prompt) for it in items]
-    fields = [prompt_fields(a, it["input"]) for it in items]
-    if a.constrain == "abc":  # an impossible request is refused before any generation, naming its line
-        from inference.abc_constraint import ConstraintError, validate_fields
-
-        for it, f in zip(items, fields):
-            try:
-                validate_fields(f)
-            except ConstraintError as e:
-                raise ConstraintError(f"{a.data_file}:{it['line']}: {e}") from None
+    fields = request_fields(a, items)
     results = []
     out = Path(a.predictions_file)
     t0 = time.time()
@@ -327,6 +334,14 @@ def main(argv=None) -> int:
     if a.batch_size < 1:
         ap.error("--batch_size must be >= 1")
     cfg = sampling_from_args(a)
+    if a.data_file and a.constrain == "abc":  # an impossible request is refused before the model loads
+        from inference.abc_constraint import ConstraintError
+
+        try:
+            request_fields(a, read_instructions(a.data_file, a.input_field))
+        except ConstraintError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from inference.loading import load_model
 
     loaded = load_model(a.base_model, a.lora_model, a.tokenizer_path, device=a.device, dtype=a.dtype,
