@@ -29,6 +29,9 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
         "psutil>=5.9",
+        "gguf>=0.10",          # reading .gguf model files (training/import_gguf.py); transformers dequantises with it
+        "accelerate>=0.26",    # transformers' from_pretrained(gguf_file=...) needs it
+        "evaluate>=0.4",       # the ABC metrics as local evaluate modules (benchmarks/metrics)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.4", "playwright>=1.40", "mistral-common>=1.3"],

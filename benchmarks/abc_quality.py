@@ -243,9 +243,9 @@ class ABCQualityConfig(ModelArgs):
 def generate_entries(cfg: ABCQualityConfig, loaded, constrain: bool = False, stats: dict | None = None) -> list[dict]:
     """Generated tunes (see the module doc); ``constrain``: under the ABC constraint, each prompt's fields
     from :func:`inference.abc_constraint.extract_fields`; ``stats`` gets tokens, seconds and reports."""
+    from data_preprocess.chat_format import ChatFormat
     from inference.abc_constraint import extract_fields
     from inference.abc_extract import extract_abc
-    from inference.generation import build_prompt
 
     n_cond = round(cfg.n * cfg.conditioned_share)
     n_unc = cfg.n - n_cond
@@ -265,9 +265,10 @@ def generate_entries(cfg: ABCQualityConfig, loaded, constrain: bool = False, sta
     if n_cond:
         specs = read_prompts(cfg.prompts) if cfg.prompts else builtin_prompts(n_cond, cfg.seed)
         specs = [specs[i % len(specs)] for i in range(n_cond)]
-        texts = [build_prompt(loaded.tokenizer, [{"role": "user", "content": s["prompt"]}]) for s in specs]
+        fmt = ChatFormat(loaded.tokenizer)  # the model's chat format, as ids (their BOS included)
+        prompts = [fmt.prompt_ids([{"role": "user", "content": s["prompt"]}]) for s in specs]
         fields = [extract_fields(sp["prompt"]) for sp in specs] if constrain else None
-        outs = generate(loaded, texts, desc="conditioned", constrain_fields=fields, stats=stats, **gen_kw)
+        outs = generate(loaded, prompts, desc="conditioned", constrain_fields=fields, stats=stats, **gen_kw)
         for s, o in zip(specs, outs):
             tunes = extract_abc(o)
             entries.append({"source": "conditioned", "prompt": s["prompt"], "key": s.get("key"),

@@ -36,6 +36,7 @@ from benchmarks.common import (
     parse_config,
     score_continuations,
     write_json,
+    write_jsonl,
 )
 from training.hf_io import exit_on_model_path_error
 
@@ -90,16 +91,21 @@ def _text_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
     docs = read_documents(cfg.data, cfg.limit)
     if not docs:
         raise SystemExit(f"{cfg.data}: no text to score")
-    reqs, chars = [], 0
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None}
+    reqs, counted, doc_of, texts, chars = [], [], [], [], []
     bos = [tok.bos_token_id] if (cfg.add_bos and tok.bos_token_id is not None) else []
     for d in docs:
         ids = tok.encode(d, add_special_tokens=False)
         if not ids:
             continue
         # with BOS every text token is predicted; without it the first token is only context
-        chars += len(d) if bos else len(tok.decode(ids[1:]))
-        reqs += windows(bos + ids, max_len, stride)
-    return reqs, chars, "".join(docs), len(docs)
+        chars.append(len(d) if bos else len(tok.decode(ids[1:])))
+        texts.append(d)
+        for ctx, cont in windows(bos + ids, max_len, stride):
+            reqs.append((ctx, cont))
+            counted.append([t not in special for t in cont])
+            doc_of.append(len(texts) - 1)
+    return reqs, counted, doc_of, texts, chars, len(docs)
 
 
 def _shard_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
@@ -110,7 +116,7 @@ def _shard_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
     meta = read_meta(cfg.data)
     split = open_split(cfg.data, cfg.split, meta)
     special = {meta.get("bos_id"), meta.get("eos_id"), meta.get("pad_id")} - {None}
-    reqs, counted, chars, text = [], [], 0, []
+    reqs, counted, doc_of, texts, chars = [], [], [], [], []
     n_blocks = len(split) if not cfg.limit else min(cfg.limit, len(split))
     for b in range(n_blocks):
         toks = np.asarray(split.tokens[b], dtype=np.int64)
@@ -124,17 +130,36 @@ def _shard_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
             # score the whole piece; count only the kept (loss-mask, non-special) targets
             kept = set(keep)
             flags = [i in kept for i in range(1, len(seg))]
+            piece = tok.decode([seg[i] for i in keep])
+            texts.append(piece)
+            chars.append(len(piece))
             for ctx, cont in windows(seg, max_len, stride):
                 reqs.append((ctx, cont))
                 counted.append(flags[:len(cont)])
+                doc_of.append(len(texts) - 1)
                 flags = flags[len(cont):]
-            piece = tok.decode([seg[i] for i in keep])
-            chars += len(piece)
-            text.append(piece)
-    return reqs, counted, chars, "".join(text), n_blocks
+    return reqs, counted, doc_of, texts, chars, n_blocks
+
+
+def figures(nll: list[float], n_chars: list[int], n_tokens: list[int] | None, texts: list[str]) -> dict:
+    """Bits per char / token and gzip -9's bits per char from per-document sums of token negative
+    log-likelihoods (nats) and the documents' texts. The one formula behind :func:`run` and the
+    ``evaluate`` module ``benchmarks/metrics/bits_per_char``."""
+    total, chars = sum(nll), sum(n_chars)
+    n_tok = sum(n_tokens) if n_tokens is not None else None
+    text = "".join(texts)
+    bits = total / LN2
+    return {"n_chars": chars, "n_tokens": n_tok,
+            "chars_per_token": chars / n_tok if n_tok else None,
+            "bits_per_char": bits / chars if chars else None,
+            "bits_per_token": bits / n_tok if n_tok else None,
+            "perplexity_per_token": math.exp(total / n_tok) if n_tok else None,
+            "gzip_bits_per_char": len(gzip.compress(text.encode("utf-8"), 9)) * 8 / max(1, len(text))}
 
 
 def run(cfg: BPCConfig, loaded=None) -> dict:
+    """Scores ``cfg.data``; writes the result JSON and a JSONL of per-document ``nll`` (nats), ``n_tokens``,
+    ``n_chars`` and ``text`` next to it (what the ``bits_per_char`` evaluate module takes)."""
     is_shards = (Path(cfg.data) / "meta.json").is_file()
     if is_shards and not cfg.tokenizer:
         from data_preprocess.shards import read_meta
@@ -149,34 +174,22 @@ def run(cfg: BPCConfig, loaded=None) -> dict:
     if stride > max_len:
         raise SystemExit(f"--stride {stride} exceeds max_length {max_len}")
     t0 = time.time()
-    if is_shards:
-        reqs, counted, chars, text, n_docs = _shard_requests(cfg, tok, max_len, stride)
-    else:
-        reqs, chars, text, n_docs = _text_requests(cfg, tok, max_len, stride)
-        special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None}
-        counted = [[t not in special for t in cont] for _, cont in reqs]
-    # every window is scored whole; only the counted targets (text, not special/prompt) enter the sum
+    build = _shard_requests if is_shards else _text_requests
+    reqs, counted, doc_of, texts, chars, n_docs = build(cfg, tok, max_len, stride)
+    # every window is scored whole; only the counted targets (text, not special/prompt) enter the sums
     per_tok = _token_logprobs(loaded, reqs, cfg)
-    nll, n_tok = 0.0, 0
-    for flags, lps in zip(counted, per_tok):
+    nll, n_tok = [0.0] * len(texts), [0] * len(texts)
+    for flags, lps, d in zip(counted, per_tok, doc_of):
         for keep, lp in zip(flags, lps):
             if keep:
-                nll -= lp
-                n_tok += 1
-    bits = nll / LN2
-    gz = len(gzip.compress(text.encode("utf-8"), 9)) * 8
+                nll[d] -= lp
+                n_tok[d] += 1
     result = {
         "benchmark": "bits_per_char",
         "data": cfg.data,
         "input": "shards" if is_shards else "text",
         "n_documents": n_docs,
-        "n_chars": chars,
-        "n_tokens": n_tok,
-        "chars_per_token": chars / n_tok if n_tok else None,
-        "bits_per_char": bits / chars if chars else None,
-        "bits_per_token": bits / n_tok if n_tok else None,
-        "perplexity_per_token": math.exp(nll / n_tok) if n_tok else None,
-        "gzip_bits_per_char": gz / max(1, len(text)),
+        **figures(nll, chars, n_tok, texts),
         "max_length": max_len,
         "stride": stride,
         "seconds": time.time() - t0,
@@ -184,6 +197,8 @@ def run(cfg: BPCConfig, loaded=None) -> dict:
         "environment": environment(),
     }
     out = Path(cfg.output) if cfg.output else default_output("bits_per_char", cfg.model, cfg.lora_model)
+    records = [{"nll": a, "n_tokens": b, "n_chars": c, "text": t} for a, b, c, t in zip(nll, n_tok, chars, texts)]
+    result["per_document"] = str(write_jsonl(out.with_suffix(".jsonl"), records))
     write_json(out, result)
     result["output"] = str(out)
     return result

@@ -267,11 +267,14 @@ def loglikelihood(loaded, pairs: list[tuple[str, str]], batch_size: int = 8, max
 
 
 @torch.no_grad()
-def generate(loaded, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8, do_sample: bool = False,
+def generate(loaded, prompts: list[str] | list[list[int]], max_new_tokens: int = 256, batch_size: int = 8, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              add_bos: bool = True, seed: int = 0, desc: str = "generating", progress: bool = True,
              constrain_fields: list[dict] | None = None, stats: dict | None = None) -> list[str]:
     """Completions (new text only) of ``prompts``: left-padded batches through ``model.generate``.
+
+    A string prompt is raw text (``add_bos`` puts BOS before it); a list of ids is used as it is (chat prompts:
+    ``ChatFormat.prompt_ids``, which hold whatever BOS the chat template has).
 
     Greedy when ``do_sample`` is False; otherwise sampling with the given temperature/top-p/top-k from
     a seeded generator, so a run is reproducible on the same hardware. ``constrain_fields`` (one dict per
@@ -283,9 +286,9 @@ def generate(loaded, prompts: list[str], max_new_tokens: int = 256, batch_size: 
     limit = model_max_length(model) - max_new_tokens
     outs: list[str] = []
     for b in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, unit="batch"):
-        enc = [tok.encode(p, add_special_tokens=False) for p in prompts[b:b + batch_size]]
-        if add_bos and tok.bos_token_id is not None:
-            enc = [[tok.bos_token_id] + e for e in enc]
+        bos = [tok.bos_token_id] if add_bos and tok.bos_token_id is not None else []
+        enc = [bos + tok.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
+               for p in prompts[b:b + batch_size]]
         enc = [e[-limit:] if limit > 0 else e for e in enc]
         T = max(len(e) for e in enc)
         ids = torch.full((len(enc), T), tok.pad_token_id, dtype=torch.long)
@@ -305,7 +308,8 @@ def generate(loaded, prompts: list[str], max_new_tokens: int = 256, batch_size: 
 
             from inference.abc_constraint import constraint_processor
 
-            proc = constraint_processor(tok, prompts[b:b + batch_size], constrain_fields[b:b + batch_size],
+            texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts[b:b + batch_size]]  # chat: ids
+            proc = constraint_processor(tok, texts, constrain_fields[b:b + batch_size],
                                         greedy=not do_sample, temperature=temperature if do_sample else 1.0,
                                         top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0)
             kw["logits_processor"] = LogitsProcessorList([proc])

@@ -59,6 +59,7 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
+from data_preprocess.chat_format import ChatFormat
 from training.hf_io import exit_on_model_path_error
 
 HUB_ID = "m-a-p/MusicTheoryBench"
@@ -276,7 +277,8 @@ class MTBConfig(ModelArgs):
     subject: str | None = opt(None, "only this subject (knowledge | reasoning)")
     limit: int | None = opt(None, "at most this many questions (quick runs)")
     max_new_tokens: int = opt(64, "gen mode: reply length")
-    chat: bool = opt(False, "gen mode: wrap the prompt in the tokenizer's chat template (SFT models)")
+    chat: bool = opt(False, "gen mode: wrap the prompt in the model's chat format (the tokenizer's chat template, "
+                            "else ChatMusician's; SFT models)")
 
     def validate(self):
         if self.mode not in ("ppl", "gen"):
@@ -313,11 +315,9 @@ def _ppl_predictions(loaded, cfg: MTBConfig, prompts: list[str], items: list[Ite
 
 def _gen_predictions(loaded, cfg: MTBConfig, prompts: list[str], items: list[Item]) -> list[dict]:
     tok = loaded.tokenizer
-    if cfg.chat:
-        if not getattr(tok, "chat_template", None):
-            raise SystemExit(f"--chat: tokenizer of {cfg.tokenizer or cfg.lora_model or cfg.model} has no chat template")
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                   for p in prompts]
+    if cfg.chat:  # ids of the chat prompt, exactly as SFT trained on them (BOS from the template, not add_bos)
+        fmt = ChatFormat(tok)
+        prompts = [fmt.prompt_ids([{"role": "user", "content": p}]) for p in prompts]
     replies = generate(loaded, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                        do_sample=False, add_bos=cfg.add_bos, desc="MusicTheoryBench gen")
     return [{"pred": {"gen": extract_letter(r, it.options)}, "reply": r} for r, it in zip(replies, items)]

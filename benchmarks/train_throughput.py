@@ -240,10 +240,12 @@ def memory_cap_fraction(cfg: ThroughputConfig, total_bytes: int) -> float:
 
 
 def _train_config(cfg: ThroughputConfig, mode: str):
+    from data_preprocess.model_source import resolve_source
     from training.config import TrainConfig
 
     mts = [m for m in cfg.lora_modules_to_save.split(",") if m.strip()]
-    return TrainConfig(mode=mode, model=cfg.model, train_type=cfg.train_type, lora_r=cfg.lora_r,
+    # smollm2-135m / X.gguf: its imported dir (imported by check()'s resolve_model_path; a cache hit here)
+    return TrainConfig(mode=mode, model=resolve_source(cfg.model), train_type=cfg.train_type, lora_r=cfg.lora_r,
                        lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, lora_modules_to_save=mts,
                        gradient_checkpointing=cfg.gradient_checkpointing,
                        gradient_checkpointing_every=cfg.gradient_checkpointing_every, micro_batch_size=cfg.micro_batch,

@@ -44,6 +44,7 @@ def worker(mode: str, model: str, train_type: str, precision: str, out: str) -> 
     import torch.distributed as dist
 
     from benchmarks.train_throughput import SyntheticVocab
+    from data_preprocess.model_source import resolve_source
     from training.config import TrainConfig, detect_environment, fill_ds_config, read_ds_config
     from training.model import build_model, param_groups
     from training.presets import PRESETS
@@ -54,8 +55,9 @@ def worker(mode: str, model: str, train_type: str, precision: str, out: str) -> 
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = TrainConfig(model=model, train_type=train_type, ds_config="ds_configs/zero3.json", precision=precision,
-                      micro_batch_size=1, global_batch_size=world, report_to=[])
+    # smollm2-135m / X.gguf: its imported dir (imported once by main's resolve_model_path; a cache hit here)
+    cfg = TrainConfig(model=resolve_source(model), train_type=train_type, ds_config="ds_configs/zero3.json",
+                      precision=precision, micro_batch_size=1, global_batch_size=world, report_to=[])
     hidden = PRESETS[model]["hidden_size"] if model in PRESETS else 4096
     ds = fill_ds_config(read_ds_config(cfg), cfg, world, precision, hidden, device.type == "cpu")
     base = _mem_gb(device)

@@ -55,6 +55,7 @@ from data_preprocess.audio_codec import (
 )
 from data_preprocess.audio_layout import LAYOUTS, extend_tokenizer, make_layout
 from data_preprocess.hub import could_be_hub_id, exit_on_argument_error, offline
+from data_preprocess.model_source import resolve_source
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
 
 log = logging.getLogger("tunesmith.audio")
@@ -376,6 +377,7 @@ def run_audio(cfg: AudioPrepConfig) -> dict:
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise SystemExit(f"{out}: not empty; pass --overwrite to replace it")
+    cfg.tokenizer = resolve_source(cfg.tokenizer)  # smollm2-135m / X.gguf -> its imported HF dir
     tok_dir = Path(cfg.tokenizer).expanduser()
     if (tok_dir.exists() or not could_be_hub_id(cfg.tokenizer)) and not (tok_dir / "tokenizer_config.json").is_file():
         raise AudioInputError(f"-t {cfg.tokenizer}: not a tokenizer dir (no tokenizer_config.json). Fix: pass a text "

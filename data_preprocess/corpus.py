@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_preprocess.hub import ArgumentError
+
 MUSIC21 = "music21"
 ABC_SUFFIXES = (".abc", ".txt")
 DATASET_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".json": "json"}
@@ -50,6 +52,8 @@ DEFAULT_MAX_LINE_LEN = 4096
 MAX_BAD_FRACTION = 0.01           # > 1 % replaced/control characters -> "undecodable"
 READ_BLOCK = 8 << 20              # file read size (streaming: memory is O(block + one tune))
 MAX_SEGMENT_BYTES = 32 << 20      # one "tune" larger than this is garbage: cut and rejected
+MAX_RECORD_BYTES = 8 << 20        # one JSONL line (one example) larger than this is rejected unread: a JSON
+                                  # record is decoded whole, so its size bounds memory (~10x while checked)
 
 REJECT_REASONS = ("bad_json", "bad_record", "no_text_field", "undecodable", "line_too_long", "no_key", "no_body", "abc2midi")
 
@@ -334,7 +338,7 @@ def _iter_files(files: Iterable[Path], stats: CorpusStats, max_line_len: int) ->
     for path in files:
         stats.files += 1
         file, n = str(path), 0
-        for block, at_start, oversize, whole in _file_blocks(path, stats):
+        for block, at_start, oversize, whole in _unless_unreadable(_file_blocks(path, stats), path):
             if oversize:
                 yield Reject(file, n, "line_too_long", f"one tune larger than {MAX_SEGMENT_BYTES >> 20} MB")
                 n += 1
@@ -363,6 +367,16 @@ def _iter_files(files: Iterable[Path], stats: CorpusStats, max_line_len: int) ->
             stats.empty_files += 1
 
 
+def _unless_unreadable(it: Iterator, path: Path) -> Iterator:
+    """``it`` with an OSError while reading ``path`` (no permission, I/O error) turned into a one-line
+    :class:`ArgumentError` naming the file."""
+    try:
+        yield from it
+    except OSError as e:
+        raise ArgumentError(f"input {path}: cannot be read ({e.strerror or type(e).__name__}). Fix: make it readable "
+                            "or leave it out of -i") from None
+
+
 def _iter_texts(text: str, file: str, max_line_len: int) -> Iterator[Tune | Reject]:
     for i, part in enumerate(_split_text(text)):
         yield check_tune(part, file, i, max_line_len, part.count("\ufffd"))
@@ -372,16 +386,47 @@ def iter_jsonl(path: Path, stats: CorpusStats) -> Iterator[tuple[str, int, objec
     """Yields ``(where, lineno, record)`` for each non-blank line of a JSONL file, or ``(where, lineno,
     Reject)`` for a line that is not valid JSON (named ``file:line``); counts the file and its bytes."""
     stats.files += 1
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            stats.bytes_read += len(line)
+    with _unless_unreadable_open(path) as f:
+        for lineno, line, size in _unless_unreadable(_capped_lines(f, MAX_RECORD_BYTES), path):
+            stats.bytes_read += size
+            where = f"{path}:{lineno}"
+            if line is None:
+                yield where, lineno, Reject(where, 0, "line_too_long", f"a JSONL record of {size} bytes (limit "
+                                                                         f"{MAX_RECORD_BYTES >> 20} MB)")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, lineno, json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield where, lineno, Reject(where, 0, "bad_json", f"invalid JSON: {str(e)[:120]}")
+
+
+def _unless_unreadable_open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise ArgumentError(f"input {path}: cannot be opened ({e.strerror or type(e).__name__}). Fix: make it "
+                            "readable or pass another -i") from None
+
+
+def _capped_lines(f, cap: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """``(lineno, line, size)`` for each line of binary file ``f``; a line over ``cap`` bytes is skipped in 1 MB
+    reads (``line`` None), never held in memory."""
+    lineno = 0
+    while True:
+        line = f.readline(cap + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) <= cap or line.endswith(b"\n"):
+            yield lineno, line, len(line)
+            continue
+        size = len(line)
+        while line and not line.endswith(b"\n"):
+            line = f.readline(1 << 20)
+            size += len(line)
+        yield lineno, None, size
 
 
 def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats, max_line_len: int) -> Iterator[Tune | Reject]:

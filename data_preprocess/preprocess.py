@@ -9,8 +9,9 @@ Flags follow ChatMusician's data_preprocess (``-t -i -o -w``); every option is a
 
 * ``pt``: every tune becomes ``<s> tune </s>``, packed back to back into ``max_len`` blocks (a tune
   longer than what is left continues in the next block, never dropped; positions reset per tune).
-* ``sft``: conversations in ChatMusician's ``Human: … </s> Assistant: … </s>`` format (see
-  :mod:`data_preprocess.sft`), loss only on the answers; a conversation is kept inside one block
+* ``sft``: conversations in the model's chat format (:mod:`data_preprocess.chat_format`: the tokenizer's own
+  template, e.g. SmolLM2's ChatML, else ChatMusician's ``Human: … </s> Assistant: … </s>``; recorded as
+  ``sft_format`` in meta.json), loss only on the answers; a conversation is kept inside one block
   (the block is padded when it does not fit) and one longer than ``max_len`` is truncated and counted.
 
 Train/val assignment is a hash of the tune's music (stable when the corpus grows). When ``val_ratio > 0``
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from data_preprocess import config as cfgmod
+from data_preprocess.chat_format import ChatFormat, ensure_chat_template
 from data_preprocess.corpus import (
     CorpusStats,
     Reject,
@@ -50,14 +52,14 @@ from data_preprocess.corpus import (
     split_hash,
     split_of,
 )
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
+from data_preprocess.model_source import resolve_source
 from data_preprocess.sft import (
-    encode_conversations,
     iter_sft_records,
     metadata_conversations,
 )
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
 from data_preprocess.train_tokenizer import (
-    CHAT_TEMPLATE,
     batch_encode,
     tokenizer_identity,
 )
@@ -108,11 +110,14 @@ class PreprocessConfig:
 
 
 def load_tokenizer(path: str):
-    """An HF tokenizer from a dir / hub id, or from a SentencePiece ``.model`` (wrapped via a temp dir:
+    """An HF tokenizer from a dir / hub id, a named model source or ``.gguf`` (its imported HF dir:
+    :mod:`data_preprocess.model_source`), or a SentencePiece ``.model`` (wrapped via a temp dir:
     ``LlamaTokenizer(vocab_file=...)`` silently builds a 3-token tokenizer in transformers 5). A missing
-    pad token becomes ``<unk>`` (never EOS); a missing chat template becomes the SFT format's."""
+    pad token, or pad == EOS, becomes ``<unk>`` (never EOS); a missing chat template becomes ChatMusician's
+    (:func:`data_preprocess.chat_format.ensure_chat_template`)."""
     from transformers import AutoTokenizer
 
+    path = resolve_source(path)  # smollm2-135m / X.gguf -> the cached import (ModelSourceError: exit 2)
     p = Path(path).expanduser()
     try:
         if p.is_file() and p.suffix == ".model":
@@ -130,8 +135,7 @@ def load_tokenizer(path: str):
         if tok.unk_token_id is None or tok.unk_token_id == tok.eos_token_id:
             raise SystemExit(f"{path}: tokenizer has no pad token distinct from EOS (and no <unk> to use)")
         tok.pad_token = tok.unk_token
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHAT_TEMPLATE
+    ensure_chat_template(tok)
     return tok
 
 
@@ -191,7 +195,7 @@ def _job(job):
     else:
         problems, groups = [None] * len(items), [[c] for c in items]
     flat = [c for g in groups for c in g]
-    enc = iter(encode_conversations(tok, flat))
+    enc = iter(ChatFormat(tok).encode_batch([c.messages for c in flat]))
     out = []
     for p, g in zip(problems, groups):
         docs = []
@@ -284,6 +288,19 @@ def _versions() -> dict:
     return out
 
 
+def check_out_is_not_an_input(cfg) -> None:
+    """-o is emptied and rewritten (``OUT/tokenizer`` is deleted first), so it may neither be nor contain the
+    -t tokenizer or an -i input: a one-line :class:`ArgumentError` naming both, before anything is touched."""
+    out = os.path.realpath(cfg.output_dir)
+    for flag, value in (("-t/--tokenizer", cfg.tokenizer), ("-i/--input", cfg.input)):
+        if not value or not Path(value).expanduser().exists():
+            continue
+        real = os.path.realpath(Path(value).expanduser())
+        if real == out or real.startswith(out + os.sep):
+            raise ArgumentError(f"-o/--output_dir {cfg.output_dir} contains {flag} {value}: preprocessing would delete "
+                                "or overwrite it. Fix: choose another -o directory (or copy the input elsewhere)")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file() and not overwrite:
         raise SystemExit(f"{out}: exists, is not empty and holds no previous preprocess output; "
@@ -295,6 +312,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def run(cfg: PreprocessConfig) -> dict:
     """Runs the whole job; returns the meta dict (also written to OUT/meta.json). See the module doc for
     the val split of a small corpus."""
+    check_out_is_not_an_input(cfg)
     meta, candidate = _write(cfg)
     sizes = meta["counts"]["split_sizes"]
     if cfg.val_ratio > 0 and not sizes["val"] and candidate is not None:
@@ -317,6 +335,7 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
     out = Path(cfg.output_dir)
     _prepare_out(out, cfg.overwrite)
     tok = load_tokenizer(cfg.tokenizer)
+    fmt = ChatFormat(tok) if cfg.mode == "sft" else None  # an unusable chat template fails here, before any work
     tok_dir = out / "tokenizer"
     save_tokenizer_copy(tok, cfg.tokenizer, tok_dir)
     if not getattr(tok, "is_fast", False):
@@ -442,7 +461,7 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
         "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "splits": split_stats,
         "tokenizer": {**tokenizer_identity(tok_dir, tok), "source": str(cfg.tokenizer)},
         "input": str(cfg.input), "counts": counts,
-        "sft_format": "<s>Human: {prompt} </s> Assistant: {answer} </s> " if cfg.mode == "sft" else None,
+        "sft_format": fmt.name if fmt else None,
         "config": asdict(cfg), "versions": _versions(), "elapsed_s": round(elapsed, 3),
         "tunes_per_s": round(stats.tunes_read / elapsed, 1) if elapsed else None,
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
@@ -478,7 +497,7 @@ def parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     ap = argparse.ArgumentParser(prog="python -m data_preprocess.preprocess", description=__doc__.split("\n")[0],
                                  argument_default=S)
-    ap.add_argument("-t", "--tokenizer", help="HF tokenizer dir / hub id, or a SentencePiece .model")
+    ap.add_argument("-t", "--tokenizer", help="HF tokenizer dir / hub id, a SentencePiece .model, a .gguf or smollm2-135m")
     ap.add_argument("-i", "--input", help="dir of .abc/.txt, a .jsonl, a datasets dir/file/hub id, or music21 (default)")
     ap.add_argument("-o", "--output_dir", help="output dir (shards, meta.json, rejects.jsonl, tokenizer/)")
     ap.add_argument("--mode", choices=("pt", "sft"),
@@ -503,6 +522,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+@exit_on_argument_error
 def main(argv=None) -> int:
     from data_preprocess.audio import maybe_run_from_preprocess
 

@@ -1,23 +1,10 @@
-"""SFT data: conversations from JSONL records or from ABC metadata, tokenised in ChatMusician's format.
+"""SFT data: conversations from JSONL records or from ABC metadata, tokenised in the model's chat format.
 
-Format (one conversation, turns repeated for multi-turn)::
-
-    <s>Human: {prompt} </s> Assistant: {answer} </s> 
-
-``</s>`` is the EOS *token id*, never the literal text; ``<s>`` is BOS. Conversations are tokenised
-piecewise so the ids equal what inference feeds the model (a prompt ending in ``"Assistant: "``):
-
-=====================================  ====  ==============================================
-piece                                  mask  why
-=====================================  ====  ==============================================
-``<s>``                                0     sequence start
-``"Human: {prompt} "`` ``</s>`` ``" "``  0     the prompt is context, not a target
-``"Assistant: "``                      0     the generation prompt
-``"{answer} "`` ``</s>``                 1     what the model must learn to write, incl. stop
-``" "``                                0     separator before the next turn
-=====================================  ====  ==============================================
-
-The loss mask is the shard format's ``loss_mask`` (labels = -100 where 0).
+The format, the tokenisation and the loss mask (1 on the assistant answers and their end-of-turn token only) are
+:mod:`data_preprocess.chat_format`'s: the tokenizer's own chat template (e.g. SmolLM2's ChatML), else ChatMusician's
+``<s>Human: {prompt} </s> Assistant: {answer} </s> `` -- the ids equal ``tokenizer.apply_chat_template`` of the
+conversation, so training sees what inference feeds the model. The loss mask is the shard format's ``loss_mask``
+(labels = -100 where 0).
 
 ``metadata_conversations(tune)`` turns one ABC tune into a text->music instruction ("Compose a jig in
 D major titled ...") and a music->text one (tune -> key / meter / rhythm description). Templates are
@@ -38,7 +25,6 @@ from data_preprocess.corpus import (
     iter_jsonl,
     load_hf_dataset,
 )
-from data_preprocess.train_tokenizer import batch_encode
 
 ROLES = ("system", "user", "assistant")
 
@@ -57,6 +43,12 @@ class Conversation:
         for role, content in self.turns:
             h.update(role.encode() + b"\x00" + content.encode("utf-8", "surrogatepass") + b"\x01")
         return h.hexdigest()
+
+    @property
+    def messages(self) -> list[dict]:
+        """The turns as chat messages (``[{"role", "content"}]``), what :class:`~data_preprocess.chat_format.ChatFormat`
+        encodes."""
+        return [{"role": r, "content": c} for r, c in self.turns]
 
 
 # ------------------------------------------------------------------------------------ records (JSONL)
@@ -234,43 +226,4 @@ def metadata_conversations(t: Tune) -> list[Conversation]:
         abc = _STRIP_FOR_M2T.sub("", t.text).rstrip("\n")
         prompt = M2T[(pick >> 8) % len(M2T)].format(abc=abc)
         out.append(Conversation([("user", prompt), ("assistant", desc)], t.file, t.index, "music2text"))
-    return out
-
-
-# ------------------------------------------------------------------------------------ tokenisation
-
-
-def conversation_pieces(conv: Conversation) -> list[tuple[str | None, int]]:
-    """(text, mask) pieces; text None stands for the EOS token."""
-    pieces: list[tuple[str | None, int]] = []
-    for role, content in conv.turns:
-        if role == "system":
-            pieces.append((content + " ", 0))
-        elif role == "user":
-            pieces += [(f"Human: {content} ", 0), (None, 0), (" ", 0)]
-        else:
-            pieces += [("Assistant: ", 0), (f"{content} ", 1), (None, 1), (" ", 0)]
-    return pieces
-
-
-def encode_conversations(tok, convs: list[Conversation]) -> list[tuple[list[int], list[int]]]:
-    """Batch-encodes all text pieces of ``convs`` in one call; returns (ids, mask) per conversation,
-    starting with BOS (mask 0)."""
-    all_pieces = [conversation_pieces(c) for c in convs]
-    texts = [t for ps in all_pieces for t, _ in ps if t is not None]
-    enc = batch_encode(tok, texts) if texts else []
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    out, j = [], 0
-    for ps in all_pieces:
-        ids, mask = [bos], [0]
-        for text, m in ps:
-            if text is None:
-                ids.append(eos)
-                mask.append(m)
-            else:
-                e = enc[j]
-                j += 1
-                ids += e
-                mask += [m] * len(e)
-        out.append((ids, mask))
     return out

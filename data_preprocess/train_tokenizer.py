@@ -6,7 +6,8 @@ LLaMA's recipe: BPE, byte fallback (any byte round-trips, e.g. newline -> <0x0A>
 normalisation, whitespace kept. Specials: <unk>=0 <s>=1 </s>=2 <pad>=3 (pad != eos, so generation never
 stops on padding and padding never teaches EOS). The saved dir loads with
 ``AutoTokenizer.from_pretrained(dir)`` / ``LlamaTokenizer.from_pretrained(dir)`` and carries
-``tokenizer.model`` for plain sentencepiece users plus the chat template of the SFT format.
+``tokenizer.model`` for plain sentencepiece users plus the chat template of the SFT format
+(:data:`data_preprocess.chat_format.CHAT_TEMPLATE`).
 
 Note (transformers 5): ``LlamaTokenizer(vocab_file=x.model)`` silently builds a 3-token tokenizer; we
 always go through ``from_pretrained`` on a directory that holds ``tokenizer.model``.
@@ -22,19 +23,9 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from data_preprocess.chat_format import CHAT_TEMPLATE
+
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
-
-# ChatMusician's SFT format: "Human: {prompt} </s> Assistant: {answer} </s>" (repeated per turn).
-# The spaces around </s> are literal text; </s> is the EOS token.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}{{ 'Human: ' + m['content'] + ' ' + eos_token + ' ' }}"
-    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + ' ' + eos_token + ' ' }}"
-    "{% elif m['role'] == 'system' %}{{ m['content'] + ' ' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
-)
-
 
 def _lines(texts: Iterable[str], max_lines: int) -> Iterator[str]:
     n = 0

@@ -1410,13 +1410,13 @@ class ABCConstraintProcessor(LogitsProcessor):
 
 def constraint_processor(tokenizer, prompts: list[str], fields: list[dict] | dict | None = None,
                          greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
-                         top_p: float = 1.0) -> ABCConstraintProcessor:
+                         top_p: float = 1.0, eos_token_id: int | None = None) -> ABCConstraintProcessor:
     """The processor for a generation call (the sampling settings decide how many candidates matter):
-    ``fields`` None = extracted from each prompt."""
+    ``fields`` None = extracted from each prompt; ``eos_token_id``: the token that ends a reply (default EOS)."""
     if fields is None:
         fields = [extract_fields(p) for p in prompts]
     return ABCConstraintProcessor(tokenizer, fields, prompts, greedy=greedy, temperature=temperature,
-                                  top_k=top_k, top_p=top_p)
+                                  top_k=top_k, top_p=top_p, eos_token_id=eos_token_id)
 
 
 # ------------------------------------------------------------------------- corpus property check

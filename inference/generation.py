@@ -1,6 +1,8 @@
-"""Text generation for chat and batch prediction: prompts from the tokenizer's chat template, sampling
-with ChatMusician's defaults, KV cache, stop at EOS, token streaming through a callback, and optionally
-ABC-constrained decoding (``constrain="abc"``: inference/abc_constraint.py).
+"""Text generation for chat and batch prediction: sampling with ChatMusician's defaults, KV cache, stop at EOS
+or the chat format's end-of-turn token, token streaming through a callback, and optionally ABC-constrained decoding
+(``constrain="abc"``: inference/abc_constraint.py). Chat prompts are token ids from
+:class:`data_preprocess.chat_format.ChatFormat` (``prompt_ids``: exactly what SFT trained on before an answer);
+a plain string prompt is raw text to continue.
 
 Used by inference/predict.py (terminal chat, batch files) and inference/demo.py (web page).
 """
@@ -11,7 +13,10 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 from transformers import LogitsProcessorList
+from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+
+from data_preprocess.chat_format import ChatFormat
 
 CONSTRAIN_CHOICES = ("none", "abc")
 
@@ -53,10 +58,12 @@ class SamplingConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def generate_kwargs(self, tokenizer) -> dict:
+    def generate_kwargs(self, tokenizer, stop_ids: list[int] | None = None) -> dict:
+        """``model.generate`` keywords; ``stop_ids``: the ids that end a reply (default: EOS)."""
+        stop = stop_ids[0] if stop_ids and len(stop_ids) == 1 else (stop_ids or tokenizer.eos_token_id)
         kw = {"max_new_tokens": int(self.max_new_tokens), "use_cache": True,
                   "repetition_penalty": float(self.repetition_penalty),
-                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+                  "eos_token_id": stop, "pad_token_id": tokenizer.pad_token_id}
         if self.cache == "static":
             kw["cache_implementation"] = "static"
         if self.temperature and self.temperature > 0:
@@ -67,34 +74,20 @@ class SamplingConfig:
         return kw
 
 
-def build_prompt(tokenizer, messages: list[dict], with_prompt: bool = True) -> str:
-    """The text fed to the model for a conversation.
-
-    ``with_prompt``: the tokenizer's chat template (tunesmith's is ChatMusician's
-    ``Human: ... </s> Assistant: ... </s> `` format) with the assistant turn opened. Without it, the raw
-    text of the last user message is continued (e.g. an ABC header to complete, as in pretraining)."""
-    if not with_prompt:
-        return messages[-1]["content"] if messages else ""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # no template saved with the tokenizer: ChatMusician's format by hand
-    eos = tokenizer.eos_token or "</s>"
-    parts = [f"Human: {m['content']} {eos} " if m["role"] == "user" else f"Assistant: {m['content']} {eos} "
-             for m in messages if m["role"] in ("user", "assistant")]
-    return "".join(parts) + "Assistant: "
-
-
 class CallbackStreamer(BaseStreamer):
     """Calls ``callback(text_piece)`` as tokens are generated (batch size 1).
 
-    The pieces concatenate exactly to the decoded reply. Text is re-decoded from all new ids at each
-    step (so SentencePiece spacing is right), but a trailing run of byte-fallback tokens (``<0xE2>``...)
+    The pieces concatenate exactly to the reply (:func:`reply_text`). Text is re-decoded from all new ids at
+    each step (so SentencePiece spacing is right), but a trailing run of byte-fallback tokens (``<0xE2>``...)
     is held back: the decoder turns a run of bytes into characters only once it is complete (an
     unfinished run decodes to U+FFFD per byte, and even a finished character is re-read when more bytes
-    join its run), so text is emitted only up to the last non-byte token."""
+    join its run), so text is emitted only up to the last non-byte token. So is a trailing answer suffix
+    (ChatMusician's space before ``</s>``) until the next token shows whether the reply ends there."""
 
-    def __init__(self, tokenizer, callback: Callable[[str], None], skip_prompt: bool = True):
+    def __init__(self, tokenizer, callback: Callable[[str], None], skip_prompt: bool = True,
+                 fmt: ChatFormat | None = None):
         self.tokenizer, self.callback = tokenizer, callback
+        self.fmt = fmt or ChatFormat(tokenizer)
         self.ids: list[int] = []
         self.emitted = ""
         self._prompt_pending = skip_prompt
@@ -112,10 +105,10 @@ class CallbackStreamer(BaseStreamer):
         k = len(self.ids)
         while k > 0 and self._byte_token(self.ids[k - 1]):
             k -= 1
-        self._emit(self.ids[:k])
+        self._emit(self.ids[:k], final=False)
 
     def end(self):
-        self._emit(self.ids)
+        self._emit(_cut_at_stop(self.ids, set(self.fmt.stop_ids))[0], final=True)
 
     def _byte_token(self, i: int) -> bool:
         if i not in self._is_byte:
@@ -123,18 +116,19 @@ class CallbackStreamer(BaseStreamer):
             self._is_byte[i] = isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x")
         return self._is_byte[i]
 
-    def _emit(self, ids: list[int]):
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _emit(self, ids: list[int], final: bool):
+        text = reply_text(self.tokenizer, self.fmt, ids, final)
         if len(text) > len(self.emitted) and text.startswith(self.emitted):
             piece, self.emitted = text[len(self.emitted):], text
             self.callback(piece)
 
 
 def constraint_kwargs(tokenizer, prompts: list[str], cfg: SamplingConfig, constrain: str = "none",
-                      fields: list[dict] | None = None):
-    """(extra ``generate`` kwargs, the processor or None) for ``constrain`` (none | abc). ``fields``: the
-    header fields each prompt asks for (None: extracted from each prompt text; pass the user's own
-    message's fields when the prompt is chat-templated). Raises ConstraintError (a ValueError) for an
+                      fields: list[dict] | None = None, eos_token_id: int | None = None):
+    """(extra ``generate`` kwargs, the processor or None) for ``constrain`` (none | abc). ``prompts``: each
+    prompt's text; ``fields``: the header fields each prompt asks for (None: extracted from each prompt text;
+    pass the user's own message's fields when the prompt is chat-formatted); ``eos_token_id``: the token that
+    ends a tune (default EOS; a chat reply's end-of-turn token). Raises ConstraintError (a ValueError) for an
     impossible request or a tokenizer that cannot spell ABC."""
     if constrain in (None, "none"):
         return {}, None
@@ -144,8 +138,14 @@ def constraint_kwargs(tokenizer, prompts: list[str], cfg: SamplingConfig, constr
 
     greedy = not (cfg.temperature and cfg.temperature > 0)
     proc = constraint_processor(tokenizer, prompts, fields, greedy=greedy, temperature=cfg.temperature,
-                                top_k=cfg.top_k, top_p=cfg.top_p)
+                                top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id)
     return {"logits_processor": LogitsProcessorList([proc])}, proc
+
+
+def _end_id(tokenizer, fmt: ChatFormat, prompt: str | list[int]) -> int:
+    """The token a reply to ``prompt`` ends with: the format's end-of-turn token after a chat prompt (ids),
+    EOS after raw text."""
+    return tokenizer.eos_token_id if isinstance(prompt, str) else fmt.eot_id
 
 
 def _seed(seed: int | None):
@@ -155,71 +155,118 @@ def _seed(seed: int | None):
         set_seed(int(seed))
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, prompt: str, cfg: SamplingConfig | None = None,
-             on_text: Callable[[str], None] | None = None, device: torch.device | None = None,
-             constrain: str = "none", fields: dict | None = None) -> dict:
-    """Generates one reply to ``prompt`` (already formatted). ``on_text`` receives streamed pieces.
-    ``constrain="abc"``: the reply is an ABC tune with the header ``fields`` asked for (see
-    :func:`constraint_kwargs`).
+class _AskStop(StoppingCriteria):
+    """Ends generation when ``ask()`` returns true (checked once per generated token)."""
 
-    Returns ``{"output", "prompt_tokens", "new_tokens", "stopped_at_eos"}`` (+ ``"constraint"``: fields,
-    satisfied, stop reason, when constrained)."""
+    def __init__(self, ask: Callable[[], bool]):
+        self.ask = ask
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.ask()), dtype=torch.bool, device=input_ids.device)
+
+
+def reply_text(tokenizer, fmt: ChatFormat, ids: list[int], final: bool = True) -> str:
+    """The text of reply ``ids``: special tokens dropped, and so is the format's answer suffix (ChatMusician's
+    space before ``</s>``) before a stop token -- the reply is the answer as training saw it, so it goes back into
+    the chat history unchanged. While the reply may go on (``final`` False) a trailing suffix is held back."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    sfx = fmt.answer_suffix
+    stopped = bool(ids) and ids[-1] in fmt.stop_ids
+    if sfx and (stopped or not final) and text.endswith(sfx):
+        text = text[:-len(sfx)]
+    return text
+
+
+def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Chat prompts come as ids (ChatFormat.prompt_ids); a string is raw text, tokenised as such."""
+    return list(prompt) if not isinstance(prompt, str) else tokenizer(prompt).input_ids
+
+
+def _prompt_text(tokenizer, prompt: str | list[int]) -> str:
+    """The text the ABC constraint reads a prompt as (it continues a prompt that ends inside a tune)."""
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+
+
+def _cut_at_stop(new: list[int], stop: set[int]) -> tuple[list[int], bool]:
+    """The reply up to and including its first stop token; whether there was one."""
+    for j, t in enumerate(new):
+        if t in stop:
+            return new[:j + 1], True
+    return new, False
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None,
+             on_text: Callable[[str], None] | None = None, device: torch.device | None = None,
+             should_stop: Callable[[], bool] | None = None, constrain: str = "none",
+             fields: dict | None = None) -> dict:
+    """Generates one reply to ``prompt`` (chat prompt ids, or raw text). ``on_text`` receives streamed pieces;
+    ``should_stop()`` is asked after every token and ends generation when true (the demo: the client went
+    away, or the server is shutting down). ``constrain="abc"``: the reply is an ABC tune with the header
+    ``fields`` asked for (see :func:`constraint_kwargs`).
+
+    Returns ``{"output", "prompt_tokens", "new_tokens", "stopped_at_eos"}`` (``stopped_at_eos``: at EOS or the
+    end-of-turn token; + ``"constraint"``: fields, satisfied, stop reason, when constrained)."""
     cfg = cfg or SamplingConfig()
     device = device or next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
-    extra, proc = constraint_kwargs(tokenizer, [prompt], cfg, constrain, None if fields is None else [fields])
+    ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=device)
+    fmt = ChatFormat(tokenizer)
+    extra, proc = constraint_kwargs(tokenizer, [_prompt_text(tokenizer, prompt)], cfg, constrain,
+                                    None if fields is None else [fields], eos_token_id=_end_id(tokenizer, fmt, prompt))
     _seed(cfg.seed)
-    streamer = CallbackStreamer(tokenizer, on_text) if on_text else None
-    out = model.generate(**enc, streamer=streamer, **cfg.generate_kwargs(tokenizer), **extra)
-    new = out[0, enc["input_ids"].shape[1]:].tolist()
-    eos = tokenizer.eos_token_id
-    stopped = eos in new
-    if stopped:
-        new = new[: new.index(eos) + 1]
-    rec = {"output": tokenizer.decode(new, skip_special_tokens=True),
-           "prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": len(new), "stopped_at_eos": stopped}
+    streamer = CallbackStreamer(tokenizer, on_text, fmt=fmt) if on_text else None
+    if should_stop:
+        extra["stopping_criteria"] = StoppingCriteriaList([_AskStop(should_stop)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                         **cfg.generate_kwargs(tokenizer, fmt.stop_ids), **extra)
+    new, stopped = _cut_at_stop(out[0, ids.shape[1]:].tolist(), set(fmt.stop_ids))
+    rec = {"output": reply_text(tokenizer, fmt, new),
+           "prompt_tokens": int(ids.shape[1]), "new_tokens": len(new), "stopped_at_eos": stopped}
     if proc is not None:
         rec["constraint"] = proc.report(0, rec["output"], ended_at_eos=stopped)
     return rec
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: list[str], cfg: SamplingConfig | None = None,
+def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], cfg: SamplingConfig | None = None,
                    device: torch.device | None = None, constrain: str = "none",
                    fields: list[dict] | None = None) -> list[dict]:
     """Generates replies for several prompts at once, left-padded (padding never sits between a prompt
     and its continuation). Same record per prompt as :func:`generate` (``fields``: one dict per prompt)."""
     cfg = cfg or SamplingConfig()
     device = device or next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
-    extra, proc = constraint_kwargs(tokenizer, prompts, cfg, constrain, fields)
+    rows = [_prompt_ids(tokenizer, p) for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    fmt = ChatFormat(tokenizer)
+    ends = {_end_id(tokenizer, fmt, p) for p in prompts}
+    extra, proc = constraint_kwargs(tokenizer, [_prompt_text(tokenizer, p) for p in prompts], cfg, constrain, fields,
+                                    eos_token_id=ends.pop() if len(ends) == 1 else tokenizer.eos_token_id)
     _seed(cfg.seed)
-    out = model.generate(**enc, **cfg.generate_kwargs(tokenizer), **extra)
-    width = enc["input_ids"].shape[1]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         **cfg.generate_kwargs(tokenizer, fmt.stop_ids), **extra)
     recs = []
-    for i in range(len(prompts)):
-        new = out[i, width:].tolist()
-        stopped = eos in new
-        new = new[: new.index(eos) + 1] if stopped else [t for t in new if t != pad]
-        recs.append({"output": tokenizer.decode(new, skip_special_tokens=True),
-                     "prompt_tokens": int(enc["attention_mask"][i].sum()), "new_tokens": len(new),
-                     "stopped_at_eos": stopped})
+    for i, r in enumerate(rows):
+        new, stopped = _cut_at_stop(out[i, width:].tolist(), set(fmt.stop_ids))
+        if not stopped:
+            new = [t for t in new if t != pad]
+        recs.append({"output": reply_text(tokenizer, fmt, new),
+                     "prompt_tokens": len(r), "new_tokens": len(new), "stopped_at_eos": stopped})
         if proc is not None:
             recs[-1]["constraint"] = proc.report(i, recs[-1]["output"], ended_at_eos=stopped)
     return recs
 
 
-def trim_history(tokenizer, messages: list[dict], max_prompt_tokens: int, with_prompt: bool = True) -> list[dict]:
-    """Drops the oldest turns (user+assistant pairs) until the prompt fits ``max_prompt_tokens``;
-    the newest user message is always kept."""
-    msgs = list(messages)
-    while len(msgs) > 1 and len(tokenizer(build_prompt(tokenizer, msgs, with_prompt)).input_ids) > max_prompt_tokens:
-        msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]
-    return msgs
+def trim_history(fmt: ChatFormat, messages: list[dict], max_prompt_tokens: int) -> list[dict]:
+    """Drops the oldest turns (user+assistant pairs) until the chat prompt fits ``max_prompt_tokens``;
+    a leading system message and the newest user message are always kept."""
+    head = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
+    body = list(messages[len(head):])
+    while len(body) > 1 and len(fmt.prompt_ids(head + body)) > max_prompt_tokens:
+        body = body[2:] if len(body) > 2 else body[1:]
+    return head + body

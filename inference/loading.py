@@ -35,6 +35,7 @@ from training.hf_io import (  # noqa: F401
     load_tokenizer,
     resize_for_adapter,
     resolve_model_path,
+    unloadable_is_a_path_error,
 )
 
 
@@ -64,9 +65,11 @@ def load_model(base_model: str, lora_model: str | None = None, tokenizer_path: s
     dev = auto_device(device)
     dt = auto_dtype(dev, dtype)
     tok_src = tokenizer_path or (lora_model if lora_model and _has_tokenizer(lora_model) else base_model)
-    tok = load_tokenizer(tok_src, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dt, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=None)
+    with unloadable_is_a_path_error("tokenizer" if tokenizer_path else "model", tok_src):
+        tok = load_tokenizer(tok_src, trust_remote_code)
+    with unloadable_is_a_path_error("model", base_model):
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dt, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None)
     resize_for_adapter(model, tok, lora_model)
     if lora_model:
         from peft import PeftModel

@@ -8,10 +8,11 @@
     # batch: one instruction per line (or JSONL with an "instruction"/"input"/"prompt" field)
     python inference/predict.py --base_model M --data_file prompts.txt --predictions_file out.json --render out/abc
 
-``--with_prompt`` wraps input in the tokenizer's chat template (ChatMusician's
-``Human: ... </s> Assistant: `` format); without it the raw text is continued (e.g. an ABC header).
+``--with_prompt`` wraps input in the model's chat format (:mod:`data_preprocess.chat_format`: the tokenizer's
+chat template, e.g. ChatML, else ChatMusician's ``Human: ... </s> Assistant: ``), as token ids identical to what
+SFT trained on; without it the raw text is continued (e.g. an ABC header).
 Sampling defaults are ChatMusician's: temperature 0.2, top_k 40, top_p 0.9, repetition_penalty 1.1,
-max_new_tokens 1536. Generation uses the KV cache and stops at EOS (pad != eos).
+max_new_tokens 1536. Generation uses the KV cache and stops at EOS or the format's end-of-turn token (pad != eos).
 
 ``--constrain abc`` makes every reply an ABC tune that carries the header fields the instruction asks for
 ("a jig in D major" -> R:jig, K:D) and whose bars keep time (inference/abc_constraint.py); each
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,17 +30,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python inference/predict.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_preprocess.chat_format import ChatFormat
+from data_preprocess.hub import ArgumentError
 from inference.abc_extract import extract_abc
 from inference.cli_config import parse_with_config
 from inference.generation import (
     CONSTRAIN_CHOICES,
     SamplingConfig,
-    build_prompt,
     generate,
     generate_batch,
     trim_history,
 )
-from training.hf_io import ModelPathError, exit_on_model_path_error
+from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
 from training.oom import is_out_of_memory, out_of_memory_summary
 
 INPUT_FIELDS = ("instruction", "input", "prompt", "text")
@@ -134,7 +137,16 @@ def read_instructions(path: str, input_field: str | None = None) -> list[dict]:
     if not p.is_file():
         raise SystemExit(f"{p}: data file not found")
     items = []
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise ArgumentError(f"--data_file {p}: cannot be read ({e.strerror}). Fix: make it readable") from None
+    except UnicodeDecodeError as e:
+        raise ArgumentError(f"--data_file {p}: not UTF-8 text (byte {e.start}; UTF-16 or a binary file?). Fix: save it "
+                            "as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)") from None
+    if "\x00" in text:
+        raise ArgumentError(f"--data_file {p}: holds NUL bytes (a binary file?). Fix: pass a UTF-8 text, .json or "
+                            ".jsonl file")
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -182,12 +194,31 @@ def _write_predictions(out: Path, results: list[dict]) -> None:
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def run_batch(a, loaded, cfg: SamplingConfig) -> list[dict]:
+def check_predictions_file(predictions_file: str, data_file: str) -> None:
+    """Before any model is loaded: the output must not be the input (same real path), a directory, or under
+    a path that cannot hold it -- else a one-line :class:`ArgumentError` (results are written only at the end)."""
+    out = Path(predictions_file)
+    if os.path.realpath(out) == os.path.realpath(data_file):
+        raise ArgumentError(f"--predictions_file {out} is the --data_file {data_file}: it would be overwritten. Fix: "
+                            "pass another --predictions_file")
+    if out.is_dir():
+        raise ArgumentError(f"--predictions_file {out}: is a directory. Fix: name a file, e.g. {out / 'predictions.json'}")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent if not out.exists() else out, os.W_OK):
+        raise ArgumentError(f"--predictions_file {out}: cannot be written ({parent} is not a writable directory). Fix: "
+                            "pass a path in a writable directory")
+
+
+def run_batch(a, loaded, cfg: SamplingConfig, items: list[dict] | None = None) -> list[dict]:
     from tqdm import tqdm
 
-    items = read_instructions(a.data_file, a.input_field)
+    items = items if items is not None else read_instructions(a.data_file, a.input_field)
     tok, model = loaded.tokenizer, loaded.model
-    prompts = [build_prompt(tok, [{"role": "user", "content": it["input"]}], a.with_prompt) for it in items]
+    fmt = ChatFormat(tok)
+    prompts = [fmt.prompt_ids([{"role": "user", "content": it["input"]}]) if a.with_prompt else it["input"]
+               for it in items]
     fields = request_fields(a, items)
     results = []
     out = Path(a.predictions_file)
@@ -241,6 +272,7 @@ def _free_cached_memory() -> None:
 def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     tok, model = loaded.tokenizer, loaded.model
+    fmt = ChatFormat(tok)
     max_pos = getattr(model.config, "max_position_embeddings", 4096)
     budget = max(16, max_pos - cfg.max_new_tokens)
     history: list[dict] = []
@@ -263,15 +295,17 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
                 print("(history cleared)", file=stdout, flush=True)
                 continue
             history.append({"role": "user", "content": text})
-            msgs = trim_history(tok, history, budget, a.with_prompt) if a.with_prompt else history[-1:]
+            msgs = trim_history(fmt, history, budget) if a.with_prompt else history[-1:]
             if len(msgs) < len(history):
                 print(f"(context full: dropped {len(history) - len(msgs)} oldest messages)", file=stdout, flush=True)
                 history = msgs
-            prompt = build_prompt(tok, msgs, a.with_prompt)
+            # the log gets the text, the model its ids (the same tokens)
+            prompt = fmt.render(msgs, add_generation_prompt=True) if a.with_prompt else text
+            prompt_in = fmt.prompt_ids(msgs) if a.with_prompt else text
             print("Assistant: ", end="", file=stdout, flush=True)
             t0 = time.time()
             try:
-                r = generate(model, tok, prompt, cfg, on_text=lambda s: print(s, end="", file=stdout, flush=True),
+                r = generate(model, tok, prompt_in, cfg, on_text=lambda s: print(s, end="", file=stdout, flush=True),
                              device=loaded.device, constrain=a.constrain, fields=prompt_fields(a, text))
             except Exception as e:  # the session survives a reply that does not fit; the turn is dropped
                 from inference.abc_constraint import ConstraintError
@@ -334,14 +368,21 @@ def main(argv=None) -> int:
     if a.batch_size < 1:
         ap.error("--batch_size must be >= 1")
     cfg = sampling_from_args(a)
-    if a.data_file and a.constrain == "abc":  # an impossible request is refused before the model loads
-        from inference.abc_constraint import ConstraintError
+    items = None
+    if a.data_file:   # model paths, then the data and the output path: all checked before the model is loaded
+        for arg, kind in ((a.base_model, "model"), (a.lora_model, "adapter"), (a.tokenizer_path, "tokenizer")):
+            if arg:
+                resolve_model_path(arg, kind)
+        items = read_instructions(a.data_file, a.input_field)
+        check_predictions_file(a.predictions_file, a.data_file)
+        if a.constrain == "abc":  # an impossible request is refused before the model loads
+            from inference.abc_constraint import ConstraintError
 
-        try:
-            request_fields(a, read_instructions(a.data_file, a.input_field))
-        except ConstraintError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            try:
+                request_fields(a, items)
+            except ConstraintError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
     from inference.loading import load_model
 
     loaded = load_model(a.base_model, a.lora_model, a.tokenizer_path, device=a.device, dtype=a.dtype,
@@ -356,7 +397,7 @@ def main(argv=None) -> int:
         from inference.abc_constraint import ConstraintError
 
         try:
-            run_batch(a, loaded, cfg)
+            run_batch(a, loaded, cfg, items)
         except ConstraintError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

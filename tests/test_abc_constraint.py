@@ -282,11 +282,12 @@ def test_memorised_tune_passes_and_a_different_meter_is_enforced(tiny_model_dir,
     and bars of three quarters."""
     from test_predict_fixtures import PROMPT, REPLY, memorised_model
 
-    from inference.generation import SamplingConfig, build_prompt, generate
+    from data_preprocess.chat_format import ChatFormat
+    from inference.generation import SamplingConfig, generate
     from inference.loading import load_model
 
     loaded = load_model(str(memorised_model(tiny_model_dir, tmp_path / "memo")), device="cpu", dtype="fp32")
-    start = build_prompt(loaded.tokenizer, [{"role": "user", "content": PROMPT}])
+    start = ChatFormat(loaded.tokenizer).prompt_ids([{"role": "user", "content": PROMPT}])
     cfg = SamplingConfig(temperature=0, max_new_tokens=120)
     assert extract_fields(PROMPT) == {"K": "D"}
     same = generate(loaded.model, loaded.tokenizer, start, cfg, constrain="abc")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_mmlu
 
 from benchmarks import mmlu
 from benchmarks.common import ModelArgs, load
@@ -94,3 +95,43 @@ def test_cli_smoke(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| all (micro) | 2 |" in printed
     assert json.loads(out.read_text())["shots"] == 2
+
+
+def test_cloze_formulation_matches_direct_computation(tiny_model_dir, tmp_path, loaded):
+    data = tmp_path / "mmlu"
+    write_tiny_mmlu(data)
+    base = {"model": str(tiny_model_dir), "data_dir": str(data), "shots": 2, "batch_size": 4, "device": "cpu"}
+    both = mmlu.run(mmlu.MMLUConfig(**base, formulation="both", output=str(tmp_path / "both.json")), loaded)
+    letter = mmlu.run(mmlu.MMLUConfig(**base, output=str(tmp_path / "letter.json")), loaded)
+    # adding the cloze formulation leaves the letter results as they were
+    for k in ("accuracy_micro", "accuracy_macro", "categories", "subjects", "n_questions"):
+        assert both[k] == letter[k]
+    assert letter["formulations"] == ["letter"] and "cloze" not in letter
+    recs = [json.loads(ln) for ln in Path(both["per_question"]).read_text().splitlines()]
+    tok, model = loaded.tokenizer, loaded.model
+    dev = mmlu.read_csv(data / "dev" / "world_religions_dev.csv", "world_religions")
+    test = mmlu.read_csv(data / "test" / "world_religions_test.csv", "world_religions")
+    for q in test:
+        rec = next(r for r in recs if r["subject"] == q.subject and r["index"] == q.index)
+        prompt = mmlu.build_cloze_prompt(q, dev[:2])
+        assert prompt.startswith("The following are questions (with answers) about world religions.\n\n"
+                                 "Question: Where is Mecca?\nAnswer: Saudi Arabia\n\n")
+        assert prompt.endswith(f"Question: {q.question}\nAnswer:")
+        ctx = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+        lps = []
+        for choice in q.choices:
+            full = [tok.bos_token_id] + tok.encode(prompt + " " + choice, add_special_tokens=False)
+            assert full[:len(ctx)] == ctx  # this tokenizer does not merge across "Answer:" and the space
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([full])).logits[0], -1)
+            lps.append(float(sum(lp[i - 1, full[i]] for i in range(len(ctx), len(full)))))
+        assert rec["cloze_logprobs"] == pytest.approx(lps, abs=1e-4)
+        assert rec["cloze_pred"] == "ABCD"[max(range(4), key=lambda j: lps[j])]
+        norm = [lp / len(c.encode()) for lp, c in zip(lps, q.choices)]
+        assert rec["cloze_pred_norm"] == "ABCD"[max(range(4), key=lambda j: norm[j])]
+    cz = both["cloze"]
+    assert cz["accuracy_micro"] == pytest.approx(sum(r["cloze_pred"] == r["answer"] for r in recs) / 6)
+    assert cz["acc_norm_micro"] == pytest.approx(sum(r["cloze_pred_norm"] == r["answer"] for r in recs) / 6)
+    assert "cloze acc_norm" in mmlu.report(both)
+    only = mmlu.run(mmlu.MMLUConfig(**base, formulation="cloze", output=str(tmp_path / "c.json")), loaded)
+    assert only["accuracy_micro"] == cz["accuracy_micro"] and only["cloze"]["acc_norm_micro"] == cz["acc_norm_micro"]

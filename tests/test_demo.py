@@ -25,11 +25,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCALE = "X:1\nT:Pasted scale\nM:4/4\nL:1/4\nK:G\nG A B c|d e f g|]\n"
 
 
-def _start_demo(model: Path) -> tuple[subprocess.Popen, str, str]:
-    """Starts inference/demo.py on a free port: (process, URL, the start line it printed)."""
+def _start_demo(model: Path, *extra: str) -> tuple[subprocess.Popen, str, str]:
+    """Starts inference/demo.py on a free port (``extra``: more flags): (process, URL, the start line it printed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "inference" / "demo.py"), "--model", str(model), "--port", "0",
-                             "--seed", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--seed", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 180
     while time.time() < deadline:
         line = proc.stdout.readline()

@@ -220,3 +220,38 @@ def test_zero3_checkpoint_to_hf_dir_loads_with_plain_transformers(zero3_runs, tm
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_lora").eval()
     tok = AutoTokenizer.from_pretrained(out2)
     assert (_probe(a, tok) - _probe(b, tok)).abs().max().item() < 1e-5
+
+
+class _RunsCode:
+    """Unpickling this calls ``pathlib.Path.touch(marker)``: the stand-in for any code a crafted pickle runs."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.slow
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(zero3_runs, tmp_path):
+    """A DeepSpeed checkpoint whose torch file carries a pickled callable: merge refuses it in one line
+    (weights_only=True first, for every .pt, before DeepSpeed's own reader unpickles anything) and the code
+    never runs. Both the model-states file and a ZeRO optimizer-states file are checked."""
+    import shutil
+
+    from training.merge import main
+
+    for victim in ("model_states", "optim_states"):
+        run = tmp_path / f"run_{victim}"
+        shutil.copytree(zero3_runs / "lora", run)
+        f = next((run / "checkpoints" / "step-00000002").glob(f"*{victim}.pt"))
+        state = torch.load(f, map_location="cpu", weights_only=False)  # our own file, from the fixture's run
+        marker = tmp_path / f"pwned_{victim}"
+        state["evil"] = _RunsCode(str(marker))
+        torch.save(state, f)
+        with pytest.raises(SystemExit, match=r"refused -- it does not load with torch.load\(weights_only=True\)"):
+            main(["--deepspeed_checkpoint", str(run), "--output_dir", str(tmp_path / f"out_{victim}")])
+        assert not marker.exists()
+        assert not (tmp_path / f"out_{victim}").exists()

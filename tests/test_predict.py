@@ -106,7 +106,8 @@ def test_interactive_chat_keeps_history_and_resets(memo_dir, tmp_path):
 
 
 def test_streaming_callback_sees_tokens_in_order(tiny, memo_dir):
-    from inference.generation import SamplingConfig, build_prompt, generate
+    from data_preprocess.chat_format import ChatFormat
+    from inference.generation import SamplingConfig, generate
     from inference.loading import load_model
 
     # a random model emits byte-fallback tokens too (partial UTF-8): the pieces must still add up exactly
@@ -117,7 +118,7 @@ def test_streaming_callback_sees_tokens_in_order(tiny, memo_dir):
         assert "".join(pieces) == r["output"] and len(pieces) > 3
     memo = load_model(str(memo_dir), device="cpu", dtype="fp32")
     pieces = []
-    prompt = build_prompt(memo.tokenizer, [{"role": "user", "content": PROMPT}])
+    prompt = ChatFormat(memo.tokenizer).prompt_ids([{"role": "user", "content": PROMPT}])
     r = generate(memo.model, memo.tokenizer, prompt, SamplingConfig(seed=0), on_text=pieces.append)
     assert "".join(pieces) == r["output"] == REPLY and r["stopped_at_eos"]
     # pieces arrive token by token, in order: every prefix of the stream is a prefix of the reply
@@ -204,7 +205,9 @@ def test_model_paths_are_resolved_before_loading(tiny_model_dir, tmp_path, monke
         resolve_model_path(hub_id)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    assert resolve_model_path(hub_id) == hub_id  # online: transformers may fetch it (nothing fetched here)
+    with pytest.raises(ModelPathError, match=r"never-downloaded: no such directory, and as a Hub id it is not "
+                                             r"downloaded \(tunesmith never downloads models\)"):
+        resolve_model_path(hub_id)  # online too: refused up front, never fetched (issue 18)
     # load_model refuses a missing adapter before loading anything
     with pytest.raises(ModelPathError, match=r"^adapter outputs/default/sft/finall: no such directory"):
         load_model(str(tiny_model_dir), "outputs/default/sft/finall", device="cpu")

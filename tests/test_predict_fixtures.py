@@ -35,13 +35,19 @@ def memorised_model(base_dir: Path, out_dir: Path, max_steps: int = 300) -> Path
 def _memorise(base_dir: Path, out_dir: Path, max_steps: int) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from data_preprocess.chat_format import ChatFormat
+
     tok = AutoTokenizer.from_pretrained(base_dir)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # the SFT sequence of the conversation, as preprocess writes it: prompt (mask 0), then the answer through EOS
+    fmt = ChatFormat(tok)
     msgs = [{"role": "user", "content": PROMPT}]
-    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    p_ids = tok(prompt).input_ids
-    a_ids = tok(REPLY, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids, mask = fmt.encode([*msgs, {"role": "assistant", "content": REPLY}])
+    p_ids = fmt.prompt_ids(msgs)
+    assert ids[:len(p_ids)] == p_ids and not any(mask[:len(p_ids)]) and mask[len(p_ids)]
+    a_ids = ids[len(p_ids):max(i for i, m in enumerate(mask) if m) + 1]
+    assert a_ids[-1] == tok.eos_token_id
     ids = torch.tensor([p_ids + a_ids])
     target = torch.tensor(a_ids)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -80,7 +80,9 @@ def gathered_state_dict(module: torch.nn.Module, keep=lambda name: True, rank: i
     import deepspeed
 
     out = {}
-    for name, p in module.named_parameters():
+    # tied parameters under every name (PEFT's ensure_weight_tying shares one Parameter between the embed_tokens and
+    # lm_head copies, and an adapter's state dict must hold both names)
+    for name, p in module.named_parameters(remove_duplicate=False):
         if not keep(name):
             continue
         if hasattr(p, "ds_id"):  # a ZeRO-3 partitioned parameter
@@ -189,7 +191,13 @@ def find_resume(resume: str, output_dir: str) -> tuple[Path, str] | None:
 
 
 def load_checkpoint(engine, root: Path, tag: str, rank: int) -> dict:
-    """Restores module, optimizer and our client state; then this rank's RNG (last, right before training)."""
+    """Restores module, optimizer and our client state; then this rank's RNG (last, right before training).
+    DeepSpeed's loader unpickles with ``weights_only=False``, so every ``*.pt`` of the tag is first proven to
+    load with ``weights_only=True`` (:func:`training.merge.refuse_unsafe_torch_files`): a checkpoint someone
+    handed you cannot run code on resume."""
+    from training.merge import refuse_unsafe_torch_files
+
+    refuse_unsafe_torch_files(root / tag)
     path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if path is None:

@@ -44,6 +44,11 @@ class TrainConfig:
     # None = default: [embed_tokens, lm_head] in pt mode (ChatMusician trains embeddings), else [] unless
     # the tokenizer adds tokens to the base model (then the resized embeddings must be trained and saved)
     lora_modules_to_save: list[str] | None = None
+    # a base whose lm_head IS embed_tokens (tie_word_embeddings, e.g. SmolLM2) with the embeddings in
+    # lora_modules_to_save -- shared: one trained matrix serves both (PEFT ensure_weight_tying; the merged model
+    # stays tied, like the base); untie: embed_tokens and lm_head become two trained copies (the merged model
+    # has tie_word_embeddings false and twice the embedding parameters). Logged and recorded either way.
+    tied_embeddings: str = "shared"
     attn_implementation: str = "sdpa"  # sdpa | eager | varlen (with doc_attention=block: attention given the
                                      # document bounds, no [B,1,L,L] mask; flash varlen kernel on a GPU in
                                      # bf16/fp16, exact per-document SDPA elsewhere -- training/attention.py)
@@ -347,7 +352,16 @@ def model_config_dict(model: str) -> dict | None:
 
 
 def validate(cfg: TrainConfig, env: Environment) -> dict:
-    """Refuses invalid jobs with a one-line reason + fix. Returns facts learnt on the way (meta, ds config)."""
+    """Refuses invalid jobs with a one-line reason + fix. Returns facts learnt on the way (meta, ds config).
+
+    A ``model`` given as a named source or ``PATH.gguf`` is imported here and ``cfg.model`` is set to the
+    imported HF dir (``facts["model_source"]`` keeps what was asked for, for job.json)."""
+    from data_preprocess.hub import ArgumentError
+    from data_preprocess.model_source import (
+        is_model_source,
+        read_record,
+        resolve_source,
+    )
     from data_preprocess.shards import open_split, read_meta
     from training.presets import PRESETS
 
@@ -356,7 +370,8 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
 
     choice = {"train_type": ("full", "lora"), "precision": ("auto", "bf16", "fp16", "fp32"),
               "optimizer": ("deepspeed", "torch"), "doc_attention": ("causal", "block"),
-              "attn_implementation": ("sdpa", "eager", "varlen"), "loss": ("auto", "chunked", "hf")}
+              "attn_implementation": ("sdpa", "eager", "varlen"), "loss": ("auto", "chunked", "hf"),
+              "tied_embeddings": ("shared", "untie")}
     for k, allowed in choice.items():
         if getattr(cfg, k) not in allowed:
             bad(f"{k}={getattr(cfg, k)!r} is not one of {list(allowed)}. Fix: {k}={allowed[0]}")
@@ -459,6 +474,18 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
     if tok.pad_token_id is None:
         bad(f"tokenizer {tdir} has no pad token. Fix: re-save it with a pad token distinct from eos")
     # ---- model source
+    model_source = None
+    if is_model_source(cfg.model):
+        # smollm2-135m / PATH.gguf: imported once into a cached HF dir (a lock makes the ranks import it once);
+        # from here on the job -- engine, checkpoints' model_source, merge -- uses that dir
+        try:
+            resolved = resolve_source(cfg.model)
+        except ArgumentError as e:
+            bad(f"model={e}")
+        record = read_record(resolved) or {}
+        model_source = {"source": cfg.model, "dir": resolved, "sha256": record.get("sha256"),
+                        "quantization": record.get("quantization")}
+        cfg.model = resolved
     base_vocab = None
     if cfg.model in PRESETS:
         max_pos = PRESETS[cfg.model]["max_position_embeddings"]
@@ -494,4 +521,5 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         except ImportError:
             bad("report_to includes wandb but wandb is not installed. Fix: pip install wandb, or report_to=tensorboard")
     return {"meta": meta, "ds": ds, "precision": precision, "tokenizer": tok, "tokenizer_identity": ident,
-            "hidden_size": hidden, "base_vocab": base_vocab, "n_train_blocks": len(train), "n_val_blocks": len(val)}
+            "hidden_size": hidden, "base_vocab": base_vocab, "n_train_blocks": len(train), "n_val_blocks": len(val),
+            "model_source": model_source}

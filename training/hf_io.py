@@ -7,6 +7,7 @@ It lives in the training layer because merge.py (training) needs it and a lower 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from transformers import AutoTokenizer
 
 from data_preprocess.hub import ArgumentError, could_be_hub_id, offline
 from data_preprocess.hub import exit_on_argument_error as exit_on_model_path_error  # noqa: F401 (the CLIs' decorator)
+from data_preprocess.model_source import ModelSourceError, resolve_source
 
 # kind of argument -> (the file that marks such a dir, the fix shown when the argument is wrong)
 _KINDS = {
@@ -32,11 +34,19 @@ class ModelPathError(ArgumentError):
 def resolve_model_path(name: str, kind: str = "model") -> str:
     """Checks a model (``kind`` model | adapter | tokenizer) argument before anything is loaded.
 
+    A model / tokenizer given as a named source (``smollm2-135m``) or a ``PATH.gguf`` is first imported (once)
+    into a cached HF dir by :func:`data_preprocess.model_source.resolve_source`, and that dir is returned.
     An existing local dir is local (it must hold the kind's marker file: config.json, adapter_config.json,
     a tokenizer file); a name that cannot be a Hub id is a missing local path; a Hub id while
-    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set must be in the local HF cache. Anything else is left to
-    transformers / PEFT to fetch. Returns the name (``~`` expanded); raises :class:`ModelPathError`."""
+    must be in the local HF cache, whether or not HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set: tunesmith never
+    downloads a model (a typo'd name would otherwise hang on the network, then end in a traceback). Returns
+    the name (``~`` expanded); raises :class:`ModelPathError`."""
     marker, fix = _KINDS[kind]
+    if kind in ("model", "tokenizer"):
+        try:
+            name = resolve_source(name)
+        except ModelSourceError as e:
+            raise ModelPathError(f"{kind} {e}") from None
     p = Path(name).expanduser()
     if p.is_dir():
         ok = _has_tokenizer(p) if kind == "tokenizer" else (p / marker).is_file()
@@ -48,13 +58,13 @@ def resolve_model_path(name: str, kind: str = "model") -> str:
         raise ModelPathError(f"{kind} {name}: is a file, not a directory. Fix: {fix}")
     if not could_be_hub_id(name):
         raise ModelPathError(f"{kind} {name}: no such directory (and not a Hub id). Fix: {fix}")
-    if offline("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(name, marker), str):
-            raise ModelPathError(f"{kind} {name}: no such directory, and as a Hub id it is not downloaded while "
-                                 "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set. Fix: a local dir, or download it "
-                                 f"where there is network (huggingface-cli download {name})")
+    if not isinstance(try_to_load_from_cache(name, marker), str):
+        state = " while HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set" if offline("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") \
+            else " (tunesmith never downloads models)"
+        raise ModelPathError(f"{kind} {name}: no such directory, and as a Hub id it is not downloaded{state}. Fix: a "
+                             f"local dir, or download it where there is network (huggingface-cli download {name})")
     return name
 
 
@@ -116,3 +126,21 @@ def resize_for_adapter(model, tokenizer, lora_model: str | None = None) -> int:
         need = adapter_vocab_size(lora_model) or need
     resize_embeddings(model, need)
     return model.get_input_embeddings().weight.shape[0]
+
+
+@contextmanager
+def unloadable_is_a_path_error(kind: str, path: str):
+    """A dir that passed :func:`resolve_model_path` but cannot be loaded (a config.json alone, a truncated
+    model.safetensors, an invalid config.json, no tokenizer): one-line :class:`ModelPathError` instead of the
+    loader's traceback. Running out of memory is not the dir's fault and propagates."""
+    from training.oom import is_out_of_memory
+
+    try:
+        yield
+    except Exception as e:  # transformers/safetensors raise many types for a broken dir
+        if is_out_of_memory(e) or isinstance(e, ModelPathError):
+            raise
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelPathError(f"{kind} {path}: cannot be loaded ({type(e).__name__}: {why}). Fix: pass a complete "
+                             "model dir (config.json, model.safetensors and tokenizer files, as written by "
+                             "training/merge.py or train.py), or re-export it") from None

@@ -36,7 +36,8 @@ if __package__ in (None, ""):  # `python training/merge.py`: make the repo root 
 
 import torch
 
-from training.hf_io import exit_on_model_path_error, resolve_model_path
+from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
+from training.model import embeddings_tied
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # max |logit difference| allowed, relative to max(1, max |reference logit|): the merge is W + s*B@A
@@ -162,11 +163,18 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from training.hf_io import _has_tokenizer, load_tokenizer, resize_for_adapter
+    from training.hf_io import (
+        _has_tokenizer,
+        load_tokenizer,
+        resize_for_adapter,
+        unloadable_is_a_path_error,
+    )
 
     tok_src = tokenizer_path or (lora_model if _has_tokenizer(lora_model) else base_model)
-    tok = load_tokenizer(tok_src)
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
+    with unloadable_is_a_path_error("tokenizer" if tokenizer_path else "model", tok_src):
+        tok = load_tokenizer(tok_src)
+    with unloadable_is_a_path_error("model", base_model):
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=False)
     base_rows = base.get_input_embeddings().weight.shape[0]
     rows = resize_for_adapter(base, tok, lora_model)
     if rows != base_rows:
@@ -174,8 +182,57 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     if len(tok) > rows:
         raise SystemExit(f"{tok_src}: tokenizer has {len(tok)} tokens but the adapter's embeddings have {rows} rows; "
                          "pass the tokenizer the adapter was trained with (--tokenizer_path)")
-    model = PeftModel.from_pretrained(base, lora_model)
+    try:
+        model = PeftModel.from_pretrained(base, lora_model)
+    except (ValueError, RuntimeError, KeyError) as e:   # target modules missing, shape mismatch: another model
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelPathError(f"adapter {lora_model} does not fit base {base_model} ({base.config.model_type}, "
+                             f"{base.config.hidden_size} hidden): {type(e).__name__}: {why}. Fix: pass the base the "
+                             "adapter was trained on (its adapter_config.json names it: base_model_name_or_path)") from None
     return model, tok, base_rows
+
+
+def adapter_fingerprint(lora_model: str) -> str:
+    """sha256 of the adapter's weights file: the identity of an adapter, wherever it was copied to."""
+    import hashlib
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        f = Path(lora_model) / name
+        if f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for piece in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(piece)
+            return h.hexdigest()
+    return ""
+
+
+def applied_adapters(base_model: str) -> list[dict]:
+    """The adapters already merged into ``base_model`` (its merge_info.json, written by this tool), oldest first."""
+    f = Path(base_model) / "merge_info.json"
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(info, dict):
+        return []
+    if isinstance(info.get("adapters"), list):
+        return [a for a in info["adapters"] if isinstance(a, dict)]
+    return [{"path": info["lora_model"], "sha256": ""}] if info.get("source") == "lora" and info.get("lora_model") else []
+
+
+def refuse_adapter_twice(base_model: str, lora_model: str, sha: str) -> None:
+    """A base that already holds this adapter (same weights sha, or same path when no sha was recorded) would
+    get the LoRA delta twice: one-line :class:`ModelPathError`."""
+    import os
+
+    for a in applied_adapters(base_model):
+        same = (sha and a.get("sha256") == sha) or (not a.get("sha256") and
+                                                     os.path.realpath(str(a.get("path", ""))) == os.path.realpath(lora_model))
+        if same:
+            raise ModelPathError(f"base {base_model} already holds adapter {lora_model} (merged from {a.get('path')}, "
+                                 f"see {Path(base_model) / 'merge_info.json'}): merging again would apply the LoRA twice. "
+                                 "Fix: pass the original base (adapter_config.json: base_model_name_or_path)")
 
 
 # DeepSpeed checkpoints ------------------------------------------------------------------------------
@@ -228,8 +285,34 @@ def _lora_config(meta: dict, where: Path):
                       bias="none", task_type="CAUSAL_LM")
 
 
+def refuse_unsafe_torch_files(ckpt_dir: Path) -> None:
+    """Every ``*.pt`` of a checkpoint must load with ``torch.load(weights_only=True)`` (tensors, numbers, strings,
+    plain containers): a pickle naming any other callable could run code, and checkpoints get passed around.
+    DeepSpeed's own ZeRO reader (``zero_to_fp32``) unpickles with ``weights_only=False``; running it only on files
+    that passed this check means it meets nothing but what the safe loader allows. Raises SystemExit (one line)."""
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # the only non-tensor objects DeepSpeed's ZeRO optimizer states pickle: an enum and plain state holders
+    # (rebuilt from their attribute dicts, no code of theirs runs; fragment_address: ZeRO-1/2's (numel, start))
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    for f in sorted(ckpt_dir.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError) as e:
+            why = str(e).strip().splitlines()[0][:200]
+            raise SystemExit(f"{f}: refused -- it does not load with torch.load(weights_only=True), so it may "
+                             f"run code when unpickled ({why}). Fix: convert only checkpoints you trust, with their "
+                             "own tools; tunesmith never unpickles arbitrary objects") from None
+
+
 def deepspeed_state_dict(checkpoints_dir: Path, tag: str, ckpt_dir: Path, zero_stage: int | None) -> dict:
     """fp32 weights of the engine's module for any ZeRO stage (stage 0 keeps them in the model file)."""
+    refuse_unsafe_torch_files(ckpt_dir)
     if any(ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")) and zero_stage != 0:
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
@@ -239,9 +322,7 @@ def deepspeed_state_dict(checkpoints_dir: Path, tag: str, ckpt_dir: Path, zero_s
     files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise SystemExit(f"{ckpt_dir}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    # DeepSpeed model-state files pickle the engine's settings next to the tensors, so they need the
-    # full unpickler: only convert checkpoints you produced yourself.
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
 
 
@@ -319,7 +400,7 @@ def save_hf(model, tok, out: Path, dtype: torch.dtype, max_shard_size: str):
     """Sharded safetensors + tokenizer (with chat template) + generation config."""
     from transformers import GenerationConfig
 
-    from data_preprocess.train_tokenizer import CHAT_TEMPLATE
+    from data_preprocess.chat_format import ensure_chat_template
 
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit("the tokenizer's pad token equals eos (or is missing): generation would stop on padding; "
@@ -332,8 +413,7 @@ def save_hf(model, tok, out: Path, dtype: torch.dtype, max_shard_size: str):
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, **GENERATION_DEFAULTS)
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHAT_TEMPLATE
+    ensure_chat_template(tok)  # the chat format the model was trained in (ChatMusician's when none)
     tok.save_pretrained(out)
 
 
@@ -348,10 +428,12 @@ def merge_and_save(model, tok, base_rows: int, out: Path, tmp: Path, out_dtype: 
     ref = probe_logits(model, batches)
     checks = {}
     if is_peft:
-        model = model.merge_and_unload()
+        model = model.merge_and_unload()  # a tied base trained with tied_embeddings=shared stays tied
         checks["in_memory"] = compare(ref, probe_logits(model, batches), compute)
         log(f"merged in {str(compute).replace('torch.', '')}: max |logit diff| vs adapter model "
             f"{checks['in_memory']['max_abs_diff']:.3g} (tolerance {checks['in_memory']['tolerance']:.3g})")
+    tied = embeddings_tied(model)
+    log(f"embeddings: {'tied (one matrix as embed_tokens and lm_head)' if tied else 'untied'}")
     save_hf(model, tok, tmp, out_dtype, max_shard_size)
     del model
     gc.collect()
@@ -364,7 +446,7 @@ def merge_and_save(model, tok, base_rows: int, out: Path, tmp: Path, out_dtype: 
         f"{'adapter' if is_peft else 'checkpoint'} model {checks['reloaded']['max_abs_diff']:.3g} "
         f"(tolerance {checks['reloaded']['tolerance']:.3g})")
     ok = all(c["ok"] for c in checks.values()) and vocab_ok
-    info.update(checks=checks, verified=ok, vocab_rows=rows, base_rows=base_rows, tokenizer_tokens=len(tok),
+    info.update(checks=checks, verified=ok, tied_embeddings=tied, vocab_rows=rows, base_rows=base_rows, tokenizer_tokens=len(tok),
                 probe_sequences=len(batches), dtype=str(out_dtype).replace("torch.", ""),
                 merge_dtype=str(compute).replace("torch.", ""), seconds=round(time.time() - t0, 2))
     (tmp / "merge_info.json").write_text(json.dumps(info, indent=2))
@@ -417,12 +499,15 @@ def main(argv=None) -> int:
         # a wrong path fails here, in one line, before anything is written
         a.base_model, a.lora_model = resolve_model_path(a.base_model, "model"), resolve_model_path(a.lora_model, "adapter")
         a.tokenizer_path = a.tokenizer_path and resolve_model_path(a.tokenizer_path, "tokenizer")
+        sha = adapter_fingerprint(a.lora_model)
+        refuse_adapter_twice(a.base_model, a.lora_model, sha)
         out_dtype = DTYPES[a.dtype if a.dtype != "auto" else default_out_dtype(a.base_model)]
         inputs = [Path(a.lora_model)] + ([Path(a.base_model)] if Path(a.base_model).exists() else [])
         tmp = prepare_output(out, a.overwrite, inputs)
         compute = pick_compute_dtype(out_dtype, weight_bytes_fp32(a.base_model))
         model, tok, base_rows = load_adapter_model(a.base_model, a.lora_model, a.tokenizer_path, compute)
-        info = {"source": "lora", "base_model": a.base_model, "lora_model": a.lora_model}
+        info = {"source": "lora", "base_model": a.base_model, "lora_model": a.lora_model, "adapter_sha256": sha,
+                "adapters": [*applied_adapters(a.base_model), {"path": a.lora_model, "sha256": sha}]}
     try:
         return merge_and_save(model, tok, base_rows, out, tmp, out_dtype, compute, a.max_shard_size, info)
     except BaseException:

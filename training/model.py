@@ -24,6 +24,9 @@ class ModelInfo:
     vocab_before: int
     vocab_after: int
     modules_to_save: list[str] = field(default_factory=list)
+    # how LoRA treats a base with tied embed_tokens/lm_head whose embeddings are trained: "shared" (one matrix),
+    # "untied" (two copies), "" when the base is not tied or the embeddings are not trained
+    tied_embeddings: str = ""
     n_params: int = 0
     n_trainable: int = 0
 
@@ -169,13 +172,45 @@ def _build(cfg: TrainConfig, tok, dtype, zero3: bool, save_base_to, rank: int):
         torch.manual_seed(cfg.seed)  # adapters start the same however the base was built (zero.Init or not)
 
         info.modules_to_save = default_modules_to_save(cfg, info.vocab_after > info.vocab_before)
+        tie = _tie_embeddings(model, cfg.tied_embeddings, info)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_target_modules), modules_to_save=info.modules_to_save or None,
-                          bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
+                          target_modules=list(cfg.lora_target_modules), modules_to_save=list(info.modules_to_save) or None,
+                          bias="none", task_type="CAUSAL_LM", ensure_weight_tying=tie)
+        model = get_peft_model(model, lcfg)  # (PEFT rewrites the list it is given: hence the copy above)
     info.n_params = sum(_numel(p) for p in model.parameters())
     info.n_trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return model, info
+
+
+def embeddings_tied(model) -> bool:
+    """Whether ``model``'s lm_head weight is its input embedding matrix (one Parameter, not a copy)."""
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def _tie_embeddings(model, how: str, info: ModelInfo) -> bool:
+    """The LoRA decision for a tied base (``how``: shared | untie) whose embeddings are in modules_to_save.
+
+    Left alone, PEFT copies only embed_tokens and lm_head keeps the base matrix: the run would train the input
+    embeddings while the output head silently stays the original (and the merge unties them). So either one
+    trained matrix is used as both (shared: PEFT's ensure_weight_tying -- both names are kept in modules_to_save
+    so an adapter never lacks lm_head) or the model is untied here, before LoRA, so both copies train (untie).
+    Records the choice in ``info.tied_embeddings``; returns the ``ensure_weight_tying`` flag for LoraConfig."""
+    emb = {"embed_tokens", "lm_head"}
+    if not (embeddings_tied(model) and emb & set(info.modules_to_save)):
+        return False
+    if how == "untie":
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        info.tied_embeddings = "untied"
+    else:
+        info.tied_embeddings = "shared"
+    info.modules_to_save = list(dict.fromkeys([*info.modules_to_save, *sorted(emb)]))
+    log.info("tied embeddings: %s", "one shared matrix trained as embed_tokens and lm_head (tied_embeddings=shared)"
+             if how != "untie" else "untied on purpose: embed_tokens and lm_head train as two copies "
+             "(tied_embeddings=untie)")
+    return how != "untie"
 
 
 def enable_checkpointing(model, every: int = 1) -> list[int]:
@@ -328,7 +363,10 @@ def estimate_memory(cfg: TrainConfig, tok, stage: int, off_opt: bool, off_par: b
         trainable = per_layer * mcfg.num_hidden_layers
         mts = cfg.lora_modules_to_save if cfg.lora_modules_to_save is not None else (
             ["embed_tokens", "lm_head"] if cfg.mode == "pt" else [])
-        trainable += vocab * h * len([m for m in mts if m in ("embed_tokens", "lm_head")])
+        n_emb = len([m for m in mts if m in ("embed_tokens", "lm_head")])
+        if n_emb and getattr(mcfg, "tie_word_embeddings", False) and cfg.tied_embeddings == "shared":
+            n_emb = 1  # one shared matrix (see _tie_embeddings)
+        trainable += vocab * h * n_emb
         dev = 2 * total / (world if stage == 3 else 1) + 18 * trainable / (world if stage >= 1 else 1)
         out.update(trainable=trainable, device_bytes_lora=int(dev))
         print(f"[memory] LoRA: {trainable / 1e6:.1f} M trainable -> about {dev / 2**30:.2f} GiB of model states per "

@@ -241,8 +241,8 @@ def run(argv, progress: dict) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_root.mkdir(exist_ok=True)
-        job = {"config": cfg.to_dict(), "ds_config": ds, "world_size": world, "precision": precision,
-               "device": env.device, "max_steps": max_steps, "gradient_accumulation_steps": gas,
+        job = {"config": cfg.to_dict(), "model_source": facts["model_source"], "ds_config": ds, "world_size": world,
+               "precision": precision, "device": env.device, "max_steps": max_steps, "gradient_accumulation_steps": gas,
                "data": {"max_len": L, "train_blocks": len(train_split), "val_blocks": len(val_split),
                         "tokenizer": facts["tokenizer_identity"]}}
         (out / "job.json").write_text(json.dumps(job, indent=2) + "\n")
@@ -273,7 +273,8 @@ def run(argv, progress: dict) -> int:
                               rank=rank)
     if rank == 0:
         log.info("model: %.2f M parameters, %.2f M trainable%s", info.n_params / 1e6, info.n_trainable / 1e6,
-                 f" (LoRA r={cfg.lora_r}, modules_to_save={info.modules_to_save})" if lora else "")
+                 f" (LoRA r={cfg.lora_r}, modules_to_save={info.modules_to_save}"
+                 f"{', tied embeddings ' + info.tied_embeddings if info.tied_embeddings else ''})" if lora else "")
         if stage == 3:
             log.info("ZeRO-3: the model was built inside deepspeed.zero.Init -- each of the %d ranks created and "
                      "keeps 1/%d of every parameter", world, world)
@@ -302,7 +303,8 @@ def run(argv, progress: dict) -> int:
     ck_info = {"model_source": cfg.model, "train_type": cfg.train_type, "mode": cfg.mode,
                "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                         "target_modules": list(cfg.lora_target_modules),
-                        "modules_to_save": info.modules_to_save} if lora else None,
+                        "modules_to_save": info.modules_to_save,
+                        "tied_embeddings": info.tied_embeddings or None} if lora else None,
                "vocab_size": len(tok), "tokenizer_dir": str(Path(cfg.tokenizer_dir).resolve()),
                "base_model_dir": base_model_dir, "zero_stage": stage, "dtype": precision}
 
