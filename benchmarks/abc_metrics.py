@@ -22,26 +22,21 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from data_preprocess.abc_meter import (  # noqa: F401 - re-exported: the checker's public names
+    _FIELD_LINE,
+    _INLINE_FIELD,
+    _MODES,
+    meter_numerator,
+    meter_value,
+    normalise_key,
+    normalise_meter,
+    note_length,
+    split_header_body,
+    tuplet_q,
+    unit_value,
+)
+
 # ------------------------------------------------------------------------------------------- headers
-
-_FIELD_LINE = re.compile(r"^([A-Za-z]):(?!\|)(.*)$")
-_INLINE_FIELD = re.compile(r"\[([A-Za-z]):([^\]]*)\]")
-
-
-def split_header_body(abc: str) -> tuple[dict[str, str], list[str]]:
-    """Header fields (first value of each letter, up to and including ``K:``) and the body lines."""
-    header: dict[str, str] = {}
-    lines = abc.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    for i, line in enumerate(lines):
-        m = _FIELD_LINE.match(line.strip())
-        if m:
-            header.setdefault(m.group(1), m.group(2).split("%", 1)[0].strip())
-            if m.group(1) == "K":
-                return header, lines[i + 1:]
-        elif line.strip() and not line.strip().startswith("%"):
-            return header, lines[i:]  # music before any K: (malformed): treat the rest as body
-    return header, []
-
 
 def split_tunes(text: str) -> list[str]:
     """Splits a multi-tune ABC file at its ``X:`` lines; text before the first ``X:`` (a file header)
@@ -52,74 +47,6 @@ def split_tunes(text: str) -> list[str]:
         return [text.strip() + "\n"] if re.search(r"(?m)^K:", text) else []
     bounds = starts + [len(text)]
     return [text[a:b].strip() + "\n" for a, b in itertools.pairwise(bounds) if text[a:b].strip()]
-
-
-def meter_value(m: str | None) -> Fraction | None:
-    """Bar length in whole notes: ``6/8`` -> 3/4, ``C`` -> 1, ``C|`` -> 1, ``2+3/8`` -> 5/8, ``none`` -> None."""
-    if m is None:
-        return None
-    s = m.strip().split("%", 1)[0].strip()
-    if s in ("C", "c"):
-        return Fraction(1)
-    if s in ("C|", "c|"):
-        return Fraction(1)
-    mm = re.fullmatch(r"\(?([\d+\s]+)\)?\s*/\s*(\d+)", s)
-    if not mm:
-        return None
-    try:
-        num = sum(int(x) for x in mm.group(1).split("+") if x.strip())
-        den = int(mm.group(2))
-    except ValueError:
-        return None
-    return Fraction(num, den) if num > 0 and den > 0 else None
-
-
-def meter_numerator(m: str | None) -> int | None:
-    mm = re.match(r"\s*\(?([\d+\s]+)\)?\s*/", m or "")
-    return sum(int(x) for x in mm.group(1).split("+") if x.strip()) if mm else None
-
-
-def unit_value(lf: str | None, meter: Fraction | None) -> Fraction:
-    """``L:`` as a fraction; the ABC 2.1 default when absent or unreadable."""
-    if lf:
-        mm = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", lf.split("%", 1)[0])
-        if mm and int(mm.group(1)) > 0 and int(mm.group(2)) > 0:
-            return Fraction(int(mm.group(1)), int(mm.group(2)))
-    if meter is not None and meter < Fraction(3, 4):
-        return Fraction(1, 16)
-    return Fraction(1, 8)
-
-
-def normalise_meter(m: str | None) -> str | None:
-    if m is None:
-        return None
-    s = re.sub(r"\s+", "", m.split("%", 1)[0])
-    return {"C": "4/4", "C|": "2/2"}.get(s, s) or None
-
-
-_MODES = {"": "maj", "maj": "maj", "major": "maj", "ion": "maj", "ionian": "maj", "m": "min", "min": "min",
-          "minor": "min", "aeo": "min", "aeolian": "min", "dor": "dor", "dorian": "dor", "phr": "phr",
-          "phrygian": "phr", "lyd": "lyd", "lydian": "lyd", "mix": "mix", "mixolydian": "mix", "loc": "loc",
-          "locrian": "loc"}
-
-
-def normalise_key(k: str | None) -> tuple[str, str] | None:
-    """``"G"``/``"Gmaj"``/``"G major"`` -> ("G", "maj"); ``"Em"``/``"E minor"`` -> ("E", "min");
-    ``"F#m"``/``"F sharp minor"`` -> ("F#", "min"); ``"Bb"``/``"B flat"`` -> ("Bb", "maj"). None if unreadable."""
-    if not k:
-        return None
-    s = k.split("%", 1)[0].strip()
-    s = re.sub(r"\s+(clef|middle|transpose|octave|stafflines)=.*$", "", s, flags=re.IGNORECASE)
-    mm = re.match(r"^([A-Ga-g])(#|b|♯|♭|(?i:\s*sharp|\s*flat|-sharp|-flat))?\s*([A-Za-z]*)", s)
-    if not mm:
-        return None
-    acc = (mm.group(2) or "").strip().lstrip("-")
-    acc = acc.lower() if len(acc) > 1 else acc
-    acc = {"♯": "#", "sharp": "#", "♭": "b", "flat": "b"}.get(acc, acc)
-    mode = _MODES.get(mm.group(3).lower()[:10], _MODES.get(mm.group(3).lower()[:3]))
-    if mode is None:
-        return None
-    return mm.group(1).upper() + acc, mode
 
 
 def has_repeats(abc: str) -> bool:
@@ -140,19 +67,6 @@ _BAR = re.compile(r"\[\||:*\|+\]?:*|::+|\|\]")
 _ENDING = re.compile(r"\[?\d+(?:[,-]\d+)*")
 _DECORATION_LETTERS = set("HIJKLMNOPQRSTUVWhijklmnopqrstuvwy")
 _BOUNDARY = ("repeat", "section")
-
-
-def _length(num: str, slashes: str, den: str) -> Fraction:
-    n = int(num) if num else 1
-    if den:
-        d = int(den)
-    elif slashes:
-        d = 2 ** len(slashes)
-    else:
-        d = 1
-    if slashes and den and len(slashes) > 1:  # "a//4": unusual; treat each extra slash as /2
-        d *= 2 ** (len(slashes) - 1)
-    return Fraction(n, d) if d else Fraction(n)
 
 
 def _barline_kind(tok: str) -> str:
@@ -187,16 +101,6 @@ class BarCheck:
     @property
     def consistent(self) -> bool | None:
         return (self.n_match == self.n_bars) if self.n_bars else None
-
-
-def tuplet_q(p: int, meter_str: str | None) -> int:
-    """ABC 2.1 default for q in (p:q:r."""
-    if p in (2, 4, 8):
-        return 3
-    if p in (3, 6):
-        return 2
-    num = meter_numerator(meter_str)
-    return 3 if num and num % 3 == 0 and num > 3 else 2
 
 
 def bars_of(abc: str) -> list[Bar]:
@@ -285,9 +189,9 @@ def bars_of(abc: str) -> list[Bar]:
                         i += 1
                         continue
                     inner = _NOTE.search(line, i + 1, j)
-                    first = _length(*inner.group(4, 5, 6)) if inner else Fraction(1)
+                    first = note_length(*inner.group(4, 5, 6)) if inner else Fraction(1)
                     mult = re.match(r"(\d*)(/*)(\d*)", line[j + 1:])
-                    add(unit * first * _length(*mult.groups()))
+                    add(unit * first * note_length(*mult.groups()))
                     i = j + 1 + mult.end()
             elif c in "|:":
                 mb = _BAR.match(line, i)
@@ -316,12 +220,12 @@ def bars_of(abc: str) -> list[Bar]:
             else:
                 mn = _NOTE.match(line, i)
                 if mn:
-                    add(unit * _length(*mn.group(4, 5, 6)))
+                    add(unit * note_length(*mn.group(4, 5, 6)))
                     i = mn.end()
                     continue
                 mr = _REST.match(line, i)
                 if mr:
-                    add(unit * _length(*mr.group(2, 3, 4)))
+                    add(unit * note_length(*mr.group(2, 3, 4)))
                     i = mr.end()
                     continue
                 mm = _MREST.match(line, i)

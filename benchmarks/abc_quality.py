@@ -21,6 +21,12 @@ Reported, for all tunes and per source (unconditional / conditioned / file):
 * memorisation against ``--train_corpus`` (a dir/file of ABC, a JSONL, or ``music21``): exact copies
   and near copies (>= ``overlap_threshold`` of the tune's character n-grams found in one training tune).
 * key / meter compliance of conditioned tunes that asked for a key / meter.
+
+``--constrain abc`` generates under the ABC constraint (inference/abc_constraint.py: the header fields
+each prompt asks for, bars that keep time); ``--constrain both`` generates the same prompts twice, the
+model alone and constrained, and reports them side by side (columns ``model`` / ``constrained``), with
+each side's decode speed (``tokens_per_s``: new tokens over generation wall time) and, constrained, the
+share of replies that met the constraint (ended at a legal tune end with the asked fields).
 """
 from __future__ import annotations
 
@@ -219,6 +225,7 @@ class ABCQualityConfig(ModelArgs):
     top_p: float = opt(0.9, "nucleus sampling")
     top_k: int = opt(0, "top-k sampling (0 = off)")
     repetition_penalty: float = opt(1.0, "generation repetition penalty")
+    constrain: str = opt("none", "none | abc | both: generate under the ABC constraint (both: side by side)")
 
     def validate(self):
         if not self.abc_file and not self.model:
@@ -229,10 +236,15 @@ class ABCQualityConfig(ModelArgs):
             raise SystemExit("--overlap_threshold must be in (0, 1]")
         if self.n < 0:
             raise SystemExit("--n must be >= 0")
+        if self.constrain not in ("none", "abc", "both"):
+            raise SystemExit(f"--constrain must be none, abc or both, got {self.constrain!r}")
 
 
-def generate_entries(cfg: ABCQualityConfig, loaded) -> list[dict]:
+def generate_entries(cfg: ABCQualityConfig, loaded, constrain: bool = False, stats: dict | None = None) -> list[dict]:
+    """Generated tunes (see the module doc); ``constrain``: under the ABC constraint, each prompt's fields
+    from :func:`inference.abc_constraint.extract_fields`; ``stats`` gets tokens, seconds and reports."""
     from data_preprocess.chat_format import ChatFormat
+    from inference.abc_constraint import extract_fields
     from inference.abc_extract import extract_abc
 
     n_cond = round(cfg.n * cfg.conditioned_share)
@@ -242,8 +254,10 @@ def generate_entries(cfg: ABCQualityConfig, loaded) -> list[dict]:
                   "repetition_penalty": cfg.repetition_penalty, "add_bos": cfg.add_bos, "seed": cfg.seed}
     entries = []
     header = cfg.header.encode("utf-8").decode("unicode_escape")
+    stats = {} if stats is None else stats
     if n_unc:
-        outs = generate(loaded, [header] * n_unc, desc="unconditional", **gen_kw)
+        fields = [extract_fields(header)] * n_unc if constrain else None
+        outs = generate(loaded, [header] * n_unc, desc="unconditional", constrain_fields=fields, stats=stats, **gen_kw)
         for o in outs:
             tunes = am.split_tunes(header + o)
             entries.append({"source": "unconditional", "prompt": header, "output": o,
@@ -253,11 +267,14 @@ def generate_entries(cfg: ABCQualityConfig, loaded) -> list[dict]:
         specs = [specs[i % len(specs)] for i in range(n_cond)]
         fmt = ChatFormat(loaded.tokenizer)  # the model's chat format, as ids (their BOS included)
         prompts = [fmt.prompt_ids([{"role": "user", "content": s["prompt"]}]) for s in specs]
-        outs = generate(loaded, prompts, desc="conditioned", **gen_kw)
+        fields = [extract_fields(sp["prompt"]) for sp in specs] if constrain else None
+        outs = generate(loaded, prompts, desc="conditioned", constrain_fields=fields, stats=stats, **gen_kw)
         for s, o in zip(specs, outs):
             tunes = extract_abc(o)
             entries.append({"source": "conditioned", "prompt": s["prompt"], "key": s.get("key"),
                             "meter": s.get("meter"), "output": o, "abc": tunes[0] if tunes else None})
+    for e, rep in zip(entries, stats.get("reports", [])):
+        e["constraint"] = rep
     return entries
 
 
@@ -272,22 +289,48 @@ def run(cfg: ABCQualityConfig, loaded=None) -> dict:
         entries = [{"source": "file", "abc": t} for t in tunes]
     else:
         loaded = loaded or load(cfg)
-        entries = generate_entries(cfg, loaded)
+        plan = {"none": [("model", False)], "abc": [("constrained", True)],
+                "both": [("model", False), ("constrained", True)]}[cfg.constrain]
+        entries, speed = [], {}
+        for side, constrained in plan:
+            st: dict = {}
+            es = generate_entries(cfg, loaded, constrain=constrained, stats=st)
+            for e in es:
+                e["side"] = side
+            entries += es
+            speed[side] = {"new_tokens": st.get("new_tokens", 0), "seconds": st.get("seconds", 0.0),
+                           "tokens_per_s": st.get("new_tokens", 0) / max(st.get("seconds", 0.0), 1e-9)}
     memo = None
     if cfg.train_corpus:
         memo = am.MemorisationIndex(read_abc_source(cfg.train_corpus), cfg.ngram)
     score_tunes(entries, memo, cfg.overlap_threshold, cfg.music21)
     groups = defaultdict(list)
+    sides = defaultdict(list)
     for e in entries:
-        groups[e["source"]].append(e)
-    summary = {"all": summarise(entries, cfg.music21, memo is not None)}
+        groups[(e["side"] + "/" if cfg.constrain == "both" and "side" in e else "") + e["source"]].append(e)
+        sides[e.get("side", "all")].append(e)
+    if len(sides) > 1:  # side by side: the model alone and constrained
+        summary = {k: summarise(v, cfg.music21, memo is not None) for k, v in sides.items()}
+    else:
+        summary = {"all": summarise(entries, cfg.music21, memo is not None)}
     if len(groups) > 1:
         summary.update({k: summarise(v, cfg.music21, memo is not None) for k, v in groups.items()})
+    if not cfg.abc_file:
+        only = next(iter(speed)) if len(speed) == 1 else None
+        for k, v in summary.items():
+            side = k.split("/")[0] if k.split("/")[0] in speed else only
+            if side:
+                v["tokens_per_s"] = speed[side]["tokens_per_s"]
+            members = sides[k] if k in sides else groups.get(k, entries)
+            reps = [e["constraint"] for e in members if e.get("constraint")]
+            if reps:
+                v["constraint_satisfied"] = sum(r["satisfied"] for r in reps) / len(reps)
     result = {
         "benchmark": "abc_quality",
         "source": "file" if cfg.abc_file else "model",
         "summary": summary,
         "train_corpus_size": memo.size if memo else None,
+        "generation_speed": None if cfg.abc_file else speed,
         "seconds": time.time() - t0,
         "config": vars(cfg),
         "environment": environment(),
@@ -308,7 +351,8 @@ _ROWS = [("tunes", "n"), ("ABC found", "abc_extracted"), ("abc2midi parse rate (
          ("bar-duration consistency (bars)", "bar_consistency"),
          ("all bars consistent (tunes)", "tunes_all_bars_consistent"), ("repeat structure", "repetition_rate"),
          ("exact copies of training tunes", "exact_copy_rate"), ("near copies (n-gram overlap)", "near_copy_rate"),
-         ("key compliance", "key_compliance"), ("meter compliance", "meter_compliance")]
+         ("key compliance", "key_compliance"), ("meter compliance", "meter_compliance"),
+         ("constraint satisfied", "constraint_satisfied"), ("decode tokens/s", "tokens_per_s")]
 
 
 def report(result: dict) -> str:

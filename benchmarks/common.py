@@ -269,14 +269,17 @@ def loglikelihood(loaded, pairs: list[tuple[str, str]], batch_size: int = 8, max
 @torch.no_grad()
 def generate(loaded, prompts: list[str] | list[list[int]], max_new_tokens: int = 256, batch_size: int = 8, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-             add_bos: bool = True, seed: int = 0, desc: str = "generating", progress: bool = True) -> list[str]:
+             add_bos: bool = True, seed: int = 0, desc: str = "generating", progress: bool = True,
+             constrain_fields: list[dict] | None = None, stats: dict | None = None) -> list[str]:
     """Completions (new text only) of ``prompts``: left-padded batches through ``model.generate``.
 
     A string prompt is raw text (``add_bos`` puts BOS before it); a list of ids is used as it is (chat prompts:
     ``ChatFormat.prompt_ids``, which hold whatever BOS the chat template has).
 
     Greedy when ``do_sample`` is False; otherwise sampling with the given temperature/top-p/top-k from
-    a seeded generator, so a run is reproducible on the same hardware.
+    a seeded generator, so a run is reproducible on the same hardware. ``constrain_fields`` (one dict per
+    prompt): decode under the ABC constraint (inference/abc_constraint.py) with those header fields.
+    ``stats``: gets ``new_tokens`` and ``seconds`` added, and the constraint's per-prompt ``reports``.
     """
     model, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(seed)
@@ -299,9 +302,33 @@ def generate(loaded, prompts: list[str] | list[list[int]], max_new_tokens: int =
             kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
         else:
             kw.update(temperature=None, top_p=None, top_k=None)
+        proc = None
+        if constrain_fields is not None:
+            from transformers import LogitsProcessorList
+
+            from inference.abc_constraint import constraint_processor
+
+            texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts[b:b + batch_size]]  # chat: ids
+            proc = constraint_processor(tok, texts, constrain_fields[b:b + batch_size],
+                                        greedy=not do_sample, temperature=temperature if do_sample else 1.0,
+                                        top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0)
+            kw["logits_processor"] = LogitsProcessorList([proc])
+        t0 = time.perf_counter()
         gen = model.generate(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kw)
-        for row in gen[:, T:]:
-            outs.append(tok.decode(row.tolist(), skip_special_tokens=True))
+        dt = time.perf_counter() - t0
+        for r, row in enumerate(gen[:, T:].tolist()):
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id) + 1]
+            row = [t for t in row if t != tok.pad_token_id or t == tok.eos_token_id]
+            text = tok.decode(row, skip_special_tokens=True)
+            outs.append(text)
+            if stats is not None:
+                stats["new_tokens"] = stats.get("new_tokens", 0) + len(row)
+                if proc is not None:
+                    stats.setdefault("reports", []).append(
+                        proc.report(r, text, ended_at_eos=bool(row) and row[-1] == tok.eos_token_id))
+        if stats is not None:
+            stats["seconds"] = stats.get("seconds", 0.0) + dt
     return outs
 
 

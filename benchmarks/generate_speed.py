@@ -15,6 +15,10 @@ Paths timed (each on the same random prompt ids, batch ``B`` x ``prompt_len``):
 ``static``      greedy with ``cache_implementation="static"``: a pre-allocated KV cache; on CUDA
                 transformers then compiles the decode step with ``torch.compile`` (CUDA graphs) -- the
                 candidate fast path for inference.
+``tunesmith_abc`` (with ``--constrain abc``, a model dir with a tokenizer) the ``tunesmith`` path under
+                the ABC constraint (inference/abc_constraint.py); the prompt is an ABC header
+                (``--abc_header``) followed by the random ids' place, so the reply continues a tune body.
+                Its ``vs tunesmith`` column is the constraint's cost.
 
 Every path is forced to exactly ``N`` new tokens (``min_new_tokens``), so a random model's early EOS
 cannot flatter it. Decode rate excludes the prompt: ``B * (N - 2) / (t(N) - t(2))`` where ``t(k)`` is the
@@ -61,9 +65,11 @@ class GenerateSpeedConfig:
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
     seed: int = opt(0, "seed of the random init and prompt ids")
     output: str | None = opt(None, "JSON result path (default outputs/benchmarks/generate_speed_<model>_b<B>.json)")
+    constrain: str = opt("none", "none | abc: also time the tunesmith path under the ABC constraint")
+    abc_header: str = opt("X:1\\nT:Speed\\nM:6/8\\nL:1/8\\nK:D\\n", "prompt of the constrained path (escapes allowed)")
 
     def validate(self):
-        bad = [p for p in self.path_list() if p not in PATHS]
+        bad = [p for p in self.path_list() if p not in PATHS + ("tunesmith_abc",)]
         if bad:
             raise SystemExit(f"--paths: unknown {bad}; choose from {list(PATHS)}")
         for name in ("batch", "prompt_len", "repeats"):
@@ -76,15 +82,24 @@ class GenerateSpeedConfig:
             raise SystemExit(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.constrain not in ("none", "abc"):
+            raise SystemExit(f"--constrain must be none or abc, got {self.constrain!r}")
+        if self.constrain == "abc":
+            from training.presets import is_preset
+
+            if is_preset(self.model):
+                raise SystemExit("--constrain abc needs a model dir with a tokenizer (a preset has none)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit(f"--device {self.device}: this machine has no GPU (use --device auto or cpu)")
 
     def path_list(self) -> list[str]:
-        return [p.strip() for p in self.paths.split(",") if p.strip()]
+        paths = [p.strip() for p in self.paths.split(",") if p.strip()]
+        return paths + ["tunesmith_abc"] if self.constrain == "abc" else paths
 
 
 def build_model(cfg: GenerateSpeedConfig):
-    """(model, device, dtype, eos_id, pad_id) for a preset (random init) or an HF dir."""
+    """(model, device, dtype, eos_id, pad_id) for a preset (random init) or an HF dir (whose tokenizer
+    is kept as ``cfg._tokenizer`` for the constrained path)."""
     from inference.loading import auto_device, auto_dtype
     from training.presets import is_preset, preset_config
 
@@ -102,6 +117,7 @@ def build_model(cfg: GenerateSpeedConfig):
     from inference.loading import load_model
 
     loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    cfg._tokenizer = loaded.tokenizer
     return loaded.model, loaded.device, loaded.dtype, loaded.tokenizer.eos_token_id, loaded.tokenizer.pad_token_id
 
 
@@ -116,6 +132,9 @@ def path_kwargs(path: str, eos_id: int, pad_id: int, n: int) -> dict:
                                                                               pad_token_id=pad_id))
     elif path == "static":
         kw = {"max_new_tokens": n, "do_sample": False, "cache_implementation": "static"}
+    elif path == "tunesmith_abc":
+        kw = path_kwargs("tunesmith", eos_id, pad_id, n)
+        kw["_constrain"] = True
     else:
         raise ValueError(path)
     kw["min_new_tokens"] = n
@@ -129,11 +148,20 @@ def _sync(device: torch.device):
 
 
 @torch.inference_mode()
-def time_generate(model, input_ids, kwargs: dict, device) -> tuple[float, int]:
-    """Wall time of one generate call and the number of new tokens per sequence it produced."""
+def time_generate(model, input_ids, kwargs: dict, device, tokenizer=None, top_k: int = 0) -> tuple[float, int]:
+    """Wall time of one generate call and the number of new tokens per sequence it produced (a constrained
+    path builds its processor inside the timed region: per-call setup is part of its cost)."""
     attn = torch.ones_like(input_ids)
+    kwargs = dict(kwargs)
+    constrain = kwargs.pop("_constrain", False)
     _sync(device)
     t = time.perf_counter()
+    if constrain:
+        from inference.generation import SamplingConfig, constraint_kwargs
+
+        prompts = tokenizer.batch_decode(input_ids.tolist())
+        extra, _ = constraint_kwargs(tokenizer, prompts, SamplingConfig(), "abc")
+        kwargs.update(extra)
     out = model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
     _sync(device)
     return time.perf_counter() - t, out.shape[1] - input_ids.shape[1]
@@ -147,6 +175,13 @@ def run(cfg: GenerateSpeedConfig) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     low = 4 if shape.vocab > 8 else 0  # skip the special ids (unk/bos/eos/pad)
     input_ids = torch.randint(low, shape.vocab, (cfg.batch, cfg.prompt_len), generator=g).to(device)
+    tok = getattr(cfg, "_tokenizer", None)
+    abc_ids = None
+    if cfg.constrain == "abc":
+        header = cfg.abc_header.encode("utf-8").decode("unicode_escape")
+        h = tok.encode("\n" + header, add_special_tokens=False)[-cfg.prompt_len:]  # X: starts a line
+        abc_ids = torch.cat([input_ids[:, :cfg.prompt_len - len(h)].cpu(),
+                             torch.tensor([h] * cfg.batch)], dim=1).to(device)
 
     peak = device_peak(device, dtype)
     elem = torch.finfo(dtype).bits // 8
@@ -156,13 +191,18 @@ def run(cfg: GenerateSpeedConfig) -> dict:
     paths = cfg.path_list()
     lengths = (2, cfg.new_tokens)
     kwargs = {(p, n): path_kwargs(p, eos_id, pad_id, n) for p in paths for n in lengths}
-    for kw in tqdm(kwargs.values(), desc="warm-up (compiles on CUDA)", unit="run"):
-        time_generate(model, input_ids, kw, device)
+    def timed(key, kw):
+        if key[0] == "tunesmith_abc":
+            return time_generate(model, abc_ids, kw, device, tok)
+        return time_generate(model, input_ids, kw, device)
+
+    for key, kw in tqdm(kwargs.items(), desc="warm-up (compiles on CUDA)", unit="run"):
+        timed(key, kw)
     # repeats interleave the paths, so a slow spell of a shared machine hits all of them alike
     best = {key: float("inf") for key in kwargs}
     for _ in tqdm(range(cfg.repeats), desc="generate_speed", unit="repeat"):
         for key, kw in kwargs.items():
-            t, n = time_generate(model, input_ids, kw, device)
+            t, n = timed(key, kw)
             if n != key[1]:
                 raise RuntimeError(f"{key[0]}: generated {n} tokens instead of {key[1]}")
             best[key] = min(best[key], t)
@@ -177,9 +217,12 @@ def run(cfg: GenerateSpeedConfig) -> dict:
     if "hf_default" in results:
         for r in rows:
             r.append(f"{results[r[0]]['decode_tokens_per_s'] / results['hf_default']['decode_tokens_per_s']:.2f}x")
+    if "tunesmith_abc" in results and "tunesmith" in results:
+        results["tunesmith_abc"]["vs_tunesmith"] = (results["tunesmith_abc"]["decode_tokens_per_s"]
+                                                    / results["tunesmith"]["decode_tokens_per_s"])
 
     out = {
-        "benchmark": "generate_speed", "config": cfg.__dict__, "device": peak.as_dict(), "dtype": str(dtype),
+        "benchmark": "generate_speed", "config": {k: v for k, v in cfg.__dict__.items() if not k.startswith("_")}, "device": peak.as_dict(), "dtype": str(dtype),
         "model_params": sum(p.numel() for p in model.parameters()), "bytes_per_decode_step": bytes_step,
         "bandwidth_bound_tokens_per_s": bound, "results": results, "environment": environment(),
     }
@@ -191,6 +234,9 @@ def run(cfg: GenerateSpeedConfig) -> dict:
     print(f"\n{cfg.model} on {peak.device} ({peak.source} bandwidth {peak.bandwidth / 1e9:.1f} GB/s), {dtype}, "
           f"prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens")
     print(markdown_table(headers, rows))
+    if "vs_tunesmith" in results.get("tunesmith_abc", {}):
+        print(f"ABC constraint: {100 * results['tunesmith_abc']['vs_tunesmith']:.1f}% of the unconstrained "
+              "tunesmith decode rate")
     print(f"results -> {path}")
     out["output"] = str(path)
     return out

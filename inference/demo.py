@@ -8,7 +8,10 @@ One page, a small JSON API, Python's standard library HTTP server (no gradio, no
   generated, sampling sliders (temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed);
 - every ABC tune in a reply is rendered by inference.render: sheet music engraved by ``abcm2ps`` straight
   from the ABC, a WAV player (abc2midi + fluidsynth), MIDI/ABC downloads, tool errors shown;
-- a "Render ABC" box renders any ABC you paste (the same pipeline, no model involved).
+- a "Render ABC" box renders any ABC you paste (the same pipeline, no model involved);
+- a "constrain to ABC" checkbox (JSON ``"constrain": "abc"``; default from ``--constrain``): the reply is an
+  ABC tune with the header fields the message asks for and bars that keep time (inference/abc_constraint.py);
+  the ``done`` event then carries a ``constraint`` record (fields asked, satisfied, stop reason).
 
 Ctrl-C or SIGTERM (``kill PID``) stops it cleanly whatever it is doing (generation is told to stop,
 running render tools are killed): the temporary render dir (named in the start line) is removed and the exit
@@ -59,7 +62,12 @@ from data_preprocess import abctools
 from data_preprocess.chat_format import ChatFormat
 from inference.cli_config import parse_with_config
 from inference.generation import SamplingConfig, generate, trim_history
-from inference.predict import add_model_args, add_sampling_args, sampling_from_args
+from inference.predict import (
+    add_constrain_arg,
+    add_model_args,
+    add_sampling_args,
+    sampling_from_args,
+)
 from inference.render import render_text
 from training.hf_io import exit_on_model_path_error
 
@@ -76,8 +84,10 @@ _TYPES = {".svg": "image/svg+xml", ".wav": "audio/wav", ".mid": "audio/midi", ".
 class DemoApp:
     """The model, the render directory and the two operations the page needs."""
 
-    def __init__(self, loaded, defaults: SamplingConfig, render_dir: Path, model_name: str, wav: bool = True):
+    def __init__(self, loaded, defaults: SamplingConfig, render_dir: Path, model_name: str, wav: bool = True,
+                 constrain: str = "none"):
         self.loaded, self.defaults, self.render_dir, self.model_name, self.wav = loaded, defaults, render_dir, model_name, wav
+        self.constrain = constrain  # the page's checkbox starts from this
         self.lock = threading.Lock()  # one generation at a time on the one model
         self.produced: set[str] = set()     # "rid/name" of every file this server rendered: all it will serve
         self.stopping = threading.Event()   # set on shutdown: generation stops at the next token
@@ -135,11 +145,19 @@ class DemoApp:
                           "errors": t["errors"], "warnings": t["warnings"], "stripped": t["stripped"]})
         return {"tunes": tunes, "note": res["note"]}
 
-    def prepare(self, messages: list[dict], sampling: SamplingConfig) -> dict:
+    def prepare(self, messages: list[dict], sampling: SamplingConfig, constrain: str = "none") -> dict:
         """The prompt of a chat request: the history cut to the model's context (oldest turns first, said in
         ``notes``), max_new_tokens cut to the room left; a newest message that alone does not fit is a
-        ValueError (400, before any streaming starts)."""
+        ValueError (400, before any streaming starts), and so is an impossible ``constrain="abc"`` request
+        (ConstraintError naming the field). The constraint's header fields come from the user's own words
+        (the newest message), not the chat template's."""
         notes = []
+        fields = None
+        if constrain == "abc":
+            from inference.abc_constraint import extract_fields, validate_fields
+
+            fields = extract_fields(messages[-1]["content"])
+            validate_fields(fields)
         reserve = min(sampling.max_new_tokens, self.max_pos * 3 // 4)
         budget = self.max_pos - reserve
         kept = _cheap_cut(messages, budget * self.max_piece_chars)   # can never fit: not even tokenised
@@ -160,7 +178,8 @@ class DemoApp:
             notes.append(f"max_new_tokens cut from {sampling.max_new_tokens} to {room} (the model's context is "
                          f"{self.max_pos} tokens)")
             sampling = SamplingConfig.from_dict({**sampling.to_dict(), "max_new_tokens": room})
-        return {"messages": messages, "kept": msgs, "prompt": prompt, "sampling": sampling, "notes": notes}
+        return {"messages": messages, "kept": msgs, "prompt": prompt, "sampling": sampling, "notes": notes,
+                "constrain": constrain, "fields": fields}
 
     def chat(self, prep: dict, on_text, gone=lambda: False) -> dict:
         """One reply to a request made ready by :meth:`prepare`; ``gone()`` true (the client left) stops generation."""
@@ -176,14 +195,17 @@ class DemoApp:
                 raise ConnectionAbortedError("client went away while waiting")
         try:
             r = generate(self.loaded.model, tok, prompt, sampling, on_text=on_text, device=self.loaded.device,
-                         should_stop=stop)
+                         should_stop=stop, constrain=prep.get("constrain", "none"), fields=prep.get("fields"))
         finally:
             self.lock.release()
         dt = time.time() - t0
-        return {"reply": r["output"], "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
-                "stopped_at_eos": r["stopped_at_eos"], "seconds": round(dt, 3),
-                "tokens_per_s": round(r["new_tokens"] / max(dt, 1e-9), 2),
-                "dropped_messages": len(messages) - len(msgs), "notes": notes}
+        res = {"reply": r["output"], "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
+               "stopped_at_eos": r["stopped_at_eos"], "seconds": round(dt, 3),
+               "tokens_per_s": round(r["new_tokens"] / max(dt, 1e-9), 2),
+               "dropped_messages": len(messages) - len(msgs), "notes": notes}
+        if "constraint" in r:
+            res["constraint"] = r["constraint"]
+        return res
 
     @property
     def max_piece_chars(self) -> int:
@@ -198,6 +220,16 @@ class DemoApp:
 _SAMPLING = {"temperature": (float, 0.0, 100.0), "top_k": (int, 0, 1 << 20), "top_p": (float, 1e-9, 1.0),
              "repetition_penalty": (float, 1e-3, 100.0), "max_new_tokens": (int, 1, MAX_NEW_TOKENS),
              "seed": (int, 0, 2**32 - 1)}
+
+
+def _check_constrain(body: dict, default: str) -> str:
+    """The request's ``constrain``: "abc"/"none" or a boolean (the page's checkbox); absent = the server's."""
+    v = body.get("constrain", default)
+    if v is True or v == "abc":
+        return "abc"
+    if v is False or v is None or (isinstance(v, str) and v in ("none", "")):  # 0 is not a boolean
+        return "none"
+    raise ValueError("'constrain' must be \"abc\", \"none\" or a boolean")
 
 
 def _cheap_cut(messages: list[dict], max_chars: int) -> list[dict]:
@@ -347,7 +379,8 @@ def make_handler(app: DemoApp):
                            {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                             "style-src 'unsafe-inline'; img-src 'self'; media-src 'self'"})
             elif path == "/api/config":
-                self._json({"model": app.model_name, "sampling": app.defaults.to_dict(), "max_new_tokens_cap": MAX_NEW_TOKENS})
+                self._json({"model": app.model_name, "sampling": app.defaults.to_dict(), "max_new_tokens_cap": MAX_NEW_TOKENS,
+                            "constrain": app.constrain})
             elif path.startswith("/files/"):
                 self._file(path)
             else:
@@ -399,7 +432,8 @@ def make_handler(app: DemoApp):
                         raise ValueError("'abc' must be a non-empty string")
                     return self._json(app.render(abc))
                 if path == "/api/chat":
-                    return self._chat(_check_messages(body), app.sampling(body.get("sampling")))
+                    msgs, constrain = _check_messages(body), _check_constrain(body, app.constrain)
+                    return self._chat(msgs, app.sampling(body.get("sampling")), constrain)
                 return self._json({"error": f"not found: {path}"}, 404)
             except _Refused as e:
                 return self._json({"error": str(e)}, e.status)
@@ -410,9 +444,10 @@ def make_handler(app: DemoApp):
             except Exception as e:  # noqa: BLE001 - one JSON line, never a dropped connection
                 return self._json({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
 
-        def _chat(self, messages: list[dict], sampling: SamplingConfig):
+        def _chat(self, messages: list[dict], sampling: SamplingConfig, constrain: str = "none"):
             """Streams NDJSON: {"type": "token", "text"} per piece, then {"type": "done", reply, tunes, ...}."""
-            prep = app.prepare(messages, sampling)   # a prompt that can never fit is a 400, before the stream starts
+            # a prompt that can never fit, or an impossible constrain request, is a 400 before the stream starts
+            prep = app.prepare(messages, sampling, constrain)
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "application/x-ndjson")
             self.send_header("Cache-Control", "no-store")
@@ -453,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: localhost names and the bound address only")
     ap.add_argument("--render_dir", default=None, help="where rendered files go (default: a temp dir, removed on exit)")
     ap.add_argument("--no_wav", action="store_true", help="skip audio synthesis (sheet music only)")
+    add_constrain_arg(ap)
     add_sampling_args(ap)
     return ap
 
@@ -512,7 +548,7 @@ def main(argv=None) -> int:
         else:
             render_dir = tmp = Path(tempfile.mkdtemp(prefix="tunesmith_demo_"))
         name = a.base_model + (f" + {a.lora_model}" if a.lora_model else "")
-        app = DemoApp(loaded, defaults, render_dir, name, wav=not a.no_wav)
+        app = DemoApp(loaded, defaults, render_dir, name, wav=not a.no_wav, constrain=a.constrain)
         server = serve(app, a.host, a.port, a.allow_host)
         host, port = server.server_address[:2]
         shown = f"[{host}]" if ":" in host else host
@@ -592,6 +628,7 @@ PAGE = r"""<!doctype html>
   <label>repetition_penalty <span id="v-repetition_penalty"></span><input type="range" id="repetition_penalty" min="1" max="2" step="0.05"></label>
   <label>max_new_tokens <span id="v-max_new_tokens"></span><input type="range" id="max_new_tokens" min="16" max="4096" step="16"></label>
   <label>seed (empty = random) <input type="number" id="seed" style="width:100%"></label>
+  <label><input type="checkbox" id="constrain"> constrain to ABC (asked key/meter/title, bars keep time)</label>
   <hr>
   <b>Render ABC</b>
   <textarea id="abc-input" rows="8" placeholder="Paste an ABC tune (X:, T:, M:, L:, K: then notes)"></textarea>
@@ -641,7 +678,8 @@ async function send(){
   const box = addMsg("assistant", ""); const pre = box.querySelector("pre");
   try{
     const res = await fetch("/api/chat", {method: "POST", headers: {"Content-Type": "application/json"},
-                                          body: JSON.stringify({messages: history, sampling: sampling()})});
+                                          body: JSON.stringify({messages: history, sampling: sampling(),
+                                                                constrain: $("constrain").checked ? "abc" : "none"})});
     if(!res.ok){ const e = await res.json(); throw new Error(e.error); }
     const reader = res.body.getReader(); const dec = new TextDecoder(); let buf = "";
     for(;;){
@@ -656,6 +694,8 @@ async function send(){
           for(const n of (ev.notes || [])) box.appendChild(el("div", "note", n));
           box.appendChild(el("div", "stats", `${ev.new_tokens} tokens, ${ev.tokens_per_s} tok/s` +
                                              (ev.stopped_at_eos ? "" : " (hit max_new_tokens)")));
+          if(ev.constraint){ box.appendChild(el("div", "stats", "constraint " + JSON.stringify(ev.constraint.fields) +
+                                             (ev.constraint.satisfied ? ": satisfied" : ": not satisfied (" + ev.constraint.stop + ")"))); }
           showTunes(box, ev); box.dataset.done = "1";
         } else if(ev.type === "error"){ throw new Error(ev.error); }
       }
@@ -683,6 +723,7 @@ async function init(){
     $(k).addEventListener("input", () => { $("v-" + k).textContent = $(k).value; });
   }
   if(cfg.sampling.seed !== null) $("seed").value = cfg.sampling.seed;
+  $("constrain").checked = cfg.constrain === "abc";
   $("send").onclick = send; $("render-btn").onclick = renderAbc;
   $("reset").onclick = () => { history = []; $("chat").replaceChildren(); };
   $("prompt").addEventListener("keydown", e => { if(e.key === "Enter" && !e.shiftKey){ e.preventDefault(); send(); } });

@@ -1,5 +1,6 @@
 """Text generation for chat and batch prediction: sampling with ChatMusician's defaults, KV cache, stop at EOS
-or the chat format's end-of-turn token, token streaming through a callback. Chat prompts are token ids from
+or the chat format's end-of-turn token, token streaming through a callback, and optionally ABC-constrained decoding
+(``constrain="abc"``: inference/abc_constraint.py). Chat prompts are token ids from
 :class:`data_preprocess.chat_format.ChatFormat` (``prompt_ids``: exactly what SFT trained on before an answer);
 a plain string prompt is raw text to continue.
 
@@ -11,10 +12,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from transformers import LogitsProcessorList
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from data_preprocess.chat_format import ChatFormat
+
+CONSTRAIN_CHOICES = ("none", "abc")
 
 
 @dataclass
@@ -119,6 +123,31 @@ class CallbackStreamer(BaseStreamer):
             self.callback(piece)
 
 
+def constraint_kwargs(tokenizer, prompts: list[str], cfg: SamplingConfig, constrain: str = "none",
+                      fields: list[dict] | None = None, eos_token_id: int | None = None):
+    """(extra ``generate`` kwargs, the processor or None) for ``constrain`` (none | abc). ``prompts``: each
+    prompt's text; ``fields``: the header fields each prompt asks for (None: extracted from each prompt text;
+    pass the user's own message's fields when the prompt is chat-formatted); ``eos_token_id``: the token that
+    ends a tune (default EOS; a chat reply's end-of-turn token). Raises ConstraintError (a ValueError) for an
+    impossible request or a tokenizer that cannot spell ABC."""
+    if constrain in (None, "none"):
+        return {}, None
+    if constrain != "abc":
+        raise ValueError(f"constrain={constrain!r}: choose one of {CONSTRAIN_CHOICES}")
+    from inference.abc_constraint import constraint_processor
+
+    greedy = not (cfg.temperature and cfg.temperature > 0)
+    proc = constraint_processor(tokenizer, prompts, fields, greedy=greedy, temperature=cfg.temperature,
+                                top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id)
+    return {"logits_processor": LogitsProcessorList([proc])}, proc
+
+
+def _end_id(tokenizer, fmt: ChatFormat, prompt: str | list[int]) -> int:
+    """The token a reply to ``prompt`` ends with: the format's end-of-turn token after a chat prompt (ids),
+    EOS after raw text."""
+    return tokenizer.eos_token_id if isinstance(prompt, str) else fmt.eot_id
+
+
 def _seed(seed: int | None):
     if seed is not None:
         from transformers import set_seed
@@ -153,6 +182,11 @@ def _prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
     return list(prompt) if not isinstance(prompt, str) else tokenizer(prompt).input_ids
 
 
+def _prompt_text(tokenizer, prompt: str | list[int]) -> str:
+    """The text the ABC constraint reads a prompt as (it continues a prompt that ends inside a tune)."""
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+
+
 def _cut_at_stop(new: list[int], stop: set[int]) -> tuple[list[int], bool]:
     """The reply up to and including its first stop token; whether there was one."""
     for j, t in enumerate(new):
@@ -164,32 +198,41 @@ def _cut_at_stop(new: list[int], stop: set[int]) -> tuple[list[int], bool]:
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str | list[int], cfg: SamplingConfig | None = None,
              on_text: Callable[[str], None] | None = None, device: torch.device | None = None,
-             should_stop: Callable[[], bool] | None = None) -> dict:
+             should_stop: Callable[[], bool] | None = None, constrain: str = "none",
+             fields: dict | None = None) -> dict:
     """Generates one reply to ``prompt`` (chat prompt ids, or raw text). ``on_text`` receives streamed pieces;
     ``should_stop()`` is asked after every token and ends generation when true (the demo: the client went
-    away, or the server is shutting down).
+    away, or the server is shutting down). ``constrain="abc"``: the reply is an ABC tune with the header
+    ``fields`` asked for (see :func:`constraint_kwargs`).
 
     Returns ``{"output", "prompt_tokens", "new_tokens", "stopped_at_eos"}`` (``stopped_at_eos``: at EOS or the
-    end-of-turn token)."""
+    end-of-turn token; + ``"constraint"``: fields, satisfied, stop reason, when constrained)."""
     cfg = cfg or SamplingConfig()
     device = device or next(model.parameters()).device
     ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=device)
     fmt = ChatFormat(tokenizer)
+    extra, proc = constraint_kwargs(tokenizer, [_prompt_text(tokenizer, prompt)], cfg, constrain,
+                                    None if fields is None else [fields], eos_token_id=_end_id(tokenizer, fmt, prompt))
     _seed(cfg.seed)
     streamer = CallbackStreamer(tokenizer, on_text, fmt=fmt) if on_text else None
-    extra = {"stopping_criteria": StoppingCriteriaList([_AskStop(should_stop)])} if should_stop else {}
+    if should_stop:
+        extra["stopping_criteria"] = StoppingCriteriaList([_AskStop(should_stop)])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                          **cfg.generate_kwargs(tokenizer, fmt.stop_ids), **extra)
     new, stopped = _cut_at_stop(out[0, ids.shape[1]:].tolist(), set(fmt.stop_ids))
-    return {"output": reply_text(tokenizer, fmt, new),
-            "prompt_tokens": int(ids.shape[1]), "new_tokens": len(new), "stopped_at_eos": stopped}
+    rec = {"output": reply_text(tokenizer, fmt, new),
+           "prompt_tokens": int(ids.shape[1]), "new_tokens": len(new), "stopped_at_eos": stopped}
+    if proc is not None:
+        rec["constraint"] = proc.report(0, rec["output"], ended_at_eos=stopped)
+    return rec
 
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], cfg: SamplingConfig | None = None,
-                   device: torch.device | None = None) -> list[dict]:
+                   device: torch.device | None = None, constrain: str = "none",
+                   fields: list[dict] | None = None) -> list[dict]:
     """Generates replies for several prompts at once, left-padded (padding never sits between a prompt
-    and its continuation). Same record per prompt as :func:`generate`."""
+    and its continuation). Same record per prompt as :func:`generate` (``fields``: one dict per prompt)."""
     cfg = cfg or SamplingConfig()
     device = device or next(model.parameters()).device
     rows = [_prompt_ids(tokenizer, p) for p in prompts]
@@ -201,9 +244,12 @@ def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], cfg: 
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     fmt = ChatFormat(tokenizer)
+    ends = {_end_id(tokenizer, fmt, p) for p in prompts}
+    extra, proc = constraint_kwargs(tokenizer, [_prompt_text(tokenizer, p) for p in prompts], cfg, constrain, fields,
+                                    eos_token_id=ends.pop() if len(ends) == 1 else tokenizer.eos_token_id)
     _seed(cfg.seed)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         **cfg.generate_kwargs(tokenizer, fmt.stop_ids))
+                         **cfg.generate_kwargs(tokenizer, fmt.stop_ids), **extra)
     recs = []
     for i, r in enumerate(rows):
         new, stopped = _cut_at_stop(out[i, width:].tolist(), set(fmt.stop_ids))
@@ -211,6 +257,8 @@ def generate_batch(model, tokenizer, prompts: list[str] | list[list[int]], cfg: 
             new = [t for t in new if t != pad]
         recs.append({"output": reply_text(tokenizer, fmt, new),
                      "prompt_tokens": len(r), "new_tokens": len(new), "stopped_at_eos": stopped})
+        if proc is not None:
+            recs[-1]["constraint"] = proc.report(i, recs[-1]["output"], ended_at_eos=stopped)
     return recs
 
 

@@ -13,6 +13,10 @@ chat template, e.g. ChatML, else ChatMusician's ``Human: ... </s> Assistant: ``)
 SFT trained on; without it the raw text is continued (e.g. an ABC header).
 Sampling defaults are ChatMusician's: temperature 0.2, top_k 40, top_p 0.9, repetition_penalty 1.1,
 max_new_tokens 1536. Generation uses the KV cache and stops at EOS or the format's end-of-turn token (pad != eos).
+
+``--constrain abc`` makes every reply an ABC tune that carries the header fields the instruction asks for
+("a jig in D major" -> R:jig, K:D) and whose bars keep time (inference/abc_constraint.py); each
+prediction then gets a ``"constraint"`` record (fields asked, satisfied, stop reason).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from data_preprocess.hub import ArgumentError
 from inference.abc_extract import extract_abc
 from inference.cli_config import parse_with_config
 from inference.generation import (
+    CONSTRAIN_CHOICES,
     SamplingConfig,
     generate,
     generate_batch,
@@ -66,6 +71,35 @@ def add_sampling_args(ap: argparse.ArgumentParser):
                    help="KV cache: static preallocates prompt + max_new_tokens (faster batched decoding)")
 
 
+def add_constrain_arg(ap: argparse.ArgumentParser):
+    ap.add_argument("--constrain", choices=CONSTRAIN_CHOICES, default="none",
+                    help="abc: constrain replies to an ABC tune with the asked header fields and bars that keep time")
+
+
+def prompt_fields(a, text: str) -> dict | None:
+    """The header fields a user message asks for, when ``--constrain abc`` (None otherwise)."""
+    if getattr(a, "constrain", "none") != "abc":
+        return None
+    from inference.abc_constraint import extract_fields
+
+    return extract_fields(text)
+
+
+def request_fields(a, items: list[dict]) -> list[dict | None]:
+    """Each instruction's constrained fields (``--constrain abc``); an impossible request raises
+    ConstraintError naming its file and line."""
+    fields = [prompt_fields(a, it["input"]) for it in items]
+    if a.constrain == "abc":
+        from inference.abc_constraint import ConstraintError, validate_fields
+
+        for it, f in zip(items, fields):
+            try:
+                validate_fields(f)
+            except ConstraintError as e:
+                raise ConstraintError(f"{a.data_file}:{it['line']}: {e}") from None
+    return fields
+
+
 def sampling_from_args(a) -> SamplingConfig:
     try:
         return SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -92,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--render", metavar="DIR", default=None, help="extract the ABC of each reply and render it here")
     mode.add_argument("--no_wav", action="store_true", help="with --render: skip audio synthesis (faster)")
     mode.add_argument("--chat_log", default=None, help="interactive: append every turn (prompt, reply, counts) as JSONL")
+    add_constrain_arg(mode)
     add_sampling_args(ap)
     return ap
 
@@ -184,13 +219,16 @@ def run_batch(a, loaded, cfg: SamplingConfig, items: list[dict] | None = None) -
     fmt = ChatFormat(tok)
     prompts = [fmt.prompt_ids([{"role": "user", "content": it["input"]}]) if a.with_prompt else it["input"]
                for it in items]
+    fields = request_fields(a, items)
     results = []
     out = Path(a.predictions_file)
     t0 = time.time()
     with tqdm(total=len(items), desc="generating", unit="prompt") as bar:
         for s in range(0, len(items), a.batch_size):
             try:
-                recs = generate_batch(model, tok, prompts[s:s + a.batch_size], cfg, device=loaded.device)
+                recs = generate_batch(model, tok, prompts[s:s + a.batch_size], cfg, device=loaded.device,
+                                      constrain=a.constrain, fields=None if a.constrain == "none"
+                                      else fields[s:s + a.batch_size])
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
@@ -208,6 +246,8 @@ def run_batch(a, loaded, cfg: SamplingConfig, items: list[dict] | None = None) -
                        "stopped_at_eos": r["stopped_at_eos"], "line": it["line"]}
                 if it["record"]:
                     row["record"] = it["record"]
+                if "constraint" in r:
+                    row["constraint"] = r["constraint"]
                 rend = render_reply(r["output"], a.render, f"pred_{s + j:05d}", wav=not a.no_wav)
                 if rend is not None:
                     row["render"] = rend
@@ -266,8 +306,14 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
             t0 = time.time()
             try:
                 r = generate(model, tok, prompt_in, cfg, on_text=lambda s: print(s, end="", file=stdout, flush=True),
-                             device=loaded.device)
+                             device=loaded.device, constrain=a.constrain, fields=prompt_fields(a, text))
             except Exception as e:  # the session survives a reply that does not fit; the turn is dropped
+                from inference.abc_constraint import ConstraintError
+
+                if isinstance(e, ConstraintError):
+                    history.pop()
+                    print(f"\n[error: {e} -- this turn is dropped]", file=stdout, flush=True)
+                    continue
                 if not is_out_of_memory(e):
                     raise
                 history.pop()
@@ -280,6 +326,10 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
             print(f"\n[turn {turn}: prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens, "
                   f"{r['new_tokens'] / max(dt, 1e-9):.1f} tok/s{', stopped at EOS' if r['stopped_at_eos'] else ''}]",
                   file=stdout, flush=True)
+            if "constraint" in r:
+                c = r["constraint"]
+                print(f"[constraint: fields {json.dumps(c['fields'], ensure_ascii=False)}, "
+                      f"{'satisfied' if c['satisfied'] else 'NOT satisfied'}, stop: {c['stop']}]", file=stdout, flush=True)
             history.append({"role": "assistant", "content": r["output"]})
             if not a.with_prompt:
                 history = []
@@ -293,6 +343,7 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
                     print(f"[render: {paths or 'nothing'}{errs}]", file=stdout, flush=True)
             if log:
                 log.write(json.dumps({"turn": turn, "prompt": prompt, "output": r["output"],
+                                      **({"constraint": r["constraint"]} if "constraint" in r else {}),
                                       "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
                                       "stopped_at_eos": r["stopped_at_eos"], "abc": extract_abc(r["output"]),
                                       "sampling": cfg.to_dict()}, ensure_ascii=False) + "\n")
@@ -324,6 +375,14 @@ def main(argv=None) -> int:
                 resolve_model_path(arg, kind)
         items = read_instructions(a.data_file, a.input_field)
         check_predictions_file(a.predictions_file, a.data_file)
+        if a.constrain == "abc":  # an impossible request is refused before the model loads
+            from inference.abc_constraint import ConstraintError
+
+            try:
+                request_fields(a, items)
+            except ConstraintError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
     from inference.loading import load_model
 
     loaded = load_model(a.base_model, a.lora_model, a.tokenizer_path, device=a.device, dtype=a.dtype,
@@ -335,7 +394,13 @@ def main(argv=None) -> int:
     print(f"loaded {a.base_model}{' + ' + a.lora_model if a.lora_model else ''} on {loaded.device} "
           f"({str(loaded.dtype).replace('torch.', '')})", file=sys.stderr)
     if a.data_file:
-        run_batch(a, loaded, cfg, items)
+        from inference.abc_constraint import ConstraintError
+
+        try:
+            run_batch(a, loaded, cfg, items)
+        except ConstraintError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if a.interactive:
         run_interactive(a, loaded, cfg)
     return 0

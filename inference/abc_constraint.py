@@ -1,0 +1,1497 @@
+"""ABC-aware constrained generation: a ``LogitsProcessor`` that masks every token whose text would make
+the reply stop being a well-formed ABC tune with the header fields the prompt asked for and bars that
+keep time.
+
+    from inference.abc_constraint import extract_fields, ABCConstraintProcessor
+    fields = extract_fields("Compose a jig in D major titled \\"The Kesh\\".")  # {'R': 'jig', 'K': 'D', 'T': ...}
+    proc = ABCConstraintProcessor(tokenizer, [fields], prompts=[prompt])
+    model.generate(..., logits_processor=LogitsProcessorList([proc]))
+
+It only masks (sets logits to -inf); it never edits text. Candidate tokens are checked by feeding their
+TEXT, byte by byte, to :class:`AbcState`, an incremental ABC state machine, so any tokenizer works
+(pieces that span several ABC symbols, byte-fallback pieces, SentencePiece or byte-level BPE).
+
+What the state machine checks
+-----------------------------
+* Before the tune: at most one line of text (up to 80 chars: a chat reply's "Here it is:").
+* Header: ``X:`` (digits) first, ``K:`` last; the requested fields (``T: M: L: K: R: O:``) present with
+  exactly the requested value (``K`` may be requested by mode only: "a minor key"), each written once;
+  ``K:`` is refused until every other requested field is written; at most 24 header lines. Unrequested
+  ``M:``/``L:``/``K:`` values must stay a prefix of a valid value (so no value can be started that
+  cannot be finished); ``L:`` is ``1/N`` (N a power of two up to 64: what abc2midi accepts).
+* Body, per bar: the duration (in whole notes, from ``L:`` and each note's length) never exceeds the
+  bar length that ``M:`` implies (``M:C`` = 4/4, ``M:C|`` = 2/2, ``M:none`` / no ``M:`` = free meter,
+  unchecked); a bar closed by a plain barline must be full, except the first bar of the tune or of a
+  voice (a pickup) and the bars next to a repeat or section barline (``|: :| :: || |] [|``): the same
+  rule as ``benchmarks.abc_metrics.check_bars``, so what this allows that checker accepts. Handled:
+  note lengths ``A3/2 A/ A//``, rests ``z x``, multi-bar rests ``Z4``, chords ``[ceg]2`` (first note's
+  length times the multiplier), tuplets ``(3abc`` ``(p:q:r`` (a barline inside one is refused),
+  broken rhythm ``> >> <`` (duration preserving), grace notes ``{g}`` (no time), ties, slurs,
+  decorations ``~ . H-W !trill! +trill+``, chord symbols / annotations ``"Am"``, numbered endings
+  ``[1 |1 :|2``, inline and body-line fields ``[M:3/4] [L:1/16] [K:G] V:2`` (a meter change applies
+  from the next bar it starts), voice overlay ``&``, comments ``%``. Body field lines are ABC 2.1's body
+  fields only (``w: W: P: V: K: L: M: Q: T: N: I:`` ...: abc2midi refuses the others there). Text stays
+  well-formed UTF-8, so the decoded reply is byte for byte the text that was checked.
+* End: EOS only after a barline that closed a complete bar (full, or completing the pickup), with no
+  chord, slur, tuplet, quote, decoration or broken rhythm open; a blank line ends the tune (only then
+  allowed) after which only whitespace or EOS may follow.
+
+Known refusals of real music: tunes that let a line end stand for a barline (no ``|`` at the line's end,
+a full bar on every line: abc2midi checks bar lengths only at barlines, so it has no warning to give;
+this checker, like benchmarks.abc_metrics, counts the bar on), a tuplet across a barline, a broken
+rhythm across a line break. Not checked: pitch (any note in any key), beaming, lyrics alignment, a
+tie's two notes having the same pitch, that repeats are balanced (``:|`` without ``|:`` is fine in ABC), body key/meter changes (a tune
+may modulate: the *header* carries what was asked), voices agreeing with each other.
+
+Decoding strategy (speed)
+-------------------------
+Each token's text is computed once. The processor runs after the repetition penalty and before
+temperature / top-k / top-p (that is where transformers puts a custom ``logits_processor``): the
+warpers then see the model's distribution restricted to allowed tokens, so top-k/top-p keep their
+meaning ("the k most likely *allowed* tokens") and can never leave nothing to sample. Per step and
+row it walks the highest-scoring tokens in logit order (at most ``top_n`` = max(64, top-k)) through a
+transition cache keyed by (state, token) and stops as soon as what the warpers after it keep is
+decided: greedy at the first allowed token; top-k after k allowed ones; top-p once the allowed mass
+found is at least top_p times all the allowed mass still possible (found + not yet seen, under the same
+temperature) -- so the sampled distribution is exactly the masked model distribution, checked on a
+handful of candidates (about 1-3 at ChatMusician's temperature 0.2); a walk that reaches ``top_n``
+first keeps what it found (an implicit top-``top_n`` of the allowed tokens, the one approximation).
+Everything not found allowed is masked. Only when none of them passes is the whole vocabulary walked, as a byte trie pruned by the
+state machine (a rejected prefix rejects every token under it); the result is
+cached per state. If even that finds nothing (a bug), the row is ended with EOS and the reason is kept
+in :meth:`ABCConstraintProcessor.report` -- never a hang or a traceback.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from fractions import Fraction
+
+import torch
+from transformers import LogitsProcessor
+
+from data_preprocess.abc_meter import (
+    _MODES,
+    meter_value,
+    normalise_key,
+    split_header_body,
+    tuplet_q,
+)
+
+CONSTRAINED_FIELDS = ("T", "M", "L", "R", "O", "K")  # header letters a request can fix, K last
+
+
+class ConstraintError(ValueError):
+    """A request the constraint cannot satisfy (bad field value, tokenizer that cannot spell ABC)."""
+
+
+# ------------------------------------------------------------------------------------------ fields
+
+_NOTE_LETTERS = frozenset("ABCDEFGabcdefg")
+_DIGITS = frozenset("0123456789")
+_DECORATIONS = frozenset("HIJKLMNOPQRSTUVWhijklmnopqrstuvw.~")
+_NEUTRAL = frozenset(" \t`\\$y*")
+_INLINE_FIELDS = frozenset("IKLMNPQRTUVWmrsw")
+_AFTER_DECORATION = frozenset("ABCDEFGabcdefg^_=zxZX[{(!\"+")
+_BODY_FIELDS = frozenset("IKLMmNPQRrsTUVWwZ")  # ABC 2.1's fields allowed in a tune body (+ Z: transcription)
+_HEADER_LETTERS = frozenset("ABCDFGHIKLMNOPQRSTUVWXZmr")  # ABC 2.1's header fields
+_DECO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789<>()-.^_/")
+_MODE_WORDS = tuple(_MODES)
+_MAX_VALUE = 256
+_MAX_HEADER_LINES = 24              # music21's longest header has 21 field lines
+_MAX_PREAMBLE = 80                  # chars of the one line of text a reply may open with
+_MAX_DEN = 64                       # note lengths: denominators up to 64, numerators up to 3 digits
+_MIN_LENGTH = Fraction(1, _MAX_DEN)
+
+
+def _meter_ok(v: str) -> bool:
+    s = v.strip()
+    return s.lower() == "none" or meter_value(s) is not None
+
+
+def _meter_prefix_ok(v: str) -> bool:
+    s = v.lstrip(" ")
+    if s.rstrip(" ") != s:           # trailing spaces only after a complete value
+        return _meter_ok(s)
+    return ("none".startswith(s.lower()) or s in ("C", "C|", "c", "c|")
+            or re.fullmatch(r"\(?([0-9]+\+)*[0-9]*\)?|\(?([0-9]+\+)*[0-9]+\)?/[0-9]*", s) is not None)
+
+
+def _unit_ok(v: str) -> bool:
+    """``1/N``, N a power of two up to 64 (abc2midi: "Default length must be 1/X"; all music21 tunes)."""
+    m = re.fullmatch(r"\s*1/([0-9]+)\s*", v)
+    return bool(m) and m.group(1) in ("1", "2", "4", "8", "16", "32", "64")
+
+
+def _unit_prefix_ok(v: str) -> bool:
+    s = v.lstrip(" ")
+    if s.rstrip(" ") != s:
+        return _unit_ok(s)
+    return s in ("", "1", "1/") or (s.startswith("1/") and any(d.startswith(s[2:]) for d in
+                                                                ("1", "2", "4", "8", "16", "32", "64")))
+
+
+def _key_mode(v: str) -> str | None:
+    """The mode of a complete K: value ("maj", "min", "dor" ...); "none" for K:none / K:HP; None if unreadable."""
+    s = v.strip()
+    if s.lower() in ("none", "hp"):
+        return "none"
+    k = normalise_key(s)
+    return k[1] if k else None
+
+
+def _key_prefix_ok(v: str, mode: str | None = None) -> bool:
+    """Whether ``v`` can still be completed to a valid K: value (of ``mode`` when given)."""
+    s = v.lstrip(" ")
+    if not s:
+        return True
+    if mode is None and any(w.startswith(s.lower()) for w in ("none", "hp")):
+        return True
+    m = re.fullmatch(r"([A-G])([#b]?)(.*)", s)
+    if not m:
+        return False
+    rest = m.group(3)
+    word_m = re.match(r"\s?([A-Za-z]*)", rest)
+    word, after = word_m.group(1), rest[word_m.end():]
+    if after:                                  # "D clef=bass", "Dm exp ...": the mode word is complete
+        if not after.startswith(" "):
+            return False
+        if mode is None:
+            return word == "" or word.lower()[:3] in _MODES or word.lower() in _MODES or "=" in after
+        return _MODES.get(word.lower(), _MODES.get(word.lower()[:3])) == mode
+    w = word.lower()
+    if mode is None:
+        return any(x.startswith(w) for x in _MODE_WORDS) or "=" in w or w[:3] in _MODES or word == ""
+    return any(x.startswith(w) and _MODES[x] == mode for x in _MODE_WORDS) or _MODES.get(w[:3]) == mode
+
+
+def validate_fields(fields: dict) -> dict:
+    """Checks a request; returns the fields the constraint enforces. Raises :class:`ConstraintError`
+    naming the field for a value no tune can have (``M:0/4``, ``L:1/0``, an unknown key)."""
+    out = {}
+    for k, v in (fields or {}).items():
+        if v is None or v == "":
+            continue
+        v = str(v).strip()
+        if k == "M":
+            if not _meter_ok(v):
+                raise ConstraintError(f"field M:{v}: not a meter; use e.g. M:6/8, M:C, M:C| or M:none "
+                                      "(numerator and denominator must be positive)")
+        elif k == "L":
+            if not _unit_ok(v):
+                raise ConstraintError(f"field L:{v}: not a unit note length; use L:1/N with N = 1, 2, 4 ... 64 "
+                                      "(e.g. L:1/8)")
+        elif k == "K":
+            if _key_mode(v) is None:
+                raise ConstraintError(f"field K:{v}: unknown key; use e.g. K:D, K:Em, K:Ador, K:F#m, K:Bb or K:none")
+        elif k == "mode":
+            if v not in set(_MODES.values()):
+                raise ConstraintError(f"field mode={v}: unknown mode; use one of {sorted(set(_MODES.values()))}")
+        elif k in CONSTRAINED_FIELDS:
+            if "\n" in v or "%" in v:
+                raise ConstraintError(f"field {k}:{v!r}: a header value cannot hold a newline or '%'")
+        else:
+            raise ConstraintError(f"field {k!r}: not one the constraint supports ({', '.join(CONSTRAINED_FIELDS)}, mode)")
+        out[k] = v
+    if "K" in out and "mode" in out:
+        got = _key_mode(out["K"])
+        if got != out["mode"]:
+            raise ConstraintError(f"field K:{out['K']} is {got}, but mode={out['mode']} was asked")
+        del out["mode"]
+    return out
+
+
+# ------------------------------------------------------------------------- prompt -> fields
+
+_RHYTHMS = ("slip jig", "single jig", "double jig", "hop jig", "set dance", "barn dance", "barndance", "jig",
+            "reel", "hornpipe", "polka", "waltz", "march", "strathspey", "mazurka", "slide", "schottische",
+            "minuet", "gavotte", "bourree", "country dance", "quadrille", "polska", "air")
+# a meter is forced from the rhythm alone only where the rhythm has one meter in practice; a jig may be 6/8
+# or 12/8, a reel 4/4, 2/2 or C|, a hornpipe 4/4 or 2/4, a polka/march 2/4 or 6/8: those force nothing
+_RHYTHM_METER = {"slip jig": "9/8", "hop jig": "9/8", "waltz": "3/4", "mazurka": "3/4", "minuet": "3/4",
+                 "slide": "12/8"}
+_MODE_ABBR = {"major": "", "minor": "m", "mixolydian": "mix", "dorian": "dor", "phrygian": "phr",
+              "lydian": "lyd", "locrian": "loc", "aeolian": "m", "ionian": "", "maj": "", "min": "m", "m": "m",
+              "mix": "mix", "dor": "dor", "phr": "phr", "lyd": "lyd", "loc": "loc", "aeo": "m", "ion": ""}
+_KEY_PHRASE = (r"(?P<tonic>[A-G])(?:\s*(?P<acc>#|b|♯|♭|-?sharp|-?flat|\s+sharp|\s+flat))?"
+               r"(?:\s*(?P<mode>major|minor|mixolydian|dorian|phrygian|lydian|locrian|aeolian|ionian"
+               r"|maj|min|mix|dor|phr|lyd|loc|aeo|ion|m)\b)?")
+
+
+def _key_from(m: re.Match) -> str:
+    acc = (m.group("acc") or "").strip().lstrip("-").lower()
+    acc = {"#": "#", "♯": "#", "sharp": "#", "b": "b", "♭": "b", "flat": "b"}.get(acc, "")
+    return m.group("tonic") + acc + _MODE_ABBR[(m.group("mode") or "major").lower()]
+
+
+def _sft_template_patterns() -> list[tuple[re.Pattern, tuple[str, ...]]]:
+    """The project's own text->music SFT templates (data_preprocess.sft.T2M) as regexes, so every
+    prompt they make gives back exactly the fields it was made from."""
+    from data_preprocess.sft import T2M
+
+    pats = []
+    for tpl, _req in T2M:
+        names = []
+        rx = ""
+        for part in re.split(r"(\{[a-z_]+\})", tpl):
+            if part.startswith("{") and part.endswith("}"):
+                name = part[1:-1]
+                names.append(name)
+                rx += f"(?P<{name}>.+?)" if name != "title" else f"(?P<{name}>.+)"
+            else:
+                rx += re.escape(part)
+        pats.append((re.compile(rx + r"\s*$", re.DOTALL), tuple(names)))
+    return pats
+
+
+_SFT_PATTERNS: list | None = None
+
+
+def _key_description(desc: str) -> str | None:
+    m = re.fullmatch(r"\s*" + _KEY_PHRASE + r"\s*", desc)
+    return _key_from(m) if m else None
+
+
+def extract_fields(prompt: str) -> dict:
+    """Header fields a request asks for: ``{"K": "D", "M": "6/8", "L": "1/8", "T": "...", "R": "jig",
+    "O": "...", "mode": "min"}`` (only those it states; when unsure nothing is forced).
+
+    Understood, in this order: ABC header lines in the prompt (``M:6/8``); the project's SFT templates
+    (data_preprocess.sft.T2M, matched exactly); ChatMusician-style "Meter C / Key D / Note Length 1/8 /
+    Rhythm reel" (with or without colons); plain English: "in G", "in the key of E minor", "F sharp
+    minor", "in 6/8 time", "time signature 3/4", "common time" (C), "cut time" (C|), "called The Kesh" /
+    titled "..." , "a reel", "minor key" (a minor mode, any tonic). A rhythm word sets ``R:`` and forces
+    a meter only where it has one in practice (slip/hop jig 9/8, waltz/mazurka/minuet 3/4, slide 12/8);
+    a jig (6/8 or 12/8), reel (4/4, C|), hornpipe or polka forces none."""
+    global _SFT_PATTERNS
+    text = prompt.strip()
+    out: dict[str, str] = {}
+    # 1. ABC header lines (raw continuation of a header, or fields pasted into the request)
+    head_lines = [ln for ln in text.splitlines() if re.match(r"^[A-Za-z]:", ln.strip())]
+    if any(ln.startswith(("X:", "K:", "M:", "L:")) for ln in head_lines):
+        header, _ = split_header_body(text[text.find("X:"):] if "X:" in text else text)
+        for k in CONSTRAINED_FIELDS:
+            if header.get(k):
+                out[k] = header[k]
+        return out
+    # 2. the project's SFT templates
+    if _SFT_PATTERNS is None:
+        _SFT_PATTERNS = _sft_template_patterns()
+    for rx, names in _SFT_PATTERNS:
+        m = rx.match(text)
+        if not m:
+            continue
+        got = {}
+        for n in names:
+            v = m.group(n).strip()
+            if n == "key":
+                k = _key_description(v)
+                if k is None:
+                    break
+                got["K"] = k
+            elif n == "meter":
+                got["M"] = v
+            elif n == "a_rhythm":
+                got["R"] = re.sub(r"^an?\s+", "", v)
+            elif n == "title":
+                got["T"] = v
+            elif n == "origin":
+                got["O"] = v
+        else:
+            return got
+    # 3. ChatMusician-style field lists and plain English
+    low = text
+    m = re.search(r"(?i)\b(?:note length|unit note length|default note length|L)\s*(?:of\s*|:\s*|\s)\s*([0-9]+/[0-9]+)", low)
+    if m:
+        out["L"] = m.group(1)
+        low = low[:m.start()] + " " * (m.end() - m.start()) + low[m.end():]
+    m = (re.search(r"(?i)\b(?:meter|time signature|time|M)\s*(?:of\s*|:\s*|\s)\s*(C\||C\b|[0-9]+/[0-9]+)", low)
+         or re.search(r"(?i)\b([0-9]+/[0-9]+)\s*(?:time|meter|signature)\b", low)
+         or re.search(r"(?i)\bin\s+([0-9]+/[0-9]+)\b", low)
+         or re.search(r"(?i)\b([0-9]+/[0-9]+)\s+(?:" + "|".join(_RHYTHMS) + r")\b", low)
+         # a bare fraction that can only be a meter (a note length would be 1/8, 1/16 ...)
+         or re.search(r"(?<![/0-9])([2-9]/[248]|1[0-2]/[248])(?![/0-9])", low))
+    if m:
+        out["M"] = m.group(1).upper() if m.group(1)[0] in "cC" else m.group(1)
+    elif re.search(r"(?i)\bcommon time\b", low):
+        out["M"] = "C"
+    elif re.search(r"(?i)\b(?:cut time|alla breve)\b", low):
+        out["M"] = "C|"
+    end = r"(?![A-Za-z#/|])"
+    m = (re.search(r"(?i:\bkey(?:\s+of)?\s*:?\s*)" + _KEY_PHRASE + end, text)
+         or re.search(r"\b(?i:in(?:\s+the\s+key\s+of)?)\s+" + _KEY_PHRASE + end, text)
+         or next((x for x in re.finditer(r"\b" + _KEY_PHRASE + end, text) if x.group("mode")
+                  and x.group("mode") != "m"), None))
+    if m:
+        out["K"] = _key_from(m)
+    elif re.search(r"(?i)\bminor\s+(?:key|mode|tonality)\b|\bin\s+(?:a\s+)?minor\b", text):
+        out["mode"] = "min"
+    elif re.search(r"(?i)\bmajor\s+(?:key|mode|tonality)\b|\bin\s+(?:a\s+)?major\b", text):
+        out["mode"] = "maj"
+    m = (re.search(r"(?i)\brhythm\s*:?\s*([A-Za-z][A-Za-z -]*?)\s*(?:$|[.,;/\n])", text)
+         or re.search(r"(?i)\b(?:an?|the|this|some)\s+(?:[a-z]+\s+)??(" + "|".join(_RHYTHMS) + r")s?\b", text))
+    if m:
+        out["R"] = m.group(1).strip().lower()
+        if "M" not in out and out["R"] in _RHYTHM_METER:
+            out["M"] = _RHYTHM_METER[out["R"]]
+    m = (re.search(r"(?i)\b(?:called|titled|entitled|named|title)\s*:?\s*[\"“'‘]([^\"”’\n]+)[\"”’]", text)
+         or re.search(r"\b(?i:called|titled|entitled|named)\s+((?:[A-Z0-9][\w'’-]*)(?:\s+(?:[A-Z0-9][\w'’-]*|(?:of|the|"
+                      r"a|an|and|de|la|le|na)(?=\s+[A-Z0-9])))*)", text))
+    if m:
+        out["T"] = m.group(1).strip()
+    return out
+
+
+# ------------------------------------------------------------------------------------ the machine
+
+
+class AbcState:
+    """One position in an ABC tune being written: feed it characters with :meth:`feed` (True = still a
+    valid prefix). Text is processed as latin-1 code points of its UTF-8 bytes, one char per byte, so
+    byte-fallback tokens and multi-byte characters compare exactly. A state is never changed once it is
+    shared: :meth:`after` returns a new one."""
+
+    __slots__ = (
+        "_key",
+        "acc",
+        "after_bar",
+        "bar_exp",
+        "bdir",
+        "bk",
+        "broken_next",
+        "buf",
+        "chord_first",
+        "chord_n",
+        "closed",
+        "deco",
+        "done",
+        "dur",
+        "fctx",
+        "fletter",
+        "fval",
+        "in_chord",
+        "just",
+        "last_full",
+        "layers",
+        "lbase",
+        "lden",
+        "left",
+        "lnum",
+        "lsl",
+        "ltarget",
+        "meter",
+        "meter_str",
+        "mode",
+        "multi",
+        "n",
+        "nbars",
+        "need_boundary",
+        "owe_boundary",
+        "phase",
+        "pickup",
+        "plen",
+        "pre_lines",
+        "prev",
+        "replay",
+        "slur",
+        "spec",
+        "tbuf",
+        "tup_factor",
+        "tup_left",
+        "u8",
+        "unit",
+        "x_seen",
+    )
+
+    def __init__(self, spec: dict | None = None):
+        self.spec = {k: to_machine_text(v) for k, v in (spec or {}).items()}
+        self.mode = "pre"
+        self.phase = "pre"
+        self.x_seen = False
+        self.done = frozenset()
+        self.fletter = ""
+        self.fval = ""
+        self.fctx = "h"
+        self.meter: Fraction | None = None
+        self.meter_str: str | None = None
+        self.unit = Fraction(1, 8)
+        self.dur = Fraction(0)
+        self.n = 0
+        self.bar_exp: Fraction | None = None
+        self.layers = Fraction(0)
+        self.left = "start"
+        self.pickup: Fraction | None = None
+        self.nbars = 0
+        self.last_full = False
+        self.need_boundary = False
+        self.owe_boundary = False
+        self.closed = False
+        self.after_bar = False
+        self.multi = False
+        self.tup_left = 0
+        self.tup_factor = Fraction(1)
+        self.tbuf = ""
+        self.slur = 0
+        self.broken_next: Fraction | None = None
+        self.bk = 0
+        self.bdir = ""
+        self.prev: Fraction | None = None
+        self.just = False
+        self.lnum = ""
+        self.lsl = 0
+        self.lden = ""
+        self.ltarget = ""
+        self.lbase = Fraction(1)
+        self.acc = ""
+        self.in_chord = False
+        self.chord_first: Fraction | None = None
+        self.chord_n = 0
+        self.buf = ""
+        self.plen = 0
+        self.replay = False
+        self.u8 = 0
+        self.deco = 0
+        self.pre_lines = 0
+        self._key = None
+
+    # -- copying / caching ---------------------------------------------------------------------
+    def clone(self) -> AbcState:
+        o = AbcState.__new__(AbcState)
+        for s in AbcState.__slots__:
+            setattr(o, s, getattr(self, s))
+        o._key = None
+        return o
+
+    def key(self) -> tuple:
+        if self._key is None:
+            self._key = tuple(getattr(self, s) for s in _KEY_SLOTS)
+        return self._key
+
+    def after(self, text: str) -> AbcState | None:
+        """A new state after ``text`` (latin-1 chars of UTF-8 bytes), or None if it is not allowed."""
+        s = self.clone()
+        for c in text:
+            if not s.feed(c):
+                return None
+        return s
+
+    # -- the end -----------------------------------------------------------------------------------
+    def can_end(self) -> bool:
+        """EOS allowed: after a barline that closed a complete bar, nothing left open."""
+        if self.phase == "end":
+            return True
+        return (self.phase == "body" and self.mode in ("music", "b_start", "bar", "comment") and self.n == 0
+                and not self.multi and self.after_bar and self.nbars > 0 and self.last_full and self.slur == 0
+                and self.tup_left == 0 and self.broken_next is None and not self.owe_boundary)
+
+    def describe(self) -> str:
+        return (f"phase={self.phase} mode={self.mode} bar={self.dur}/{self.bar_exp or self.meter} notes={self.n} "
+                f"open: slur={self.slur} tuplet={self.tup_left} field={self.fletter or '-'}")
+
+    # -- feeding -------------------------------------------------------------------------------
+    def feed(self, c: str) -> bool:
+        o = ord(c)
+        if o >= 128:  # UTF-8 must stay well formed (RFC 3629), so the decoded reply is the text checked here
+            if self.u8:
+                lo, hi = self.u8 >> 16, (self.u8 >> 8) & 0xFF
+                if not lo <= o <= hi:
+                    return False
+                n = (self.u8 & 0xFF) - 1
+                self.u8 = (0x80 << 16 | 0xBF << 8 | n) if n else 0
+            elif 0xC2 <= o <= 0xDF:
+                self.u8 = 0x80 << 16 | 0xBF << 8 | 1
+            elif 0xE0 <= o <= 0xEF:  # no overlong forms (E0 A0..), no surrogates (ED ..9F)
+                lo, hi = (0xA0 if o == 0xE0 else 0x80), (0x9F if o == 0xED else 0xBF)
+                self.u8 = lo << 16 | hi << 8 | 2
+            elif 0xF0 <= o <= 0xF4:  # nothing past U+10FFFF
+                lo, hi = (0x90 if o == 0xF0 else 0x80), (0x8F if o == 0xF4 else 0xBF)
+                self.u8 = lo << 16 | hi << 8 | 3
+            else:
+                return False
+        elif self.u8 or (o < 32 and c not in "\n\t") or o == 127:
+            return False
+        for _ in range(8):
+            r = _STEP[self.mode](self, c)
+            if r is not None:
+                return r
+        return False  # pragma: no cover - a mode that keeps handing the char on is a bug
+
+    # header ------------------------------------------------------------------------------------
+    def _pre(self, c):
+        """Before the tune: at most one short line of text (a chat reply's "Here it is:"), then ``X:``
+        at the start of a line."""
+        if c == "X" and self.plen == 0:
+            self.phase, self.mode, self.fletter = "header", "h_letter", "X"
+            return True
+        if c == "\n":
+            if self.plen:
+                self.pre_lines += 1
+            self.plen = 0
+            return self.pre_lines <= 1
+        if self.pre_lines >= 1 or not (" " <= c <= "~" or c >= "\x80"):
+            return False
+        if self.plen == 1 and c == ":" and "A" <= self.buf <= "z":
+            return False  # a line that looks like a header field is the header: X: comes first
+        self.plen += 1
+        if self.plen == 1:
+            self.buf = c
+        return self.plen <= _MAX_PREAMBLE or "\x80" <= c <= "\xbf"  # a started character may end
+
+    def _h_start(self, c):
+        if c == "%":
+            self.mode, self.fctx = "comment", "h"
+            return True
+        if c not in _HEADER_LETTERS:
+            return False
+        if not self.x_seen:
+            if c != "X":
+                return False
+        elif c == "X" or (c in "ML" and c in self.done):
+            return False
+        missing = [k for k in self.spec if k not in ("K", "mode") and k not in self.done]
+        if c == "K" and missing:
+            return False
+        if self.nbars >= _MAX_HEADER_LINES and c != "K" and c not in missing:
+            return False  # a header that goes on and on: only the asked fields and K: may come now
+        self.nbars += 1  # (counts header lines until the body starts)
+        self.mode, self.fletter = "h_letter", c
+        return True
+
+    def _h_letter(self, c):
+        if c != ":":
+            return False
+        self.mode, self.fval, self.fctx = "value", "", "h"
+        return True
+
+    def _value(self, c):
+        inline = self.fctx == "i"
+        if c == "\n" or (inline and c == "]"):
+            if inline and c == "\n":
+                return False
+            return self._field_done()
+        if inline and c == "[":
+            return False
+        if len(self.fval) >= _MAX_VALUE and not "\x80" <= c <= "\xbf":
+            return False
+        v = self.fval + c
+        L = self.fletter
+        if self.fctx == "h" and L in self.spec and L not in self.done:
+            if not _requested_prefix_ok(v, self.spec[L]):
+                return False
+        elif L == "X":
+            if re.fullmatch(r" ?[0-9]{0,6}", v) is None:
+                return False
+        elif L in "MLK" and "%" not in v:
+            if L == "M" and not _meter_prefix_ok(v):
+                return False
+            if L == "L" and not _unit_prefix_ok(v):
+                return False
+            mode = self.spec.get("mode") if (L == "K" and self.fctx == "h") else None
+            if L == "K" and not _key_prefix_ok(v, mode):
+                return False
+        self.fval = v
+        return True
+
+    def _field_done(self) -> bool:
+        L, raw, ctx = self.fletter, self.fval, self.fctx
+        v = raw.split("%", 1)[0].strip()
+        if ctx == "h" and L in self.spec and L not in self.done and v != self.spec[L]:
+            return False
+        if L == "X" and not re.fullmatch(r"[0-9]+", v):
+            return False
+        if L == "M":
+            if not _meter_ok(v):
+                return False
+            self.meter_str = v
+            self.meter = meter_value(v)
+        elif L == "L":
+            if not _unit_ok(v):
+                return False
+            self.unit = Fraction(*map(int, v.split("/")))
+        elif L == "K":
+            mode = _key_mode(v)
+            if mode is None or (ctx == "h" and "mode" in self.spec and mode != self.spec["mode"]):
+                return False
+        elif L == "V" and ctx != "h" and not self._voice_change():
+            return False
+        if ctx == "h":
+            self.done = self.done | {L}
+            if L == "X":
+                self.x_seen = True
+            self.fletter = ""
+            if L == "K":
+                self.phase, self.nbars = "body", 0
+                if "L" not in self.done:
+                    self.unit = Fraction(1, 16) if (self.meter is not None and self.meter < Fraction(3, 4)) \
+                        else Fraction(1, 8)
+                self.mode = "b_start"
+            else:
+                self.mode = "h_start"
+            return True
+        self.fletter = ""
+        if ctx == "i":
+            self.mode = "music"
+        else:
+            self.mode = "b_start"
+        return True
+
+    def _comment(self, c):
+        if c != "\n":
+            return True
+        self.mode = "h_start" if self.fctx == "h" else "b_start"
+        return True
+
+    # body lines --------------------------------------------------------------------------------
+    def _b_start(self, c):
+        if c == "\n":  # a blank line ends the tune
+            if not self.can_end():
+                return False
+            self.phase, self.mode = "end", "end"
+            return True
+        if c == "%":
+            self.mode, self.fctx = "comment", "b"
+            return True
+        if c in _BODY_FIELDS or c == "X" or c in _DECORATIONS:
+            self.mode, self.buf = "b_letter", c
+            return True
+        self.mode = "music"
+        return None
+
+    def _b_letter(self, c):
+        if c == ":":
+            if self.buf not in _BODY_FIELDS:
+                return False  # "X:" would start a new tune; "J:", "C:" ... are header-only fields
+            self.mode = "b_colon"
+            return True
+        return self._replay(self.buf, c)
+
+    def _b_colon(self, c):
+        if c in "|:":
+            return self._replay(self.buf + ":", c)
+        self.mode, self.fletter, self.fval, self.fctx = "value", self.buf, "", "b"
+        return None
+
+    def _replay(self, text: str, c: str) -> bool:
+        """A line-start letter that turned out to be music (``T:|`` = trill + ``:|``)."""
+        self.mode = "music"
+        for ch in text:
+            if not self.feed(ch):
+                return False
+        return self.feed(c)
+
+    def _end(self, c):
+        return c in " \n\t"
+
+    # music -------------------------------------------------------------------------------------
+    def _room(self, length: Fraction = _MIN_LENGTH, tail: bool = True) -> bool:
+        """Whether a note of at least ``length`` units (times the broken-rhythm and tuplet factors) still
+        fits the bar, leaving the shortest time the rest of an open tuplet needs (``tail``)."""
+        if self.owe_boundary or self.multi:
+            return False
+        exp = self.bar_exp if self.n > 0 else self.meter
+        if exp is None:
+            return True
+        d = self.unit * length
+        if self.broken_next is not None:
+            d *= self.broken_next
+        rest = 0
+        if self.tup_left > 0:
+            d *= self.tup_factor
+            rest = self.tup_left - 1 if tail else 0
+        return self.dur + d + rest * self.unit * self.tup_factor * _MIN_LENGTH <= exp
+
+    def _min_length(self) -> Fraction:
+        """The shortest length the note being written can still get (its length so far is a prefix)."""
+        n = int(self.lnum) if self.lnum else 1
+        if self.lsl == 0:
+            return Fraction(n, _MAX_DEN)
+        if self.lsl == 1:
+            if not self.lden:
+                return Fraction(n, _MAX_DEN)
+            p = int(self.lden)
+            return Fraction(n, max([p] + [p * 10 + k for k in range(10) if p * 10 + k <= _MAX_DEN]))
+        return Fraction(n, 8)
+
+    def _music(self, c):
+        just, self.just = self.just, False
+        if self.deco:  # a one-letter decoration (~ . T u ...) decorates the note, rest or chord that follows
+            if c in _DECORATIONS:
+                self.deco += 1
+                self.after_bar = False
+                return self.deco <= 3
+            if c not in _AFTER_DECORATION:
+                return False
+            self.deco = 0
+        if c in _NOTE_LETTERS or c in "^_=":
+            if not self._room():
+                return False
+            self.mode, self.acc, self.in_chord = "note", "", False
+            return None
+        if c in "zx":
+            if not self._room():
+                return False
+            self.mode, self.ltarget, self.lbase = "len", "note", Fraction(1)
+            self.lnum, self.lsl, self.lden = "", 0, ""
+            return True
+        if c in " \t":
+            self.just = just
+            return True
+        if c == "\n":  # a line end is no barline (abc2midi and benchmarks.abc_metrics agree)
+            self.mode = "b_start"
+            return True
+        if c in _NEUTRAL:
+            return True
+        if c in _DECORATIONS:
+            self.after_bar = False
+            self.deco = 1
+            return True
+        if c in "|:":
+            return self._bar_open(c)
+        if c == "[":
+            self.mode = "lbrack"
+            return True
+        if c == '"':
+            self.mode, self.plen, self.after_bar = "quote", 0, False
+            return True
+        if c == "!":
+            self.mode, self.plen, self.after_bar = "deco", 0, False
+            return True
+        if c == "+":
+            self.mode, self.plen, self.after_bar = "pdeco", 0, False
+            return True
+        if c == "{":
+            self.mode, self.after_bar = "grace", False
+            return True
+        if c == "(":
+            self.mode = "paren"
+            return True
+        if c == ")":  # a stray ')' (real tunes write "(3abc)") closes nothing
+            self.slur = max(0, self.slur - 1)
+            self.just = just
+            return True
+        if c == "-":
+            self.just = just
+            return True
+        if c in "<>":
+            if not just or self.prev is None:
+                return False
+            self.mode, self.bk, self.bdir = "broken", 1, c
+            return True
+        if c in "ZX":
+            if self.n > 0 or self.owe_boundary:
+                return False
+            self.multi, self.mode, self.buf, self.after_bar = True, "mrest", "", False
+            return True
+        if c == "&":
+            if self.n == 0:
+                return False
+            self.layers = max(self.layers, self.dur)
+            self.dur = Fraction(0)
+            return True
+        if c == "%":
+            self.mode, self.fctx = "comment", "b"
+            return True
+        return False
+
+    def _note(self, c):
+        # accidentals, then the letter, then octave marks, then the length
+        if c in "^_=":
+            if self.acc and (self.acc[-1] != c or c == "=" or len(self.acc) >= 2):
+                return False
+            self.acc += c
+            return True
+        if c in _NOTE_LETTERS:
+            self.mode, self.buf = "octave", ""
+            return True
+        return False
+
+    def _octave(self, c):
+        if c in "',":
+            return True
+        self.mode, self.ltarget, self.lbase = "len", "chordnote" if self.in_chord else "note", Fraction(1)
+        self.lnum, self.lsl, self.lden = "", 0, ""
+        return None
+
+    def _len(self, c):
+        if c in _DIGITS or c == "/":
+            if c == "/":
+                if self.lden or self.lsl >= 3:
+                    return False
+                self.lsl += 1
+            elif self.lsl == 0:
+                if (c == "0" and not self.lnum) or len(self.lnum) >= 3:
+                    return False
+                self.lnum += c
+            else:
+                if (c == "0" and not self.lden) or self.lsl > 1 or int(self.lden + c) > _MAX_DEN:
+                    return False
+                self.lden += c
+            if self.ltarget == "note":  # the note must still be able to fit the bar
+                return self._room(self._min_length() * self.lbase)
+            return True
+        n = int(self.lnum) if self.lnum else 1
+        d = int(self.lden) if self.lden else (2 ** self.lsl if self.lsl else 1)
+        if self.lden and self.lsl > 1:
+            d *= 2 ** (self.lsl - 1)
+        length = Fraction(n, d) * self.lbase
+        t = self.ltarget
+        if t == "chordnote":
+            if self.chord_first is None:
+                self.chord_first = length
+            self.chord_n += 1
+            self.mode = "chord"
+            return None
+        if t == "grace":
+            self.mode = "grace"
+            return None
+        if not self._commit(self.unit * length):
+            return False
+        self.mode = "music"
+        self.just = True
+        return None
+
+    def _commit(self, d: Fraction) -> bool:
+        if self.owe_boundary:
+            return False
+        if self.broken_next is not None:
+            d *= self.broken_next
+            self.broken_next = None
+        if self.tup_left > 0:
+            d *= self.tup_factor
+            self.tup_left -= 1
+        if self.n == 0:
+            self.bar_exp = self.meter
+        if self.bar_exp is not None and (self.dur + d + self.tup_left * self.unit * self.tup_factor * _MIN_LENGTH
+                                         > self.bar_exp):
+            return False
+        self.dur += d
+        self.n += 1
+        self.prev = d
+        self.after_bar = False
+        return True
+
+    def _broken(self, c):
+        if c == self.bdir and self.bk < 3:
+            self.bk += 1
+            return True
+        f = Fraction(1, 2 ** self.bk)
+        if self.bdir == ">":
+            self.dur += self.prev * (1 - f)
+            self.broken_next = f
+            if self.bar_exp is not None and self.dur > self.bar_exp:
+                return False
+        else:
+            self.dur -= self.prev * (1 - f)
+            self.broken_next = 2 - f
+        self.prev = None
+        self.mode = "music"
+        if not self._room():
+            return False  # the note it lends time to would have none left
+        return None
+
+    def _mrest(self, c):
+        if c in _DIGITS and len(self.buf) < 3 and not (c == "0" and not self.buf):
+            self.buf += c
+            return True
+        self.mode = "music"
+        return None
+
+    def _lbrack(self, c):
+        if c == "|":
+            return self._bar_open("[|")
+        if c in _DIGITS:
+            self.mode, self.buf = "ending", c
+            return True
+        if c in _INLINE_FIELDS:
+            self.mode, self.buf = "ifield", c
+            return True
+        if c in _NOTE_LETTERS or c in "^_=":
+            if not self._room():
+                return False
+            self.mode, self.in_chord, self.chord_first, self.chord_n = "chord", True, None, 0
+            return None
+        return False
+
+    def _ifield(self, c):
+        if c != ":":
+            return False
+        self.mode, self.fletter, self.fval, self.fctx = "value", self.buf, "", "i"
+        return True
+
+    def _chord(self, c):
+        if c in _NOTE_LETTERS or c in "^_=":
+            self.mode, self.acc = "note", ""
+            return None
+        if c in " -.~":
+            return True
+        if c == "]":
+            if self.chord_n == 0:
+                return False
+            self.in_chord = False
+            self.mode, self.ltarget, self.lbase = "len", "note", self.chord_first
+            self.lnum, self.lsl, self.lden = "", 0, ""
+            return True
+        return False
+
+    def _grace(self, c):
+        if c == "}":
+            self.mode = "music"
+            return True
+        return c in _NOTE_LETTERS or c in "^_=',/0123456789 []"
+
+    def _quote(self, c):
+        if c == '"':
+            self.mode = "music"
+            return True
+        self.plen += 1
+        return (" " <= c <= "~" or c >= "\x80") and (self.plen <= 64 or "\x80" <= c <= "\xbf")
+
+    def _deco(self, c):
+        if c == "!":
+            self.mode = "music"
+            return True
+        if c == "\n" and self.plen == 0:  # "!" at a line end: ABC 2.0's score line break
+            self.mode = "music"
+            return None
+        self.plen += 1
+        return c in _DECO_CHARS and self.plen <= 32
+
+    def _pdeco(self, c):
+        if c == "+":
+            self.mode = "music"
+            return True
+        self.plen += 1
+        return c in _DECO_CHARS and self.plen <= 32
+
+    def _paren(self, c):
+        if c in _DIGITS and c != "0" and c != "1":
+            self.mode, self.tbuf = "tuplet", c
+            return True
+        self.slur += 1
+        self.mode = "music"
+        return None
+
+    def _tuplet(self, c):
+        if c in _DIGITS or (c == ":" and self.tbuf.count(":") < 2):
+            if len(self.tbuf) >= 6:
+                return False
+            self.tbuf += c
+            return True
+        parts = self.tbuf.split(":")
+        p = int(parts[0])
+        q = int(parts[1]) if len(parts) > 1 and parts[1] else tuplet_q(p, self.meter_str)
+        r = int(parts[2]) if len(parts) > 2 and parts[2] else p
+        if p < 2 or p > 9 or q < 1 or r < 1:
+            return False
+        self.tup_left, self.tup_factor = r, Fraction(q, p)
+        self.mode = "music"
+        if not self._room():
+            return False
+        return None
+
+    # barlines ---------------------------------------------------------------------------------
+    def _bar_open(self, first: str) -> bool:
+        """A barline starts: the bar before it closes (its kind is known once the barline ends)."""
+        if self.broken_next is not None or self.tup_left > 0:
+            return False
+        total = max(self.dur, self.layers)
+        self.need_boundary = False
+        if self.n > 0 or self.multi:
+            if self.multi or self.bar_exp is None:
+                self.last_full = True
+            else:
+                full = total == self.bar_exp
+                if not full:
+                    if self.nbars == 0 and self.pickup is None:
+                        self.pickup = total
+                    self.need_boundary = self.left not in ("start", "repeat", "section")
+                self.last_full = full or (self.nbars > 0 and self.pickup is not None
+                                          and total + self.pickup == self.bar_exp)
+            self.nbars += 1
+            self.closed = True
+        else:
+            self.closed = False
+        self.dur, self.n, self.layers, self.bar_exp, self.multi = Fraction(0), 0, Fraction(0), None, False
+        self.prev, self.just = None, False
+        self.mode, self.buf = "bar", first
+        self.after_bar = True
+        return True
+
+    def _bar(self, c):
+        b = self.buf
+        if c == "|" and not b.endswith("]") and len(b) < 5:
+            self.buf += c
+            return True
+        if c == ":" and not b.endswith("]") and len(b) < 5:
+            self.buf += c
+            return True
+        if c == "]" and b.endswith("|"):
+            self.buf += c
+            return True
+        if "|" not in b and b.count(":") < 2:
+            return False  # a lone ':' is no barline
+        kind = "repeat" if ":" in b else "section" if (b in ("||", "|]", "[|") or b.endswith("]")
+                                                       or b.count("|") > 1) else "plain"
+        self._bar_kind_done(kind)
+        if c in _DIGITS and c != "0":
+            self.mode, self.buf = "ending", c
+            return True
+        self.mode = "music"
+        return None
+
+    def _bar_kind_done(self, kind: str):
+        if self.closed:
+            self.left = kind
+            if self.need_boundary and kind == "plain":
+                self.owe_boundary = True
+        elif kind != "plain":
+            if self.left in ("start", "plain"):
+                self.left = kind
+            self.owe_boundary = False
+        self.need_boundary = False
+
+    def _ending(self, c):
+        if c in _DIGITS or (c in ",-" and self.buf[-1:] in _DIGITS):
+            if len(self.buf) >= 8:
+                return False
+            self.buf += c
+            return True
+        if not self.buf[-1:] in _DIGITS:
+            return False
+        self.mode = "music"
+        self.after_bar = False
+        return None
+
+    def _voice_change(self) -> bool:
+        """``V:`` switches voice: an unfinished bar of the last voice is left as it is; the new voice
+        starts like a tune (its first bar may be a pickup)."""
+        if self.broken_next is not None or self.tup_left > 0:
+            return False
+        self.dur, self.n, self.layers, self.bar_exp, self.multi = Fraction(0), 0, Fraction(0), None, False
+        self.left, self.owe_boundary, self.prev, self.just = "start", False, None, False
+        return True
+
+
+_KEY_SLOTS = tuple(s for s in AbcState.__slots__ if s not in ("spec", "_key"))  # spec is fixed per processor
+_STEP = {"pre": AbcState._pre, "h_start": AbcState._h_start, "h_letter": AbcState._h_letter,
+         "value": AbcState._value, "comment": AbcState._comment, "b_start": AbcState._b_start,
+         "b_letter": AbcState._b_letter, "b_colon": AbcState._b_colon, "end": AbcState._end,
+         "music": AbcState._music, "note": AbcState._note, "octave": AbcState._octave, "len": AbcState._len,
+         "broken": AbcState._broken, "mrest": AbcState._mrest, "lbrack": AbcState._lbrack,
+         "ifield": AbcState._ifield, "chord": AbcState._chord, "grace": AbcState._grace,
+         "quote": AbcState._quote, "deco": AbcState._deco, "pdeco": AbcState._pdeco, "paren": AbcState._paren,
+         "tuplet": AbcState._tuplet, "bar": AbcState._bar, "ending": AbcState._ending}
+
+
+def _requested_prefix_ok(v: str, want: str) -> bool:
+    """A requested header value: up to 3 spaces (real tunes write "T:  Title"), then exactly ``want``,
+    then only spaces or a comment."""
+    s = v.lstrip(" ")
+    if len(v) - len(s) > 3:
+        return False
+    if len(s) <= len(want):
+        return want.startswith(s)
+    return s.startswith(want) and re.fullmatch(r" *(%.*)?", s[len(want):]) is not None
+
+
+def to_machine_text(text: str) -> str:
+    """The state machine's alphabet: one latin-1 char per UTF-8 byte of ``text``."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def check_text(text: str, fields: dict | None = None, start: AbcState | None = None) -> tuple[AbcState | None, int]:
+    """Feeds ``text`` (a tune) to a fresh state (or ``start``): (final state, -1) when every prefix is
+    allowed, else (None, index of the first refused character of the machine text)."""
+    st = start.clone() if start is not None else AbcState(validate_fields(fields or {}))
+    for i, c in enumerate(to_machine_text(text)):
+        if not st.feed(c):
+            return None, i
+    return st, -1
+
+
+def initial_state(prompt: str, fields: dict) -> tuple[AbcState, str]:
+    """Where the constraint starts for a prompt, and the prompt text it continues: when the prompt ends
+    inside an ABC tune (a raw header to continue), the state after that tune text; otherwise a fresh
+    state and "" (the reply must be a tune from ``X:`` on)."""
+    spec = validate_fields(fields)
+    starts = [m.start() for m in re.finditer(r"(?m)^X:", prompt)]
+    if starts:
+        st, _ = check_text(prompt[starts[-1]:], start=AbcState(spec))
+        if st is not None:
+            return st, prompt[starts[-1]:]
+    return AbcState(spec), ""
+
+
+# ------------------------------------------------------------------------------ token texts
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable-char table (byte-level BPE vocabularies are written in it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_texts(tokenizer) -> list[str | None]:
+    """Every token's text in the machine alphabet (latin-1 chars of its UTF-8 bytes), None for special
+    tokens. Byte-level BPE pieces map through GPT-2's byte table; SentencePiece ``<0xNN>`` pieces are
+    their byte; other pieces are decoded after an anchor token, so a leading space is kept."""
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    special = set(tokenizer.all_special_ids)
+    for t in getattr(tokenizer, "added_tokens_decoder", {}) or {}:
+        if getattr(tokenizer.added_tokens_decoder[t], "special", False):
+            special.add(int(t))
+    byte_level = False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        try:
+            byte_level = "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
+        except (ValueError, TypeError, AttributeError):
+            byte_level = False
+    out: list[str | None] = [None] * n
+    if byte_level:
+        inv = {v: k for k, v in _bytes_to_unicode().items()}
+        for i, p in enumerate(pieces):
+            if i in special or p is None:
+                continue
+            try:
+                out[i] = bytes(inv[ch] for ch in p).decode("latin-1")
+            except KeyError:  # an added (non-byte-level) token: its plain text
+                out[i] = to_machine_text(p)
+        return out
+    anchor_ids = tokenizer.encode("X", add_special_tokens=False)
+    anchor = anchor_ids[-1] if anchor_ids else next(i for i in range(n) if i not in special)
+    base = tokenizer.decode([anchor])
+    ids = [i for i in range(n) if i not in special and pieces[i] is not None and not _BYTE_PIECE.match(pieces[i])]
+    decoded = tokenizer.batch_decode([[anchor, i] for i in ids])
+    for i, d in zip(ids, decoded):
+        if d.startswith(base) and "\ufffd" not in d:
+            out[i] = to_machine_text(d[len(base):])
+    for i, p in enumerate(pieces):
+        if i not in special and p is not None:
+            m = _BYTE_PIECE.match(p)
+            if m:
+                out[i] = chr(int(m.group(1), 16))
+    return out
+
+
+class _Vocab:
+    """Token texts of one tokenizer, a byte trie over them, and the spelling check (cached per tokenizer)."""
+
+    def __init__(self, tokenizer):
+        self.texts = token_texts(tokenizer)
+        self.trie: dict = {}
+        for i, t in enumerate(self.texts):
+            if not t:
+                continue
+            node = self.trie
+            for ch in t:
+                node = node.setdefault(ch, {})
+            node.setdefault(None, []).append(i)
+        self.singles = {t for t in self.texts if t and len(t) == 1}
+
+    def check_spelling(self, spec: dict, name: str):
+        need = set("X:K|\n0123456789/ABCDEFGabcdefg ") | {c for v in spec.values() for c in to_machine_text(v)}
+        missing = sorted(need - self.singles)
+        if missing:
+            shown = ", ".join(repr(c.encode("latin-1").decode("utf-8", "replace")) for c in missing[:8])
+            raise ConstraintError(f"tokenizer {name}: no token spells {shown} on its own, so the ABC "
+                                  "constraint could be left with nothing to write; use a tokenizer with byte "
+                                  "fallback or single-character pieces")
+
+
+_VOCABS: dict[int, _Vocab] = {}
+
+
+def vocab_for(tokenizer) -> _Vocab:
+    key = id(tokenizer)
+    if key not in _VOCABS:
+        _VOCABS[key] = _Vocab(tokenizer)
+    return _VOCABS[key]
+
+
+# ------------------------------------------------------------------------------- the processor
+
+
+class ABCConstraintProcessor(LogitsProcessor):
+    """Masks tokens that would break the ABC constraint, row by row (see the module doc).
+
+    ``fields``: one request dict per row (or one for all rows); ``prompts``: each row's prompt text (a
+    prompt that ends inside an ABC header is continued from there). ``greedy``: stop checking at the
+    first allowed candidate. ``top_n``: candidates checked before the vocabulary walk."""
+
+    def __init__(self, tokenizer, fields: list[dict] | dict | None, prompts: list[str], greedy: bool = False,
+                 top_n: int = 64, eos_token_id: int | None = None, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0):
+        self.vocab = vocab_for(tokenizer)
+        rows = len(prompts)
+        fl = fields if isinstance(fields, list) else [fields or {}] * rows
+        if len(fl) != rows:
+            raise ValueError(f"{len(fl)} field dicts for {rows} prompts")
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        self.fields = [validate_fields(f) for f in fl]
+        for f in self.fields:
+            self.vocab.check_spelling(f, name)
+        starts = [initial_state(p, f) for p, f in zip(prompts, self.fields)]
+        self.states = [s for s, _ in starts]
+        self.prefix = [t for _, t in starts]  # the prompt's own ABC that a reply continues
+        self.eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        self.greedy, self.top_n = greedy, max(1, int(top_n), int(top_k or 0))
+        self.temperature = float(temperature) if temperature and temperature > 0 else 1.0
+        self.top_k, self.top_p = int(top_k or 0), float(top_p or 1.0)
+        self.seconds, self.steps, self.checked, self.scans = 0.0, 0, 0, 0  # cost accounting (report())
+        self.start: int | None = None
+        self.fed = 0
+        self.done = [False] * rows
+        self.stop: list[str | None] = [None] * rows
+        self._trans: dict[tuple, dict] = {}
+        self._scan: dict[tuple, list[int]] = {}
+
+    # transitions ------------------------------------------------------------------------------
+    def _next(self, st: AbcState, tid: int) -> AbcState | None:
+        row = self._trans.get(st.key())
+        if row is None:
+            if len(self._trans) > 200_000:
+                self._trans.clear()
+            row = self._trans[st.key()] = {}
+        if tid in row:
+            return row[tid]
+        text = self.vocab.texts[tid] if tid < len(self.vocab.texts) else None
+        ns = st.after(text) if text else None
+        row[tid] = ns
+        return ns
+
+    def allowed_all(self, st: AbcState) -> list[int]:
+        """Every allowed token id (the vocabulary walked as a trie pruned by the machine), EOS included."""
+        k = st.key()
+        if k in self._scan:
+            return self._scan[k]
+        out: list[int] = []
+        stack = [(self.vocab.trie, st)]
+        while stack:
+            node, s = stack.pop()
+            for ch, child in node.items():
+                if ch is None:
+                    out.extend(child)
+                    continue
+                s2 = s.clone()
+                if s2.feed(ch):
+                    stack.append((child, s2))
+        if st.can_end() and self.eos is not None:
+            out.append(self.eos)
+        if len(self._scan) > 20_000:
+            self._scan.clear()
+        self._scan[k] = out
+        return out
+
+    def _consume(self, input_ids: torch.LongTensor):
+        T = input_ids.shape[1]
+        if self.start is None:
+            self.start = T
+            self.fed = self.start
+        if T == self.fed:
+            return
+        new = input_ids[:, self.fed:T].tolist()
+        self.fed = T
+        for r, toks in enumerate(new):
+            for t in toks:
+                if self.done[r]:
+                    break
+                if t == self.eos:
+                    self.done[r] = True
+                    if self.stop[r] is None:
+                        self.stop[r] = "eos"
+                    break
+                ns = self._next(self.states[r], t)
+                if ns is None:  # only reachable when another processor overrode the mask
+                    self.done[r] = True
+                    self.stop[r] = f"token {t} was generated against the constraint ({self.states[r].describe()})"
+                    break
+                self.states[r] = ns
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t0 = time.perf_counter()
+        out = self._mask(input_ids, scores)
+        self.seconds += time.perf_counter() - t0
+        self.steps += 1
+        return out
+
+    def _mask(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Candidates in logit order; a row stops checking as soon as the tokens the warpers after it can
+        keep are decided: greedy at the first allowed token, top-k after k allowed ones, top-p once the
+        allowed mass found is at least top_p of every allowed mass still possible (found + unseen, under
+        the same temperature), so the sampled distribution is exactly the masked one; at most ``top_n``."""
+        self._consume(input_ids)
+        B, V = scores.shape
+        k = min(self.top_n, V)
+        top_v, top_i = torch.topk(scores, k, dim=1)
+        if self.greedy or self.top_p >= 1.0:  # no nucleus to decide: the probabilities are not needed
+            top_p = [[0.0] * k] * B
+        else:
+            lse = torch.logsumexp(scores.float() / self.temperature, dim=1, keepdim=True)
+            top_p = torch.exp(top_v.float() / self.temperature - lse).tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        neg = float("-inf")
+        need_k = 1 if self.greedy else (self.top_k or k)
+        rows, cols = [], []
+        forced = []
+        out = torch.full_like(scores, neg)
+        for r in range(B):
+            if r >= len(self.states) or self.done[r]:
+                out[r] = scores[r]  # finished: transformers pads these rows whatever is sampled
+                continue
+            st = self.states[r]
+            allowed = []
+            seen = found = 0.0
+            for v, t, p in zip(top_v[r], top_i[r], top_p[r]):
+                if v == neg:
+                    break
+                self.checked += 1
+                ok = st.can_end() if t == self.eos else self._next(st, t) is not None
+                seen += p
+                if ok:
+                    allowed.append(t)
+                    found += p
+                    if len(allowed) >= need_k or (self.top_p < 1.0 and found >= self.top_p * (found + max(0.0, 1.0 - seen))):
+                        break
+            if not allowed:
+                self.scans += 1
+                idx = torch.tensor([t for t in self.allowed_all(st) if t < V], dtype=torch.long)
+                if len(idx):
+                    vals = scores[r, idx.to(scores.device)].cpu()
+                    idx = idx[vals != neg]
+                    vals = vals[vals != neg]
+                    if self.greedy and len(idx):
+                        idx = idx[int(torch.argmax(vals))].reshape(1)
+                allowed = idx.tolist()
+            if not allowed:
+                forced.append(r)
+                self.stop[r] = f"no token allowed ({st.describe()}): ended with EOS"
+                self.done[r] = True
+                continue
+            rows.extend([r] * len(allowed))
+            cols.extend(allowed)
+        if rows:
+            ri = torch.tensor(rows, device=scores.device)
+            ci = torch.tensor(cols, device=scores.device)
+            out[ri, ci] = scores[ri, ci]
+        for r in forced:
+            if self.eos is not None:
+                out[r, self.eos] = 0.0
+        return out
+
+    # results ----------------------------------------------------------------------------------
+    def report(self, row: int, text: str | None = None, ended_at_eos: bool = False) -> dict:
+        """What row ``row`` asked for and whether the reply met it: ``{"fields", "satisfied", "stop"}``
+        (stop: eos | max_new_tokens | the reason the constraint had to end it). ``ended_at_eos``: the
+        caller saw EOS as the row's last token (generation ends before the processor sees it)."""
+        if self.stop[row] is None and ended_at_eos:
+            self.stop[row] = "eos"
+        stop = self.stop[row] or "max_new_tokens"
+        rec = {"fields": dict(self.fields[row]), "satisfied": stop == "eos", "stop": stop,
+               "ms_per_step": round(1000 * self.seconds / max(self.steps, 1), 3)}
+        if text is not None and stop == "eos":
+            text = self.prefix[row] + text
+            header, _ = split_header_body(text[text.find("X:"):] if "X:" in text else text)
+            rec["satisfied"] = all(header.get(k) == v for k, v in self.fields[row].items() if k != "mode")
+        return rec
+
+
+def constraint_processor(tokenizer, prompts: list[str], fields: list[dict] | dict | None = None,
+                         greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, eos_token_id: int | None = None) -> ABCConstraintProcessor:
+    """The processor for a generation call (the sampling settings decide how many candidates matter):
+    ``fields`` None = extracted from each prompt; ``eos_token_id``: the token that ends a reply (default EOS)."""
+    if fields is None:
+        fields = [extract_fields(p) for p in prompts]
+    return ABCConstraintProcessor(tokenizer, fields, prompts, greedy=greedy, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, eos_token_id=eos_token_id)
+
+
+# ------------------------------------------------------------------------- corpus property check
+
+_BAR_WARNING = re.compile(r"Bar [0-9]+ has .* time units")
+
+
+def own_fields(tune: str) -> dict:
+    """The constrained fields of a tune's own header (what a request for exactly this tune would say)."""
+    header, _ = split_header_body(tune)
+    return {k: header[k] for k in CONSTRAINED_FIELDS if header.get(k)}
+
+
+def check_corpus_tune(tune: str) -> dict:
+    """One tune of the property check: abc2midi's verdict (``error`` / ``bar_warning`` / ``ok``) and, for
+    ``ok`` tunes, whether every prefix is allowed under the tune's own header fields (``refused_at``: the
+    first refused character and its context) and whether EOS is allowed at its end."""
+    from data_preprocess.abctools import abc_to_midi
+
+    r = abc_to_midi(tune)
+    if not r.ok or r.errors:
+        return {"abc2midi": "error"}
+    if any(_BAR_WARNING.search(w) for w in r.warnings):
+        return {"abc2midi": "bar_warning"}
+    try:
+        st, i = check_text(tune, own_fields(tune))
+    except ConstraintError as e:
+        return {"abc2midi": "ok", "accepted": False, "refused_at": f"fields: {e}"}
+    if st is None:
+        mt = to_machine_text(tune)
+        return {"abc2midi": "ok", "accepted": False, "refused_at": f"{i}: {mt[max(0, i - 30):i]!r} + {mt[i]!r}"}
+    return {"abc2midi": "ok", "accepted": True, "can_end": st.can_end()}
+
+
+def corpus_property(tunes: list[str], workers: int = 1) -> dict:
+    """Counts of :func:`check_corpus_tune` over ``tunes`` (abc2midi runs in ``workers`` processes)."""
+    if workers > 1:
+        from multiprocessing import Pool
+
+        with Pool(workers) as pool:
+            res = pool.map(check_corpus_tune, tunes, chunksize=32)
+    else:
+        res = [check_corpus_tune(t) for t in tunes]
+    ok = [r for r in res if r["abc2midi"] == "ok"]
+    return {"tunes": len(tunes), "abc2midi_error": sum(r["abc2midi"] == "error" for r in res),
+            "abc2midi_bar_warning": sum(r["abc2midi"] == "bar_warning" for r in res),
+            "abc2midi_clean_bars": len(ok), "constraint_accepts": sum(r["accepted"] for r in ok),
+            "eos_allowed_at_end": sum(r.get("can_end", False) for r in ok),
+            "refused": [r["refused_at"] for r in ok if not r["accepted"]]}
+
+
+def main(argv=None) -> int:
+    """``python -m inference.abc_constraint [--corpus music21] [--limit N] [--workers 2]``: the property
+    check over a corpus (every prefix of every tune abc2midi converts without a bar warning must be allowed)."""
+    import argparse
+    import random
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--corpus", default="music21", help="music21, a dir of .abc, a .jsonl ... (data_preprocess.corpus)")
+    ap.add_argument("--limit", type=int, default=0, help="a deterministic sample of N tunes (0 = all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--show", type=int, default=20, help="refusals to print")
+    a = ap.parse_args(argv)
+    from data_preprocess.corpus import iter_tunes
+
+    tunes = [t.text for t in iter_tunes(a.corpus)]
+    if a.limit and a.limit < len(tunes):
+        tunes = random.Random(a.seed).sample(tunes, a.limit)
+    r = corpus_property(tunes, a.workers)
+    for x in r["refused"][:a.show]:
+        print("refused:", x)
+    print(json.dumps({k: v for k, v in r.items() if k != "refused"}))
+    return 0 if r["constraint_accepts"] == r["abc2midi_clean_bars"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

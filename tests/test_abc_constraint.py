@@ -1,0 +1,398 @@
+"""inference/abc_constraint.py: the ABC state machine (real tunes stay allowed, every listed construct,
+what is refused), prompt fields (incl. every SFT template round trip), token texts of real tokenizers,
+and constrained generation with a tiny model whose output the bar checker of benchmarks/abc_metrics
+(the one checker, not a second copy) finds consistent."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.abc_metrics import check_bars
+from data_preprocess.abc_meter import split_header_body
+from data_preprocess.abctools import abc_to_midi
+from inference.abc_constraint import (
+    ABCConstraintProcessor,
+    AbcState,
+    ConstraintError,
+    check_text,
+    corpus_property,
+    extract_fields,
+    own_fields,
+    to_machine_text,
+    token_texts,
+    validate_fields,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _accepts(tune: str, fields: dict | None = None) -> AbcState | None:
+    st, _ = check_text(tune, own_fields(tune) if fields is None else fields)
+    return st
+
+
+def _refused_at(tune: str, fields: dict | None = None) -> str:
+    """The text up to and including the first refused character ('' when all is allowed)."""
+    st, i = check_text(tune, own_fields(tune) if fields is None else fields)
+    return "" if st is not None else to_machine_text(tune)[:i + 1]
+
+
+# ------------------------------------------------------------------- every construct real tunes use
+
+H = "X:1\nT:Fixture\nM:{m}\nL:{l}\nK:{k}\n"
+CONSTRUCTS = {
+    "pickup and last bar completing it": H.format(m="6/8", l="1/8", k="G") + "D|GAG GAB|ABA AB2|\n",
+    "tuplets": H.format(m="4/4", l="1/8", k="D") + "(3ABc d2 (3:2:3efg a2|(3d2e2f2 g4|]\n",
+    "broken rhythm": H.format(m="4/4", l="1/8", k="D") + "A>B c<d e>>f g2|A2>B2 c4|]\n",
+    "chords": H.format(m="4/4", l="1/8", k="C") + "[ceg]2 [c2e2g2] [CEG]4|[ce]/[df]/ g3 z4|]\n",
+    "grace notes": H.format(m="3/4", l="1/8", k="D") + "{g}A2 {ag}B2 {/c}d2|{AB}c6|]\n",
+    "ties and slurs": H.format(m="3/4", l="1/4", k="F") + "(A B c-|c) d2|]\n",
+    "rests z and x": H.format(m="4/4", l="1/8", k="C") + "z2 A2 x2 B2|z8|Z2|]\n",
+    "repeats": H.format(m="2/4", l="1/8", k="A") + "|:A2 B2|c4:|:d2 e2|f4::g2 a2|b4:|\n",
+    "first and second endings": H.format(m="4/4", l="1/8", k="G") + "|:G8|[1 A8:|[2 B8|]\n"
+                                + "|:c8|1 d8:|2 e8|]\n",
+    "inline meter, length and key": H.format(m="4/4", l="1/8", k="D") + "A8|[M:3/4] A6|[L:1/16] A12|[K:G] G12|]\n",
+    "body field lines": H.format(m="4/4", l="1/8", k="D") + "A8|\nM:3/4\nL:1/4\nK:Em\nE3|\nw: la la\n",
+    "common time": H.format(m="C", l="1/8", k="D") + "A8|B8|]\n",
+    "cut time": H.format(m="C|", l="1/4", k="D") + "A4|B2c2|]\n",
+    "free meter": H.format(m="none", l="1/8", k="D") + "ABCDEFG|abc|defgabc'|]\n",
+    "decorations and chord symbols": H.format(m="4/4", l="1/8", k="Ador") + '"Am"~A2 .B2 !trill!c2 Td2|"^Fine"e8|]\n',
+    "default unit length": "X:1\nT:No L\nM:2/4\nK:D\nA4 B4|c8|]\n",
+    "pickup into a section": H.format(m="4/4", l="1/8", k="D") + "A8|B6||c2|d8|]\n",
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTS))
+def test_every_construct_is_allowed_and_may_end(name):
+    tune = CONSTRUCTS[name]
+    assert _refused_at(tune) == "", name
+    st = _accepts(tune)
+    assert st.can_end(), f"{name}: {st.describe()}"
+    # the fixtures are real music: the one bar checker agrees, abc2midi converts them without a bar warning
+    bc = check_bars(tune)
+    assert bc.n_match == bc.n_bars, (name, bc.mismatches)
+    r = abc_to_midi(tune)
+    assert r.ok and not [w for w in r.warnings if "time units" in w], (name, r.warnings, r.errors)
+
+
+# ------------------------------------------------------------------------------ what is refused
+
+
+def test_wrong_bars_keys_and_ends_are_refused():
+    head = H.format(m="4/4", l="1/8", k="D")
+    # a bar too long: the note that overflows
+    assert _refused_at(head + "A8|A6 B2 c").endswith("c")
+    # a short bar in the middle closed by a plain barline: the next note is refused
+    assert _refused_at(head + "A8|A6|B").endswith("B")
+    # ... but not when it closes a section (a repeat or ||)
+    assert _refused_at(head + "A8|A6:|B8|") == ""
+    # the requested key / meter / title must be the header's
+    assert _refused_at("X:1\nT:x\nM:4/4\nL:1/8\nK:G\n", {"K": "D"}).endswith("G")
+    assert _refused_at("X:1\nM:3/4\n", {"M": "6/8"}).endswith("3")
+    assert _refused_at("X:1\nK:D\n", {"T": "The Kesh", "K": "D"}).endswith("K")  # K: only after the asked fields
+    assert _refused_at("T:x\n", {}).endswith(":")  # X: first
+    assert _refused_at("Here it is:\nT:x\n", {}).endswith("T")  # one line of text may come before X:
+    assert _refused_at("Here it is:\nX:1\nK:D\n", {}) == ""
+    assert _refused_at("X:1\nK:Q\n", {}).endswith("Q")  # an unknown key cannot even start
+    assert _refused_at("X:1\nK:Em\n", {"mode": "maj"}).endswith("\n")  # mode asked: E minor cannot end the line
+    # EOS: only after a barline that closed a complete bar, nothing open
+    st = _accepts(head + "A8|")
+    assert st.can_end()
+    for tail in ("A4", "A8", "A8|A4|", "A8|[A", 'A8|"Am', "A8|(A8|", "A8|(3AB", "A8|!tri"):
+        s2 = _accepts(head + tail)
+        assert s2 is not None and not s2.can_end(), tail
+    # a blank line ends the tune only where EOS could
+    assert _refused_at(head + "A4\n\n").endswith("\n\n")
+    assert _refused_at(head + "A8|\n\n") == ""
+    assert _refused_at(head + "A8|\n\nB").endswith("B")
+
+
+def test_impossible_requests_name_the_field():
+    for fields, word in (({"M": "0/4"}, "M:0/4"), ({"L": "1/0"}, "L:1/0"), ({"K": "H"}, "K:H"),
+                         ({"K": "Q minor"}, "K:Q minor"), ({"mode": "sideways"}, "mode")):
+        with pytest.raises(ConstraintError, match=word.replace("|", r"\|")):
+            validate_fields(fields)
+    assert validate_fields({"M": "C|", "L": "1/16", "K": "F#m", "T": "The Kesh", "R": "jig"})
+
+
+# -------------------------------------------------------------------- the music21 corpus property
+
+
+def _lines_are_bars(tune: str, refused: str) -> bool:
+    """The documented exception: a tune that lets a line end stand for a barline (abc2midi checks bar
+    lengths only at barlines, so it has nothing to warn about): refused at a line's first note, the line
+    before ending without one."""
+    lines = refused.split("\n")
+    return len(lines) >= 2 and len(lines[-1].strip()) == 1 and not lines[-2].rstrip().endswith(("|", "]", ":"))
+
+
+def test_real_tunes_abc2midi_accepts_stay_allowed():
+    """Every prefix of every tune of a deterministic sample of music21's corpus that abc2midi converts
+    without a bar warning is allowed, char by char, under the tune's own header fields (300 tunes,
+    ~15 s: abc2midi runs once per tune). The whole corpus: ``python -m inference.abc_constraint``."""
+    from data_preprocess.corpus import iter_tunes
+
+    tunes = random.Random(0).sample([t.text for t in iter_tunes("music21")], 300)
+    res = corpus_property(tunes, workers=1)
+    assert res["abc2midi_clean_bars"] >= 100, res
+    bad = []
+    for t in tunes:
+        refused = _refused_at(t)
+        if refused and not _lines_are_bars(t, refused):
+            r = abc_to_midi(t)
+            if r.ok and not r.errors and not [w for w in r.warnings if "time units" in w]:
+                bad.append(refused[-60:])
+    assert not bad, bad
+    assert res["constraint_accepts"] >= res["abc2midi_clean_bars"] - 3, res
+
+
+# ------------------------------------------------------------------------------------ prompt fields
+
+
+@pytest.mark.parametrize("prompt,want", [
+    ("a jig in D major, 6/8", {"R": "jig", "K": "D", "M": "6/8"}),
+    ("a reel in G", {"R": "reel", "K": "G"}),
+    ("a slip jig in E minor called The Kesh", {"R": "slip jig", "M": "9/8", "K": "Em", "T": "The Kesh"}),
+    ("Write something in 6/8 time in the key of B flat", {"M": "6/8", "K": "Bb"}),
+    ("a waltz in a minor key", {"R": "waltz", "M": "3/4", "mode": "min"}),
+    ("Meter C / Key D / Note Length 1/8 / Rhythm reel", {"M": "C", "K": "D", "L": "1/8", "R": "reel"}),
+    ("Compose a folk tune in ABC notation in F sharp minor with a 2/4 time signature.", {"K": "F#m", "M": "2/4"}),
+    ("X:1\nT:Morning\nM:6/8\nL:1/8\nK:D\n", {"T": "Morning", "M": "6/8", "L": "1/8", "K": "D"}),
+    ("Write me a nice melody.", {}),
+])
+def test_extract_fields(prompt, want):
+    assert extract_fields(prompt) == want
+
+
+def test_every_sft_template_round_trips():
+    """Each text->music template of data_preprocess.sft, filled from real tunes' metadata, gives back
+    exactly the fields it was made from."""
+    from data_preprocess.corpus import iter_tunes
+    from data_preprocess.sft import T2M, _a, describe_key, tune_fields
+
+    letter = {"key": "K", "meter": "M", "title": "T", "rhythm": "R", "origin": "O"}
+    used: dict[int, int] = {}
+    for t in iter_tunes("music21"):
+        if len(used) == len(T2M) and min(used.values()) >= 30:
+            break
+        f = tune_fields(t)
+        vals = {**f, "a_rhythm": _a(f["rhythm"]) if f["rhythm"] else None}
+        for i, (tpl, req) in enumerate(T2M):
+            if not all(f[r] for r in req):
+                continue
+            got = extract_fields(tpl.format(**vals))
+            assert set(got) == {letter[r] for r in req}, (tpl, vals, got)
+            for r in req:
+                v = got[letter[r]]
+                assert (describe_key(v) if r == "key" else v) == f[r], (tpl, r, v, f[r])
+            used[i] = used.get(i, 0) + 1
+    assert set(used) == set(range(len(T2M))), used
+
+
+# ------------------------------------------------------------------------------------- tokenizers
+
+
+def test_token_texts_concatenate_to_the_decoded_text(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = token_texts(tok)
+    tune = CONSTRUCTS["chords"] + 'T:Caf\u00e9 \u266f\n"\u00c9"A8|]\n'
+    ids = tok.encode(tune, add_special_tokens=False)
+    joined = "".join(texts[i] for i in ids)
+    assert joined.lstrip(" ") == to_machine_text(tok.decode(ids)).lstrip(" ")
+    assert texts[tok.eos_token_id] is None and texts[tok.pad_token_id] is None
+
+
+def test_a_tokenizer_that_cannot_spell_a_barline_fails_at_start(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<unk>", "</s>"] + list("X:K\n0123456789/ABCDEFGabcdefg "))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
+    with pytest.raises(ConstraintError, match=r"'\|'"):
+        ABCConstraintProcessor(tok, {}, ["X:1\n"])
+
+
+# ------------------------------------------------------------------------- generation with a model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from inference.loading import load_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_model(str(tiny_model_dir), device="cpu", dtype="fp32")
+    torch.set_num_threads(n)
+
+
+def _barred_prefix(text: str, fields: dict) -> str:
+    """The generated text up to its last barline (every bar before it closed), checked char by char."""
+    st = AbcState(validate_fields(fields))
+    best = ""
+    mt = to_machine_text(text)
+    for i, c in enumerate(mt):
+        assert st.feed(c), f"generated text refused at {i}: {mt[max(0, i - 30):i + 1]!r}"
+        if st.mode == "bar" and st.phase == "body":
+            best = mt[:i + 1]
+    return best.encode("latin-1").decode("utf-8", "replace")
+
+
+def test_random_model_under_the_constraint_keeps_time(tiny):
+    """A randomly initialised model writes nothing like ABC on its own; constrained, every bar it writes
+    checks out with benchmarks.abc_metrics.check_bars and the requested header is there."""
+    from inference.generation import SamplingConfig, generate_batch
+
+    header = "X:1\nT:Test\nM:6/8\nL:1/8\nK:D\n"
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=400, seed=0)
+    prompts = [header, "Compose a reel in G titled Test", header + "|:A2B c2d|", "X:2\nM:3/4\nL:1/4\nK:Em\nE"]
+    recs = generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, constrain="abc")
+    bars = 0
+    for r, prompt in zip(recs, prompts):
+        prefix = prompt if prompt.startswith("X:") else ""
+        c = r["constraint"]
+        assert not c["stop"].startswith("no token"), c
+        full = prefix + r["output"]
+        whole = _barred_prefix(full.lstrip(), c["fields"])
+        if whole:
+            bc = check_bars(whole)
+            assert bc.n_match == bc.n_bars, (bc.mismatches, whole)
+            bars += bc.n_bars
+        if c["stop"] == "eos":
+            assert c["satisfied"] and check_bars(full).consistent is not False
+    assert recs[1]["constraint"]["fields"] == {"R": "reel", "K": "G", "T": "Test"}
+    assert recs[3]["constraint"]["fields"] == {"M": "3/4", "L": "1/4", "K": "Em"}
+    assert bars > 0
+
+
+def test_memorised_tune_passes_and_a_different_meter_is_enforced(tiny_model_dir, tmp_path):
+    """The fine-tuned fixture model (tests/test_predict_fixtures.py) answers its prompt with the memorised
+    tune: allowed as it is under the prompt's fields (K:D); asked for 3/4 as well, it must write M:3/4
+    and bars of three quarters."""
+    from test_predict_fixtures import PROMPT, REPLY, memorised_model
+
+    from data_preprocess.chat_format import ChatFormat
+    from inference.generation import SamplingConfig, generate
+    from inference.loading import load_model
+
+    loaded = load_model(str(memorised_model(tiny_model_dir, tmp_path / "memo")), device="cpu", dtype="fp32")
+    start = ChatFormat(loaded.tokenizer).prompt_ids([{"role": "user", "content": PROMPT}])
+    cfg = SamplingConfig(temperature=0, max_new_tokens=120)
+    assert extract_fields(PROMPT) == {"K": "D"}
+    same = generate(loaded.model, loaded.tokenizer, start, cfg, constrain="abc")
+    assert same["output"] == REPLY
+    assert same["constraint"] == {**same["constraint"], "fields": {"K": "D"}, "satisfied": True, "stop": "eos"}
+    other = generate(loaded.model, loaded.tokenizer, start, SamplingConfig(temperature=0, max_new_tokens=300),
+                     constrain="abc", fields={"M": "3/4", "K": "D"})
+    tune = other["output"][other["output"].index("X:"):]
+    header, _ = split_header_body(tune)
+    assert header["M"] == "3/4" and header["K"] == "D", tune
+    barred = _barred_prefix(tune, {"M": "3/4", "K": "D"})  # every char allowed
+    bc = check_bars(barred or tune)
+    assert bc.n_match == bc.n_bars, (tune, bc.mismatches)
+
+
+def test_no_allowed_token_ends_the_row_with_a_reason(tiny):
+    """When another processor has banned every token the constraint allows, the row ends with EOS and
+    the reason is recorded: no hang, no traceback."""
+    from transformers import LogitsProcessorList
+
+    tok = tiny.tokenizer
+    banned = [i for i in range(len(tok)) if i != tok.eos_token_id]
+    proc = ABCConstraintProcessor(tok, {}, ["hello"])
+    enc = tok("hello", return_tensors="pt")
+    out = tiny.model.generate(**enc, max_new_tokens=5, do_sample=False, suppress_tokens=banned,
+                              logits_processor=LogitsProcessorList([proc]), pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)
+    assert out[0, -1].item() == tok.eos_token_id
+    rep = proc.report(0)
+    assert rep["stop"].startswith("no token allowed") and not rep["satisfied"]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def test_predict_batch_records_the_constraint_and_refuses_impossible_requests(tiny_model_dir, tmp_path):
+    data = tmp_path / "prompts.txt"
+    data.write_text("A jig in D major titled Sky\n")
+    out = tmp_path / "preds.json"
+    args = [sys.executable, "-m", "inference.predict", "--base_model", str(tiny_model_dir), "--data_file", str(data),
+            "--predictions_file", str(out), "--with_prompt", "--max_new_tokens", "40", "--seed", "0",
+            "--constrain", "abc"]
+    p = subprocess.run(args, check=False, capture_output=True, text=True, env=ENV, timeout=300, cwd=str(REPO))
+    assert p.returncode == 0, p.stderr[-3000:]
+    pred = json.loads(out.read_text())[0]
+    assert pred["constraint"]["fields"] == {"R": "jig", "K": "D", "T": "Sky"}
+    assert set(pred["constraint"]) >= {"fields", "satisfied", "stop"}
+    data.write_text("A jig in D major\nA tune in 0/4 time\n")
+    p = subprocess.run(args, check=False, capture_output=True, text=True, env=ENV, timeout=300, cwd=str(REPO))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("error: ") and "prompts.txt:2" in p.stderr and "M:0/4" in p.stderr
+
+
+def test_demo_chat_takes_constrain_and_refuses_impossible_requests(tiny, tmp_path):
+    """The demo's JSON API (the page's checkbox sends ``"constrain": "abc"``): the done event carries the
+    constraint record; an impossible request is a 400 naming the field, before any generation."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from inference.demo import DemoApp, serve
+    from inference.generation import SamplingConfig
+
+    app = DemoApp(tiny, SamplingConfig(max_new_tokens=24, seed=0), tmp_path, "tiny", wav=False)
+    server = serve(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        def post(body):
+            req = urllib.request.Request(url + "/api/chat", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return [json.loads(x) for x in r.read().decode().splitlines() if x.strip()]
+
+        events = post({"messages": [{"role": "user", "content": "a reel in G"}], "constrain": "abc"})
+        done = events[-1]
+        assert done["type"] == "done", events[-1]
+        assert done["constraint"]["fields"] == {"R": "reel", "K": "G"} and "stop" in done["constraint"]
+        plain = post({"messages": [{"role": "user", "content": "a reel in G"}]})[-1]
+        assert plain["type"] == "done" and "constraint" not in plain
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post({"messages": [{"role": "user", "content": "a tune in 0/4 time"}], "constrain": True})
+        assert e.value.code == 400 and "M:0/4" in json.loads(e.value.read())["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_benchmarks_run_the_model_alone_and_constrained(tiny_model_dir, tmp_path):
+    """abc_quality --constrain both: two columns (model / constrained) with tokens/s and the constrained
+    side's satisfaction rate; generate_speed --constrain abc: a tunesmith_abc path timed next to tunesmith."""
+    from benchmarks import abc_quality, generate_speed
+
+    out = tmp_path / "q.json"
+    assert abc_quality.main(["--model", str(tiny_model_dir), "--n", "2", "--max_new_tokens", "24", "--device", "cpu",
+                             "--no-music21", "--constrain", "both", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["summary"]["model"]["n"] == 2 and res["summary"]["constrained"]["n"] == 2
+    assert res["summary"]["constrained"]["constraint_satisfied"] is not None
+    assert "constraint_satisfied" not in res["summary"]["model"]
+    assert set(res["generation_speed"]) == {"model", "constrained"}
+    assert all(v["tokens_per_s"] > 0 for v in res["generation_speed"].values())
+    r = generate_speed.main(["--model", str(tiny_model_dir), "--batch", "2", "--new_tokens", "6", "--prompt_len", "16",
+                             "--paths", "tunesmith", "--repeats", "1", "--constrain", "abc", "--device", "cpu",
+                             "--output", str(tmp_path / "s.json")])
+    assert set(r["results"]) == {"tunesmith", "tunesmith_abc"} and r["results"]["tunesmith_abc"]["vs_tunesmith"] > 0
+    with pytest.raises(SystemExit, match="needs a model dir"):
+        generate_speed.main(["--model", "llama-tiny", "--constrain", "abc"])
