@@ -122,7 +122,8 @@ def test_preprocess_huge_jsonl_record_is_rejected_unread_and_unreadable_input_is
     rejects = [json.loads(ln) for ln in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["file"].rsplit(":", 1)[-1], r["reason"]) for r in rejects] == [("2", "line_too_long")]
     assert json.loads((out / "meta.json").read_text())["counts"]["split_sizes"]["train"] >= 1
-    assert peak < 800, peak   # the record is never held (279 MB here; main d929755 peaked at 9.4 GB on this file)
+    # the record is never held: 279 MB on an idle machine, 1,051 MB once under heavy load (main d929755: 9.4 GB)
+    assert peak < 2000, peak
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
