@@ -46,7 +46,9 @@ def test_generate_speed_tiny(tmp_path, tiny_model_dir):
     saved = json.loads(out.read_text())
     assert set(saved["results"]) == {"hf_default", "tunesmith", "static"}
     for r in saved["results"].values():
-        assert r["decode_tokens_per_s"] > 0 and r["time_s"] > r["time_2_tokens_s"] > 0
+        # both timings exist; their order is not asserted: they are separate runs, and on a loaded machine the
+        # 2-token run was once slower than the whole one (0.44 s vs 0.15 s) -- speed belongs in benchmarks
+        assert r["decode_tokens_per_s"] > 0 and r["time_s"] > 0 and r["time_2_tokens_s"] > 0
         assert 0 < r["pct_of_bandwidth_bound"] < 100  # a tiny model on CPU is nowhere near the bound
     b = saved["bytes_per_decode_step"]
     assert b["total"] == b["weights"] + b["embedding_rows"] + b["kv_cache"]
