@@ -158,6 +158,9 @@ def _dir_bytes(d: str) -> int:
     return total
 
 
+_PRLIMIT = shutil.which("prlimit")
+
+
 def _run(argv: list[str], timeout: float, cwd: str, max_bytes: int) -> tuple[int | None, str, str | None]:
     """Runs ``argv`` in the sandbox dir ``cwd`` (``HOME``/``TMPDIR`` point there, own process group); kills the
     group when it runs past ``timeout`` s or writes more than ``max_bytes`` into ``cwd``. Returns
@@ -166,6 +169,11 @@ def _run(argv: list[str], timeout: float, cwd: str, max_bytes: int) -> tuple[int
     if os.environ.get("TUNESMITH_SOUNDFONT"):
         env["TUNESMITH_SOUNDFONT"] = os.environ["TUNESMITH_SOUNDFONT"]
     killed = None
+    # The kernel enforces the byte cap per file (RLIMIT_FSIZE via util-linux prlimit, which execs the tool, so it
+    # stays the group leader): polling alone let `yes > f` write 69 MB past a 2 MB cap between two looks on a
+    # loaded machine. prlimit rather than preexec_fn: the demo server is threaded and preexec_fn is not safe there.
+    if _PRLIMIT:
+        argv = [_PRLIMIT, f"--fsize={int(max_bytes)}", "--", *argv]
     with tempfile.TemporaryFile() as logf:
         p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                              start_new_session=True)
@@ -194,6 +202,8 @@ def _run(argv: list[str], timeout: float, cwd: str, max_bytes: int) -> tuple[int
         finally:
             with _LIVE_LOCK:
                 _LIVE.discard(p)
+        if not killed and (p.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or _dir_bytes(cwd) > max_bytes):
+            killed = f"output over the {max_bytes / 1e6:g} MB cap"
         size = logf.seek(0, os.SEEK_END)
         logf.seek(max(0, size - 65536))
         out = logf.read().decode("utf-8", errors="replace")
