@@ -80,6 +80,8 @@ class PreprocessConfig:
     check: str = "none"                  # none | abc2midi (run the real abc2midi on every tune)
     strict: bool = False                 # any reject -> exit status 1 (outputs are still written)
     make_sft_from_metadata: bool = False  # sft from ABC metadata (text->music, music->text)
+    music2text_fraction: float = 0.25    # with --make_sft_from_metadata: the share of tunes that also give a
+    #                                      music->text conversation (every tune gives a text->music one)
     max_line_len: int = 4096
     dedup: bool = True
     chunk_size: int = 512                # tunes per tokenisation batch / worker job
@@ -102,6 +104,8 @@ class PreprocessConfig:
             raise SystemExit(f"preprocess: --val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.workers < 1 or self.chunk_size < 1:
             raise SystemExit("preprocess: --workers and --chunk_size must be >= 1")
+        if not 0 <= self.music2text_fraction <= 1:
+            raise SystemExit(f"preprocess: --music2text_fraction must be in [0, 1], got {self.music2text_fraction}")
         if self.make_sft_from_metadata and self.mode != "sft":
             raise SystemExit("preprocess: --make_sft_from_metadata needs --mode sft")
 
@@ -370,7 +374,7 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
             elif from_records:
                 payload = chunk
             else:
-                payload = [(t.text, metadata_conversations(t)) for t in chunk]
+                payload = [(t.text, metadata_conversations(t, cfg.music2text_fraction)) for t in chunk]
             keys = [c.key for c in chunk] if from_records else [t.body_hash for t in chunk]
             locs = [(c.file, c.index) for c in chunk]
             yield (cfg.mode, payload, check), keys, locs
@@ -512,6 +516,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--strict", action="store_const", const=True, help="exit 1 if any tune was rejected")
     ap.add_argument("--make_sft_from_metadata", action="store_const", const=True,
                     help="sft: build instructions from the ABC metadata of the corpus")
+    ap.add_argument("--music2text_fraction", type=float,
+                    help="with --make_sft_from_metadata: share of tunes that also give a music->text "
+                         "conversation (default 0.25)")
     ap.add_argument("--max_line_len", type=int)
     ap.add_argument("--no_dedup", dest="dedup", action="store_const", const=False)
     ap.add_argument("--chunk_size", type=int, help="tunes per batch / worker job")

@@ -156,12 +156,16 @@ def test_sft_masking_truncation_and_bad_records(tmp_path, tokenizer_dir):
 def test_sft_from_metadata_music21_end_to_end(tmp_path, tokenizer_dir):
     out = tmp_path / "m21"
     meta = run(PreprocessConfig(tokenizer=str(tokenizer_dir), input="music21", output_dir=str(out), mode="sft",
-                                make_sft_from_metadata=True, limit=30, max_len=1024, progress=False))
+                                make_sft_from_metadata=True, music2text_fraction=1.0, limit=30, max_len=1024,
+                                progress=False))
     c = meta["counts"]
     assert c["kept"] == 30 and c["sft"]["text2music"] == 30 and c["sft"]["music2text"] >= 25
     assert c["sequences"] == c["sft"]["conversations"] == sum(c["split_sizes"].values())
     tunes = list(iter_tunes("music21", limit=30))
     kinds = [metadata_conversations(t) for t in tunes]
+    quarter = [cv.kind for t in tunes for cv in metadata_conversations(t, 0.25)]
+    assert quarter.count("text2music") == 30 and 2 <= quarter.count("music2text") <= 14   # ~ a quarter of 30
+    assert [cv.kind for t in tunes for cv in metadata_conversations(t, 0.0)] == ["text2music"] * 30
     prompts = {conv.turns[0][1].split("\n")[0] for cs in kinds for conv in cs if conv.kind == "text2music"}
     assert len(prompts) > 5                                  # templates vary
     t2m = next(cv for cv in kinds[0] if cv.kind == "text2music")
