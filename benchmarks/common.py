@@ -311,7 +311,8 @@ def generate(loaded, prompts: list[str] | list[list[int]], max_new_tokens: int =
             texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts[b:b + batch_size]]  # chat: ids
             proc = constraint_processor(tok, texts, constrain_fields[b:b + batch_size],
                                         greedy=not do_sample, temperature=temperature if do_sample else 1.0,
-                                        top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0)
+                                        top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
+                                        max_new_tokens=max_new_tokens)
             kw["logits_processor"] = LogitsProcessorList([proc])
         t0 = time.perf_counter()
         gen = model.generate(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kw)

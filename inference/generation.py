@@ -138,7 +138,8 @@ def constraint_kwargs(tokenizer, prompts: list[str], cfg: SamplingConfig, constr
 
     greedy = not (cfg.temperature and cfg.temperature > 0)
     proc = constraint_processor(tokenizer, prompts, fields, greedy=greedy, temperature=cfg.temperature,
-                                top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id)
+                                top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id,
+                                max_new_tokens=cfg.max_new_tokens)
     return {"logits_processor": LogitsProcessorList([proc])}, proc
 
 

@@ -114,6 +114,21 @@ def test_wrong_bars_keys_and_ends_are_refused():
     assert _refused_at(head + "A8|\n\nB").endswith("B")
 
 
+def test_idle_content_is_capped():
+    """A model can stay inside the grammar without writing music: barlines with nothing between them, text
+    line after text line, quote after quote. Each is capped just above what music21's tunes use."""
+    head = H.format(m="4/4", l="1/8", k="D")
+    assert _refused_at(head + "A8| | | | |") == ""             # EsAC incipits open with up to 4 empty bars
+    assert _refused_at(head + "A8| | | | | |").endswith("|")
+    assert _refused_at(head + "A8|\nN:one\nN:two\nA8|\nw:la\n%c\n") == ""
+    assert _refused_at(head + "A8|\nN:one\nN:two\nN:x").endswith("N:x")   # (N: is a decoration till then)
+    assert _refused_at(head + "A8|\n%a\n%b\n%").endswith("%")
+    assert _refused_at(head + '"G""A""B""C"A8|') == ""
+    assert _refused_at(head + '"G""A""B""C""D').endswith('"')
+    assert _refused_at(head + "A8|[K:G][K:D][K:G][K:D][K:").endswith("K")
+    assert _refused_at(head + "A8|\nK:G\nK:D\nK:G\nK:D\nK:G").endswith("K:G")
+
+
 def test_impossible_requests_name_the_field():
     for fields, word in (({"M": "0/4"}, "M:0/4"), ({"L": "1/0"}, "L:1/0"), ({"K": "H"}, "K:H"),
                          ({"K": "Q minor"}, "K:Q minor"), ({"mode": "sideways"}, "mode")):
@@ -274,6 +289,25 @@ def test_random_model_under_the_constraint_keeps_time(tiny):
     assert recs[1]["constraint"]["fields"] == {"R": "reel", "K": "G", "T": "Test"}
     assert recs[3]["constraint"]["fields"] == {"M": "3/4", "L": "1/4", "K": "Em"}
     assert bars > 0
+
+
+def test_a_tune_is_steered_to_its_end_before_the_budget_runs_out(tiny):
+    """Near max_new_tokens only notes, rests and barlines are allowed, and EOS alone once a bar is complete:
+    even a random model's rows end at EOS as whole tunes (every bar full, abc2midi without errors)."""
+    from data_preprocess.abctools import abc_to_midi
+    from inference.generation import SamplingConfig, generate_batch
+
+    header = "X:1\nT:Test\nM:6/8\nL:1/8\nK:D\n"
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=160, seed=0)
+    prompts = [header, header + "|:A2B c2d|", "X:2\nM:3/4\nL:1/4\nK:Em\nE", header]
+    recs = generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, constrain="abc")
+    for r, prompt in zip(recs, prompts):
+        c = r["constraint"]
+        assert c["stop"] == "eos" and c["satisfied"] and c["steered_to_end"], c
+        full = prompt + r["output"]
+        bc = check_bars(full)
+        assert bc.n_bars > 0 and bc.n_match == bc.n_bars, (bc.mismatches, full)
+        assert abc_to_midi(full).errors == [], full
 
 
 def test_memorised_tune_passes_and_a_different_meter_is_enforced(tiny_model_dir, tmp_path):
