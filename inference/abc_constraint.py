@@ -104,8 +104,10 @@ _MAX_PREAMBLE = 80                  # chars of the one line of text a reply may 
 _MAX_DEN = 64                       # note lengths: denominators up to 64, numerators up to 3 digits
 _MIN_LENGTH = Fraction(1, _MAX_DEN)
 _MAX_EMPTY_BARS = 4                 # barlines in a row with no music between them
+_MAX_SHORT_BARS = 3                 # bars shorter than the meter in a row ("|1 d2 :|2 d4 |]" + a pickup "A |")
 _MAX_TEXT_LINES = 2                 # body text lines (N:, w:, comments ...) in a row with no music between them
-_MAX_IDLE = 4                       # quotes, !decorations!, K:/M:/L:/V: changes in a row before a note
+_MAX_IDLE = 6                       # quotes, decorations, slurs, ties, K:/M:/L:/V: changes in a row before a note
+_MAX_BLANK = 160                    # spaces, tabs, ` \ $ y *, line ends in a row before a note (alignment runs)
 _CLOSING_CHARS = frozenset("ABCDEFGabcdefg^_=',0123456789/zx |:])")
 _CLOSERS = {"quote": '"', "deco": "!", "pdeco": "+", "grace": "}", "chord": "]", "comment": "\n", "value": "\n"}
 _CLOSING_RESERVE = 48               # tokens before max_new_tokens at which a tune is steered to its end
@@ -365,6 +367,7 @@ class AbcState:
         "bar_exp",
         "bdir",
         "bk",
+        "blank",
         "broken_next",
         "buf",
         "chord_first",
@@ -393,6 +396,7 @@ class AbcState:
         "mode",
         "multi",
         "n",
+        "nl_note",
         "nbars",
         "need_boundary",
         "owe_boundary",
@@ -402,6 +406,7 @@ class AbcState:
         "pre_lines",
         "prev",
         "replay",
+        "shorts",
         "slur",
         "spec",
         "tbuf",
@@ -463,13 +468,17 @@ class AbcState:
         self.deco = 0
         self.pre_lines = 0
         # Idle content since the last note or rest: a model can stay inside the grammar forever without
-        # writing music ("| | |", line after line of N: text, "G" "A" "B" quotes). Caps measured on music21's
-        # 12,868 tunes: EsAC incipits open with up to 4 empty bars (" |  |  |  | D3E |"), 113 tunes have one
-        # body text line between notes and one has 2, 54 places have 2 quoted strings in a row. With the
-        # caps, 1 tune more of the whole corpus is refused (5 empty bars at its end).
+        # writing music ("| | |", line after line of N: text, "G" "A" "B" quotes, "u(v.u(v.", "\\" lines).
+        # Caps measured on music21's 12,868 tunes: EsAC incipits open with up to 4 empty bars
+        # (" |  |  |  | D3E |"), 113 tunes have one body text line between notes and one has 2, 54 places
+        # have 2 quoted strings in a row, alignment runs of spaces/backticks reach ~130. With the caps, one
+        # tune more of the whole corpus is refused than without them (5 empty bars at its end).
         self.empties = 0        # barlines since the last note
+        self.shorts = 0         # short bars in a row (a short bar before a section barline, then a pickup)
         self.textrun = 0        # body field / comment lines since the last note
-        self.idle = 0           # quotes, !decorations!, inline fields since the last note
+        self.idle = 0           # quotes, decorations, slurs, ties, K:/M:/L:/V: changes since the last note
+        self.blank = 0          # spaces, tabs, ` \ $ y * and line ends since the last note
+        self.nl_note = False    # a note since the last line end (a music line with none counts as text)
         self._key = None
 
     # -- copying / caching ---------------------------------------------------------------------
@@ -669,6 +678,12 @@ class AbcState:
         if c == "%":
             return self._text_line()
         if c in _BODY_FIELDS or c == "X" or c in _DECORATIONS:
+            # decided here, not a char later, so no state is left with nothing allowed after it: the letter
+            # starts a field line only while the caps allow one, music only where a decoration may come
+            field = c in _BODY_FIELDS and (self.idle < _MAX_IDLE if c in "KLMV" else self.textrun < _MAX_TEXT_LINES)
+            music = not self.owe_boundary and (c in "XZ" or (c in _DECORATIONS and self.idle < _MAX_IDLE))
+            if not (field or music):
+                return False
             self.mode, self.buf = "b_letter", c
             return True
         self.mode = "music"
@@ -753,6 +768,8 @@ class AbcState:
             if c not in _AFTER_DECORATION:
                 return False
             self.deco = 0
+        if self.owe_boundary and c not in " \t\n|:[]%":
+            return False  # a short bar closed by a plain barline: only a section barline may come now
         if c in _NOTE_LETTERS or c in "^_=":
             if not self._room():
                 return False
@@ -766,16 +783,21 @@ class AbcState:
             return True
         if c in " \t":
             self.just = just
-            return True
+            return self._idle("blank")
         if c == "\n":  # a line end is no barline (abc2midi and benchmarks.abc_metrics agree)
             self.mode = "b_start"
-            return True
+            if not self.nl_note:
+                self.textrun += 1
+                if self.textrun > _MAX_TEXT_LINES:
+                    return False
+            self.nl_note = False
+            return self._idle("blank")
         if c in _NEUTRAL:
-            return True
+            return self._idle("blank")
         if c in _DECORATIONS:
             self.after_bar = False
             self.deco = 1
-            return True
+            return self._idle()
         if c in "|:":
             return self._bar_open(c)
         if c == "[":
@@ -788,18 +810,18 @@ class AbcState:
             self.mode, self.plen, self.after_bar = {'"': "quote", "!": "deco", "+": "pdeco"}[c], 0, False
             return True
         if c == "{":
-            self.mode, self.after_bar = "grace", False
-            return True
+            self.mode, self.after_bar, self.plen = "grace", False, 0
+            return self._idle()
         if c == "(":
             self.mode = "paren"
-            return True
+            return self._idle()
         if c == ")":  # a stray ')' (real tunes write "(3abc)") closes nothing
             self.slur = max(0, self.slur - 1)
             self.just = just
             return True
         if c == "-":
             self.just = just
-            return True
+            return self._idle()
         if c in "<>":
             if not just or self.prev is None:
                 return False
@@ -809,7 +831,8 @@ class AbcState:
             if self.n > 0 or self.owe_boundary:
                 return False
             self.multi, self.mode, self.buf, self.after_bar = True, "mrest", "", False
-            self.empties = self.textrun = self.idle = 0
+            self.empties = self.textrun = self.idle = self.blank = 0
+            self.nl_note = True
             return True
         if c == "&":
             if self.n == 0:
@@ -821,6 +844,14 @@ class AbcState:
             self.mode, self.fctx = "comment", "b"
             return True
         return False
+
+    def _idle(self, kind: str = "idle") -> bool:
+        """Counts one idle char (see ``__init__``) of ``kind`` (idle | blank); False past its cap."""
+        if kind == "blank":
+            self.blank += 1
+            return self.blank <= _MAX_BLANK
+        self.idle += 1
+        return self.idle <= _MAX_IDLE
 
     def _note(self, c):
         # accidentals, then the letter, then octave marks, then the length
@@ -897,7 +928,8 @@ class AbcState:
         self.n += 1
         self.prev = d
         self.after_bar = False
-        self.empties = self.textrun = self.idle = 0
+        self.empties = self.textrun = self.idle = self.blank = 0
+        self.nl_note = True
         return True
 
     def _broken(self, c):
@@ -929,6 +961,8 @@ class AbcState:
     def _lbrack(self, c):
         if c == "|":
             return self._bar_open("[|")
+        if self.owe_boundary:
+            return False
         if c in _DIGITS:
             self.mode, self.buf = "ending", c
             return True
@@ -969,8 +1003,10 @@ class AbcState:
     def _grace(self, c):
         if c == "}":
             self.mode = "music"
-            return True
-        return c in _NOTE_LETTERS or c in "^_=',/0123456789 []"
+            return self.plen > 0  # "{}" graces nothing
+        if c in _NOTE_LETTERS:
+            self.plen += 1
+        return (c in _NOTE_LETTERS or c in "^_=',/0123456789 []") and self.plen <= 16
 
     def _quote(self, c):
         if c == '"':
@@ -1034,6 +1070,9 @@ class AbcState:
                 self.last_full = True
             else:
                 full = total == self.bar_exp
+                self.shorts = 0 if full else self.shorts + 1
+                if self.shorts > _MAX_SHORT_BARS:
+                    return False
                 if not full:
                     if self.nbars == 0 and self.pickup is None:
                         self.pickup = total
@@ -1046,8 +1085,8 @@ class AbcState:
             self.closed = False
             if self.phase == "body":
                 self.empties += 1
-                if self.empties > _MAX_EMPTY_BARS:
-                    return False
+                if self.empties > _MAX_EMPTY_BARS and not self.owe_boundary:
+                    return False  # (the section barline a short bar is owed is always allowed)
         self.dur, self.n, self.layers, self.bar_exp, self.multi = Fraction(0), 0, Fraction(0), None, False
         self.prev, self.just = None, False
         self.mode, self.buf = "bar", first
@@ -1069,6 +1108,8 @@ class AbcState:
             return False  # a lone ':' is no barline
         kind = "repeat" if ":" in b else "section" if (b in ("||", "|]", "[|") or b.endswith("]")
                                                        or b.count("|") > 1) else "plain"
+        if kind == "plain" and self.empties > _MAX_EMPTY_BARS:
+            return False  # past the cap only the section barline a short bar is owed (_bar_open) may end here
         self._bar_kind_done(kind)
         if c in _DIGITS and c != "0":
             self.mode, self.buf = "ending", c
