@@ -1,4 +1,6 @@
 """tunesmith: train LLaMA-family models on symbolic (ABC) and audio-codec music with DeepSpeed."""
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
@@ -6,7 +8,7 @@ setup(
     version="0.1.0",
     description="ChatMusician-style continual pretraining and instruction tuning of LLaMA on ABC "
     "notation and neural-codec audio tokens, on DeepSpeed ZeRO.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["data_preprocess", "training", "inference", "benchmarks"],
@@ -34,6 +36,6 @@ setup(
         "evaluate>=0.4",       # the ABC metrics as local evaluate modules (benchmarks/metrics)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.4", "playwright>=1.40", "mistral-common>=1.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff==0.17.6", "playwright>=1.40", "mistral-common>=1.3"],
     },
 )

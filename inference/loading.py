@@ -10,6 +10,17 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM
 
+# Tokenizer/adapter helpers live in the training layer (merge.py needs them too); re-exported here.
+from training.hf_io import (  # noqa: F401
+    ModelPathError,
+    _has_tokenizer,
+    adapter_vocab_size,
+    load_tokenizer,
+    resize_for_adapter,
+    resolve_model_path,
+    unloadable_is_a_path_error,
+)
+
 
 def auto_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -25,18 +36,6 @@ def auto_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-# Tokenizer/adapter helpers live in the training layer (merge.py needs them too); re-exported here.
-from training.hf_io import (  # noqa: F401
-    ModelPathError,
-    _has_tokenizer,
-    adapter_vocab_size,
-    load_tokenizer,
-    resize_for_adapter,
-    resolve_model_path,
-    unloadable_is_a_path_error,
-)
 
 
 @dataclass
