@@ -1134,7 +1134,7 @@ class AbcState:
                 return False
             self.buf += c
             return True
-        if not self.buf[-1:] in _DIGITS:
+        if self.buf[-1:] not in _DIGITS:
             return False
         self.mode = "music"
         self.after_bar = False

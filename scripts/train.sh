@@ -113,7 +113,9 @@ say "SFT (LoRA): ${LAUNCH[*]} --config $SFT_CONFIG"
 "${LAUNCH[@]}" --config "$SFT_CONFIG" "${sft[@]}" "${common[@]}" "$@"
 
 # ---- 5. MERGE + SAMPLE -----------------------------------------------------------------------------------
-# Merge the LoRA adapter into its base (training/merge.py) and print one generated tune (inference/predict.py).
+# Merge the LoRA adapter into its base (training/merge.py) and print one generated tune (inference/predict.py),
+# under the ABC constraint (inference/abc_constraint.py: the asked key/meter/title, bars that keep time, a whole
+# tune); the model alone: the same predict command without --constrain abc.
 if [ "${SKIP_SAMPLE:-0}" != 1 ]; then
   say "merge LoRA -> $OUT/merged"
   python -m training.merge --base_model "$SFT_BASE" --lora_model "$OUT/sft/final" --output_dir "$OUT/merged" --overwrite
@@ -121,9 +123,9 @@ if [ "${SKIP_SAMPLE:-0}" != 1 ]; then
   echo "$prompt" > "$OUT/sample_prompt.txt"
   say "sample: $prompt"
   python -m inference.predict --base_model "$OUT/merged" --with_prompt --data_file "$OUT/sample_prompt.txt" \
-    --predictions_file "$OUT/sample.json" --max_new_tokens 400 --seed 0 --render "$OUT/sample_render"
-  python -c 'import json, sys; print("\n--- sample tune ---\n" + json.load(open(sys.argv[1]))[0]["output"])' \
-    "$OUT/sample.json"
+    --predictions_file "$OUT/sample.json" --max_new_tokens 400 --seed 0 --render "$OUT/sample_render" --constrain abc
+  python -c 'import json, sys; r = json.load(open(sys.argv[1]))[0]; print("\n--- sample tune (--constrain abc) ---\n"
+             + r["output"] + "\n--- constraint: " + json.dumps(r["constraint"]))' "$OUT/sample.json"
   say "sample rendered (MIDI/WAV/SVG when the reply holds ABC): $OUT/sample_render"
 fi
 say "done. Loss curves: $OUT/pt/loss_curve.png $OUT/sft/loss_curve.png; metrics: $OUT/*/metrics.jsonl"
