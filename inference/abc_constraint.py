@@ -92,17 +92,19 @@ _NOTE_LETTERS = frozenset("ABCDEFGabcdefg")
 _DIGITS = frozenset("0123456789")
 _DECORATIONS = frozenset("HIJKLMNOPQRSTUVWhijklmnopqrstuvw.~")
 _NEUTRAL = frozenset(" \t`\\$y*")
-_INLINE_FIELDS = frozenset("IKLMNPQRTUVWmrsw")
+_INLINE_FIELDS = frozenset("IKLMPQTVWrsw")  # [N:] [R:] [U:] [m:] are abc2midi errors
 _AFTER_DECORATION = frozenset("ABCDEFGabcdefg^_=zxZX[{(!\"+")
-_BODY_FIELDS = frozenset("IKLMmNPQRrsTUVWwZ")  # ABC 2.1's fields allowed in a tune body (+ Z: transcription)
+_BODY_FIELDS = frozenset("IKLMPQTVWsw")  # what abc2midi takes in a tune body (N: R: U: Z: m: are its errors)
 _HEADER_LETTERS = frozenset("ABCDFGHIKLMNOPQRSTUVWXZmr")  # ABC 2.1's header fields
 _DECO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789<>()-.^_/")
 _MODE_WORDS = tuple(_MODES)
-_MAX_VALUE = 256
+_MAX_VALUE = 160                    # chars of a field value (music21's longest: 146)
 _MAX_HEADER_LINES = 24              # music21's longest header has 21 field lines
 _MAX_PREAMBLE = 80                  # chars of the one line of text a reply may open with
 _MAX_DEN = 64                       # note lengths: denominators up to 64, numerators up to 3 digits
 _MIN_LENGTH = Fraction(1, _MAX_DEN)
+_POW2 = ("1", "2", "4", "8", "16", "32", "64")
+_MAX_SLURS = 4                      # slurs open at once
 _MAX_EMPTY_BARS = 4                 # barlines in a row with no music between them
 _MAX_SHORT_BARS = 3                 # bars shorter than the meter in a row ("|1 d2 :|2 d4 |]" + a pickup "A |")
 _MAX_TEXT_LINES = 2                 # body text lines (N:, w:, comments ...) in a row with no music between them
@@ -115,7 +117,7 @@ _CLOSING_RESERVE = 48               # tokens before max_new_tokens at which a tu
 
 def _meter_ok(v: str) -> bool:
     s = v.strip()
-    return s.lower() == "none" or meter_value(s) is not None
+    return s.lower() == "none" or (meter_value(s) is not None and _meter_prefix_ok(s))
 
 
 def _meter_prefix_ok(v: str) -> bool:
@@ -123,7 +125,8 @@ def _meter_prefix_ok(v: str) -> bool:
     if s.rstrip(" ") != s:           # trailing spaces only after a complete value
         return _meter_ok(s)
     return ("none".startswith(s.lower()) or s in ("C", "C|", "c", "c|")
-            or re.fullmatch(r"\(?([0-9]+\+)*[0-9]*\)?|\(?([0-9]+\+)*[0-9]+\)?/[0-9]*", s) is not None)
+            or re.fullmatch(r"\(?([0-9]{1,2}\+){0,5}[0-9]{0,2}\)?|\(?([0-9]{1,2}\+){0,5}[0-9]{1,2}\)?/[0-9]{0,2}", s)
+            is not None)  # numbers of up to 2 digits (music21: 12/8 at most), so a meter cannot run on
 
 
 def _unit_ok(v: str) -> bool:
@@ -380,6 +383,7 @@ class AbcState:
         "fctx",
         "fletter",
         "fval",
+        "hseen",
         "idle",
         "in_chord",
         "just",
@@ -467,6 +471,7 @@ class AbcState:
         self.u8 = 0
         self.deco = 0
         self.pre_lines = 0
+        self.hseen = ""         # the header's field letters so far (music21: T: 6 times at most, N: 14)
         # Idle content since the last note or rest: a model can stay inside the grammar forever without
         # writing music ("| | |", line after line of N: text, "G" "A" "B" quotes, "u(v.u(v.", "\\" lines).
         # Caps measured on music21's 12,868 tunes: EsAC incipits open with up to 4 empty bars
@@ -580,6 +585,9 @@ class AbcState:
             return False
         if self.nbars >= _MAX_HEADER_LINES and c != "K" and c not in missing:
             return False  # a header that goes on and on: only the asked fields and K: may come now
+        if self.hseen.count(c) >= (16 if c == "N" else 6):
+            return False
+        self.hseen += c
         self.nbars += 1  # (counts header lines until the body starts)
         self.mode, self.fletter = "h_letter", c
         return True
@@ -596,8 +604,8 @@ class AbcState:
             if inline and c == "\n":
                 return False
             return self._field_done()
-        if inline and c == "[":
-            return False
+        if inline and c in "[%":
+            return False  # (a comment cannot start inside [K:...]: the field would never close)
         if len(self.fval) >= _MAX_VALUE and not "\x80" <= c <= "\xbf":
             return False
         v = self.fval + c
@@ -754,8 +762,7 @@ class AbcState:
         if self.lsl == 1:
             if not self.lden:
                 return Fraction(n, _MAX_DEN)
-            p = int(self.lden)
-            return Fraction(n, max([p] + [p * 10 + k for k in range(10) if p * 10 + k <= _MAX_DEN]))
+            return Fraction(n, max(int(d) for d in _POW2 if d.startswith(self.lden)))
         return Fraction(n, 8)
 
     def _music(self, c):
@@ -813,6 +820,8 @@ class AbcState:
             self.mode, self.after_bar, self.plen = "grace", False, 0
             return self._idle()
         if c == "(":
+            if self.slur >= _MAX_SLURS:  # (decided at the "(", so "(" never leads to a dead end)
+                return False
             self.mode = "paren"
             return self._idle()
         if c == ")":  # a stray ')' (real tunes write "(3abc)") closes nothing
@@ -826,7 +835,7 @@ class AbcState:
             if not just or self.prev is None:
                 return False
             self.mode, self.bk, self.bdir = "broken", 1, c
-            return True
+            return self._broken_fits()
         if c in "ZX":
             if self.n > 0 or self.owe_boundary:
                 return False
@@ -883,12 +892,14 @@ class AbcState:
                     return False
                 self.lnum += c
             else:
-                if (c == "0" and not self.lden) or self.lsl > 1 or int(self.lden + c) > _MAX_DEN:
-                    return False
+                if self.lsl > 1 or not any(d.startswith(self.lden + c) for d in _POW2):
+                    return False  # denominators are powers of two (A/3 is no ABC length abc2midi plays)
                 self.lden += c
             if self.ltarget == "note":  # the note must still be able to fit the bar
                 return self._room(self._min_length() * self.lbase)
             return True
+        if self.lden and self.lden not in _POW2:
+            return False
         n = int(self.lnum) if self.lnum else 1
         d = int(self.lden) if self.lden else (2 ** self.lsl if self.lsl else 1)
         if self.lden and self.lsl > 1:
@@ -932,10 +943,18 @@ class AbcState:
         self.nl_note = True
         return True
 
+    def _broken_fits(self) -> bool:
+        """Whether the bar still has room for the note a ``>`` (``bk`` of them) lends time to: decided at the
+        ``>``, so no state is left where no note can follow."""
+        if self.bdir != ">" or self.bar_exp is None:
+            return True
+        f = Fraction(1, 2 ** self.bk)
+        return self.dur + self.prev * (1 - f) + self.unit * _MIN_LENGTH * f <= self.bar_exp
+
     def _broken(self, c):
         if c == self.bdir and self.bk < 3:
             self.bk += 1
-            return True
+            return self._broken_fits()
         f = Fraction(1, 2 ** self.bk)
         if self.bdir == ">":
             self.dur += self.prev * (1 - f)
@@ -987,6 +1006,8 @@ class AbcState:
 
     def _chord(self, c):
         if c in _NOTE_LETTERS or c in "^_=":
+            if self.chord_n >= 8:
+                return False
             self.mode, self.acc = "note", ""
             return None
         if c in " -.~":
@@ -1033,7 +1054,7 @@ class AbcState:
         return c in _DECO_CHARS and self.plen <= 32
 
     def _paren(self, c):
-        if c in _DIGITS and c != "0" and c != "1":
+        if c in _DIGITS and c != "0" and c != "1" and self._room():
             self.mode, self.tbuf = "tuplet", c
             return True
         self.slur += 1
@@ -1041,9 +1062,13 @@ class AbcState:
         return None
 
     def _tuplet(self, c):
-        if c in _DIGITS or (c == ":" and self.tbuf.count(":") < 2):
-            if len(self.tbuf) >= 6:
+        part = self.tbuf.rsplit(":", 1)[-1]
+        if c in _DIGITS:  # (p:q:r): p, q and r one digit each, 2-9 / 1-9 / 1-9 (p is read in _paren)
+            if ":" not in self.tbuf or part or c == "0":
                 return False
+            self.tbuf += c
+            return True
+        if c == ":" and self.tbuf.count(":") < 2:
             self.tbuf += c
             return True
         parts = self.tbuf.split(":")
@@ -1494,7 +1519,7 @@ class ABCConstraintProcessor(LogitsProcessor):
         if st.can_end() and self.eos is not None:
             return [self.eos]
         V = row_scores.shape[0]
-        closer = _CLOSERS.get(st.mode)
+        closer = "]" if (st.mode == "value" and st.fctx == "i") else _CLOSERS.get(st.mode)
         full = st.n > 0 and st.bar_exp is not None and st.dur >= st.bar_exp
         tiers: list[list[int]] = [[], [], [], [], []]
         for t in self.allowed_all(st):
