@@ -238,6 +238,8 @@ class ABCQualityConfig(ModelArgs):
             raise SystemExit("--n must be >= 0")
         if self.constrain not in ("none", "abc", "both"):
             raise SystemExit(f"--constrain must be none, abc or both, got {self.constrain!r}")
+        if self.prompts and self.model:
+            read_prompts(self.prompts)  # a bad prompts file is refused before the model loads and generates
 
 
 def generate_entries(cfg: ABCQualityConfig, loaded, constrain: bool = False, stats: dict | None = None) -> list[dict]:

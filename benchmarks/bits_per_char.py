@@ -45,6 +45,9 @@ LN2 = math.log(2)
 
 def read_documents(path: str, limit: int | None = None) -> list[str]:
     p = Path(path)
+    if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".parquet", ".arrow"):
+        raise SystemExit(f"{p}: --data takes ABC text (a .abc/.txt file or a dir of them) or a shards dir of "
+                         "data_preprocess.preprocess; for a JSONL corpus run preprocess on it first")
     if p.is_file():
         files = [p]
     elif p.is_dir():

@@ -161,3 +161,28 @@ def test_merge_refuses_a_base_that_already_holds_the_adapter_and_a_foreign_base(
     p = cli("training.merge", "--base_model", truncated, "--lora_model", lora_run["adapter"], "--output_dir",
             tmp_path / "from_truncated")
     _one_error_line(p, f"model {truncated}: cannot be loaded", "Fix:")
+
+
+def test_benchmark_clis_refuse_bad_input_in_one_line_before_any_model_loads(cli, tmp_path):
+    """Each evaluator names the file and the fix in one line, before a model is loaded or a tune generated
+    (a bad prompts file used to surface only after the unconditional half had been generated)."""
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a jig in D"}\nnot json\n')
+    missing = tmp_path / "no_such_model"
+    cases = [
+        (("benchmarks.abc_quality", "--model", missing, "--prompts", bad), f"{bad}:2: not valid JSON"),
+        (("benchmarks.abc_quality", "--model", missing, "--n", 2), "no such directory"),
+        (("benchmarks.abc_quality", "--abc_file", tmp_path / "none.abc"), "no such file or directory"),
+        (("benchmarks.bits_per_char", "--model", missing, "--data", bad), "no such directory"),
+        (("benchmarks.mmlu", "--model", missing, "--data_dir", tmp_path), "no test/ directory"),
+        (("benchmarks.generate_speed", "--model", missing), "no such directory"),
+    ]
+    for args, words in cases:
+        p = cli(*args)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode not in (0, None) and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+        assert lines and words in lines[-1], (args, words, p.stderr[-2000:])
+    from benchmarks.bits_per_char import read_documents
+
+    with pytest.raises(SystemExit, match="takes ABC text"):
+        read_documents(str(bad))
