@@ -496,7 +496,7 @@ class AbcState:
 
     def key(self) -> tuple:
         if self._key is None:
-            self._key = tuple(getattr(self, s) for s in _KEY_SLOTS)
+            self._key = (tuple(sorted(self.spec.items())),) + tuple(getattr(self, s) for s in _KEY_SLOTS)
         return self._key
 
     def after(self, text: str) -> AbcState | None:
@@ -1175,7 +1175,10 @@ class AbcState:
         return True
 
 
-_KEY_SLOTS = tuple(s for s in AbcState.__slots__ if s not in ("spec", "_key"))  # spec is fixed per processor
+# spec (a dict) is keyed by its items: rows of one batch ask for different fields and share the caches (keying a
+# state without it gave a row the transitions of another row's request: measured, 2026-12-02, half the
+# conditioned tunes of a batch came out in the previous row's key and meter)
+_KEY_SLOTS = tuple(s for s in AbcState.__slots__ if s not in ("spec", "_key"))
 _STEP = {"pre": AbcState._pre, "h_start": AbcState._h_start, "h_letter": AbcState._h_letter,
          "value": AbcState._value, "comment": AbcState._comment, "b_start": AbcState._b_start,
          "b_letter": AbcState._b_letter, "b_colon": AbcState._b_colon, "end": AbcState._end,

@@ -317,6 +317,24 @@ def test_a_tune_is_steered_to_its_end_before_the_budget_runs_out(tiny):
     assert sum(r["constraint"]["steered_to_end"] for r in recs) >= 2   # (a row may reach a legal end by itself)
 
 
+def test_rows_of_one_batch_keep_their_own_requests(tiny):
+    """Rows asking for different fields share the processor's caches: each must still get its own header
+    (a state key without the request once gave a row the previous row's key and meter)."""
+    from inference.generation import SamplingConfig, generate_batch
+
+    prompts = ["Write a tune in D minor in 4/4 time", "Write a tune in C major in 3/4 time",
+               "Write a tune in B flat major in 6/8 time"]
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=120, seed=0)
+    recs = generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, constrain="abc")
+    for r, (k, m) in zip(recs, [("Dm", "4/4"), ("C", "3/4"), ("Bb", "6/8")]):
+        assert r["constraint"]["fields"] == {"K": k, "M": m}
+        out = r["output"]
+        assert f"M:{m}" in out.replace(" ", "") or "K:" not in out, out    # the meter line, once it is written
+        if "\nK:" in out:
+            header, _ = split_header_body(out[out.index("X:"):])
+            assert header["K"] == k and header["M"] == m, out
+
+
 def test_memorised_tune_passes_and_a_different_meter_is_enforced(tiny_model_dir, tmp_path):
     """The fine-tuned fixture model (tests/test_predict_fixtures.py) answers its prompt with the memorised
     tune: allowed as it is under the prompt's fields (K:D); asked for 3/4 as well, it must write M:3/4
