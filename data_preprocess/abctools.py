@@ -161,7 +161,8 @@ def _dir_bytes(d: str) -> int:
 _PRLIMIT = shutil.which("prlimit")
 
 
-def _run(argv: list[str], timeout: float, cwd: str, max_bytes: int) -> tuple[int | None, str, str | None]:
+def _run(argv: list[str], timeout: float, cwd: str, max_bytes: int,
+         kernel_cap: bool = True) -> tuple[int | None, str, str | None]:
     """Runs ``argv`` in the sandbox dir ``cwd`` (``HOME``/``TMPDIR`` point there, own process group); kills the
     group when it runs past ``timeout`` s or writes more than ``max_bytes`` into ``cwd``. Returns
     ``(returncode or None, log, why it was killed or None)``; the log is the last 64 kB of stdout+stderr."""
@@ -172,7 +173,8 @@ def _run(argv: list[str], timeout: float, cwd: str, max_bytes: int) -> tuple[int
     # The kernel enforces the byte cap per file (RLIMIT_FSIZE via util-linux prlimit, which execs the tool, so it
     # stays the group leader): polling alone let `yes > f` write 69 MB past a 2 MB cap between two looks on a
     # loaded machine. prlimit rather than preexec_fn: the demo server is threaded and preexec_fn is not safe there.
-    if _PRLIMIT:
+    # (kernel_cap=False for fluidsynth: its WAV writer trips RLIMIT_FSIZE below the cap -- CI, 2026-12-02)
+    if _PRLIMIT and kernel_cap:
         argv = [_PRLIMIT, f"--fsize={int(max_bytes)}", "--", *argv]
     with tempfile.TemporaryFile() as logf:
         p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
@@ -202,7 +204,8 @@ def _run(argv: list[str], timeout: float, cwd: str, max_bytes: int) -> tuple[int
         finally:
             with _LIVE_LOCK:
                 _LIVE.discard(p)
-        if not killed and (p.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or _dir_bytes(cwd) > max_bytes):
+        if not killed and ((kernel_cap and p.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ))
+                           or _dir_bytes(cwd) > max_bytes):
             killed = f"output over the {max_bytes / 1e6:g} MB cap"
         size = logf.seek(0, os.SEEK_END)
         logf.seek(max(0, size - 65536))
@@ -348,7 +351,7 @@ def midi_to_wav(midi: str | os.PathLike, out_wav: str | os.PathLike, sample_rate
         return ToolResult(False, None, [why])
     max_bytes = int((max_seconds + WAV_TAIL_SECONDS) * sample_rate * 4) + (1 << 16)
     with _sandbox("ts_wav_", "in.mid", Path(midi).read_bytes()) as tmp:
-        rc, log, killed = _run(argv, timeout, tmp, max_bytes)
+        rc, log, killed = _run(argv, timeout, tmp, max_bytes, kernel_cap=False)
         wav = Path(tmp) / "out.wav"
         ok = wav.is_file() and wav.stat().st_size > 44 and not killed
         if ok:
