@@ -413,6 +413,7 @@ class AbcState:
         "shorts",
         "slur",
         "spec",
+        "spec_key",
         "tbuf",
         "textrun",
         "tup_factor",
@@ -424,6 +425,7 @@ class AbcState:
 
     def __init__(self, spec: dict | None = None):
         self.spec = {k: to_machine_text(v) for k, v in (spec or {}).items()}
+        self.spec_key = tuple(sorted(self.spec.items()))  # part of key(): rows of a batch share the caches
         self.mode = "pre"
         self.phase = "pre"
         self.x_seen = False
@@ -496,7 +498,7 @@ class AbcState:
 
     def key(self) -> tuple:
         if self._key is None:
-            self._key = (tuple(sorted(self.spec.items())),) + tuple(getattr(self, s) for s in _KEY_SLOTS)
+            self._key = tuple(getattr(self, s) for s in _KEY_SLOTS)
         return self._key
 
     def after(self, text: str) -> AbcState | None:
@@ -709,8 +711,7 @@ class AbcState:
         if c in "|:":
             return self._replay(self.buf + ":", c)
         if self.buf in "KLMV":  # a change of key, meter, length or voice: music, but it writes none
-            self.idle += 1
-            if self.idle > _MAX_IDLE:
+            if not self._idle():
                 return False
         elif not self._text_line():
             return False
@@ -811,8 +812,7 @@ class AbcState:
             self.mode = "lbrack"
             return True
         if c in '"!+':
-            self.idle += 1
-            if self.idle > _MAX_IDLE:
+            if not self._idle():
                 return False
             self.mode, self.plen, self.after_bar = {'"': "quote", "!": "deco", "+": "pdeco"}[c], 0, False
             return True
@@ -986,8 +986,7 @@ class AbcState:
             self.mode, self.buf = "ending", c
             return True
         if c in _INLINE_FIELDS:
-            self.idle += 1
-            if self.idle > _MAX_IDLE:
+            if not self._idle():
                 return False
             self.mode, self.buf = "ifield", c
             return True
@@ -1175,9 +1174,8 @@ class AbcState:
         return True
 
 
-# spec (a dict) is keyed by its items: rows of one batch ask for different fields and share the caches (keying a
-# state without it gave a row the transitions of another row's request: measured, 2026-12-02, half the
-# conditioned tunes of a batch came out in the previous row's key and meter)
+# the request is in the key as spec_key (the dict itself is unhashable): rows of one batch ask for different fields
+# and share the caches; a key without it gave a row the transitions of another row's request (2026-12-02)
 _KEY_SLOTS = tuple(s for s in AbcState.__slots__ if s not in ("spec", "_key"))
 _STEP = {"pre": AbcState._pre, "h_start": AbcState._h_start, "h_letter": AbcState._h_letter,
          "value": AbcState._value, "comment": AbcState._comment, "b_start": AbcState._b_start,
