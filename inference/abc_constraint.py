@@ -63,6 +63,7 @@ in :meth:`ABCConstraintProcessor.report` -- never a hang or a traceback.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -90,16 +91,32 @@ class ConstraintError(ValueError):
 
 _NOTE_LETTERS = frozenset("ABCDEFGabcdefg")
 _DIGITS = frozenset("0123456789")
+# abc2midi 4.84's one-letter decorations, each written right before a note, rest, chord or another of
+# them ("T(B", 'T"C"B', "T{c}B", "T!p!B" are its errors; ".(" is fine), no roll or trill (~ R T) on a chord;
+# the other letters of ABC 2.1's H-W h-w it ignores with a warning, so anything may follow those (real
+# tunes write "(uGE)" "k" ...)
+_KNOWN_DECORATIONS = frozenset("HLMOPRSTuv.~")
 _DECORATIONS = frozenset("HIJKLMNOPQRSTUVWhijklmnopqrstuvw.~")
+_ROLLS = frozenset("RT~")
+
+
+def _deco_bits(c: str) -> int:
+    """deco's flags: 8 a roll or trill, 16 a known decoration other than ".", 32 any known decoration."""
+    if c not in _KNOWN_DECORATIONS:
+        return 0
+    return (8 if c in _ROLLS else 0) | (0 if c == "." else 16) | 32
 _NEUTRAL = frozenset(" \t`\\$y*")
 _INLINE_FIELDS = frozenset("IKLMPQTVWrsw")  # [N:] [R:] [U:] [m:] are abc2midi errors
-_AFTER_DECORATION = frozenset("ABCDEFGabcdefg^_=zxZX[{(!\"+")
+_AFTER_DECORATION = frozenset("ABCDEFGabcdefg^_=zx[")
+_AFTER_RESERVED = _AFTER_DECORATION | frozenset("ZX{(!\"+")
 _BODY_FIELDS = frozenset("IKLMPQTVWsw")  # what abc2midi takes in a tune body (N: R: U: Z: m: are its errors)
 _HEADER_LETTERS = frozenset("ABCDFGHIKLMNOPQRSTUVWXZmr")  # ABC 2.1's header fields
 _DECO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789<>()-.^_/")
 _MODE_WORDS = tuple(_MODES)
 _MAX_VALUE = 160                    # chars of a field value (music21's longest: 146)
 _MAX_HEADER_LINES = 24              # music21's longest header has 21 field lines
+_MAX_HURRIED_VALUE = 40             # chars of an unasked header value once the header is hurried
+_MAX_COMMENT = 160                  # chars of a % comment (music21's longest comment line: 52)
 _MAX_PREAMBLE = 80                  # chars of the one line of text a reply may open with
 _MAX_DEN = 64                       # note lengths: denominators up to 64, numerators up to 3 digits
 _MIN_LENGTH = Fraction(1, _MAX_DEN)
@@ -112,7 +129,27 @@ _MAX_IDLE = 6                       # quotes, decorations, slurs, ties, K:/M:/L:
 _MAX_BLANK = 160                    # spaces, tabs, ` \ $ y *, line ends in a row before a note (alignment runs)
 _CLOSING_CHARS = frozenset("ABCDEFGabcdefg^_=',0123456789/zx |:])")
 _CLOSERS = {"quote": '"', "deco": "!", "pdeco": "+", "grace": "}", "chord": "]", "comment": "\n", "value": "\n"}
+_HEADER_TOKENS = 128                # tokens a header may take before it is hurried (without a budget)
 _CLOSING_RESERVE = 48               # tokens before max_new_tokens at which a tune is steered to its end
+
+
+@functools.lru_cache(maxsize=256)
+def _spellings(want: Fraction) -> frozenset[str]:
+    """Every way a note length of ``want`` units can be written (``""``, ``2``, ``3/2``, ``/``, ``//``, ``1/4`` ...)."""
+    out = set()
+    for den in (1, 2, 4, 8, 16, 32, 64):
+        n = want * den
+        if n.denominator != 1 or not 1 <= n <= 999:
+            continue
+        n = int(n)
+        for ns in ({"", "1"} if n == 1 else {str(n)}):
+            if den == 1:
+                out.add(ns)
+            else:
+                out.add(f"{ns}/{den}")
+                if den <= 8:  # "/" "//" "///" halve, quarter, eighth
+                    out.add(ns + "/" * (den.bit_length() - 1))
+    return frozenset(out)
 
 
 def _meter_ok(v: str) -> bool:
@@ -373,6 +410,7 @@ class AbcState:
         "blank",
         "broken_next",
         "buf",
+        "bwant",
         "chord_first",
         "chord_n",
         "closed",
@@ -384,10 +422,12 @@ class AbcState:
         "fletter",
         "fval",
         "hseen",
+        "hurry",
         "idle",
         "in_chord",
         "just",
         "last_full",
+        "lastbar",
         "layers",
         "lbase",
         "lden",
@@ -404,22 +444,27 @@ class AbcState:
         "nbars",
         "need_boundary",
         "owe_boundary",
+        "paired",
         "phase",
         "pickup",
         "plen",
         "pre_lines",
         "prev",
+        "rep_open",
         "replay",
         "shorts",
         "slur",
         "spec",
         "spec_key",
         "tbuf",
+        "tonic",
         "textrun",
         "tup_factor",
         "tup_left",
         "u8",
         "unit",
+        "var",
+        "wlen",
         "x_seen",
     )
 
@@ -454,6 +499,20 @@ class AbcState:
         self.tbuf = ""
         self.slur = 0
         self.broken_next: Fraction | None = None
+        # abc2midi's rules beyond bar time: the two notes of a broken pair are written with the same
+        # length and the second starts no new pair ("A>B2", "A>B>c" are its errors); a repeat opened by
+        # "|:" or "::" is closed by ":|" before the tune ends and is not opened twice; numbered endings
+        # (each rule found by feeding abc2midi 4.84 the cases; tests/test_abc_constraint.py keeps them).
+        self.wlen: Fraction | None = None   # the last note's written length (before broken/tuplet factors)
+        self.bwant: Fraction | None = None  # the written length the note after ">" must have
+        self.paired = False                 # the last note was the second of a broken pair
+        self.rep_open = False
+        # numbered endings: 0 none open; 1 a first ending, closed by ":|" before the tune may end; 2 it was
+        # closed (a later ending may follow that ":|"); 3 in a later ending (a section barline ends the set).
+        # An ending starts right after "|" or ":|" ("||1" "::1" "|]1" are abc2midi errors) or as "[2".
+        self.var = 0
+        self.tonic = "z"                    # the key's tonic letter (a steered ending closes on it), else a rest
+        self.lastbar = ""
         self.bk = 0
         self.bdir = ""
         self.prev: Fraction | None = None
@@ -474,6 +533,10 @@ class AbcState:
         self.deco = 0
         self.pre_lines = 0
         self.hseen = ""         # the header's field letters so far (music21: T: 6 times at most, N: 14)
+        # Set by the processor once a header has used its share of the token budget (a model can fill a
+        # whole budget with "T:T:T:..." or "B: G" lines and never reach K:): from then on only the asked
+        # fields and K: may start a line, and an unasked value ends within _MAX_HURRIED_VALUE chars.
+        self.hurry = False
         # Idle content since the last note or rest: a model can stay inside the grammar forever without
         # writing music ("| | |", line after line of N: text, "G" "A" "B" quotes, "u(v.u(v.", "\\" lines).
         # Caps measured on music21's 12,868 tunes: EsAC incipits open with up to 4 empty bars
@@ -516,11 +579,49 @@ class AbcState:
             return True
         return (self.phase == "body" and self.mode in ("music", "b_start", "bar", "comment") and self.n == 0
                 and not self.multi and self.after_bar and self.nbars > 0 and self.last_full and self.slur == 0
-                and self.tup_left == 0 and self.broken_next is None and not self.owe_boundary)
+                and self.tup_left == 0 and self.broken_next is None and not self.owe_boundary
+                and not self._repeat_open())
+
+    def _repeat_open(self) -> bool:
+        """A repeat or first ending still waits for its ":|" (counting a barline being written as ended)."""
+        rep, var = self.rep_open, self.var
+        if self.mode == "bar":
+            if self.buf.startswith(":"):
+                rep, var = False, (2 if var == 1 else var)
+            if self.buf.endswith(":"):
+                rep = True
+        return rep or var == 1
 
     def describe(self) -> str:
         return (f"phase={self.phase} mode={self.mode} bar={self.dur}/{self.bar_exp or self.meter} notes={self.n} "
                 f"open: slur={self.slur} tuplet={self.tup_left} field={self.fletter or '-'}")
+
+    def finish_text(self, final: str = "|]") -> str | None:
+        """The shortest plain ending from here, where nothing is open: the bar filled with one note on the
+        tonic (a rest in a key without one), then ":|" if a repeat waits for it, else ``final``; None
+        where that cannot be written (a tuplet or a broken pair pending, a length no ABC note has)."""
+        if (self.phase != "body" or self.mode not in ("music", "b_start", "bar") or self.tup_left or self.deco
+                or self.broken_next is not None or self.in_chord or self.layers or self.owe_boundary or self.multi):
+            return None
+        close = ":|" if self._repeat_open() else final
+        pre = ")" * self.slur
+        if self.mode == "bar":
+            if not self.buf.endswith("|") or self.meter is None:
+                return None
+            pre, rest = " " + pre, self.meter
+        else:
+            exp = self.bar_exp if self.n > 0 else self.meter
+            if exp is None:
+                return pre + close if self.n > 0 else None
+            rest = exp - self.dur
+        if rest == 0:
+            return pre + close
+        if rest < 0:
+            return None
+        sp = [x for x in _spellings(rest / self.unit) if "//" not in x]
+        if not sp:
+            return None
+        return pre + self.tonic + min(sp, key=len) + close
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, c: str) -> bool:
@@ -573,7 +674,7 @@ class AbcState:
 
     def _h_start(self, c):
         if c == "%":
-            self.mode, self.fctx = "comment", "h"
+            self.mode, self.fctx, self.plen = "comment", "h", 0
             return True
         if c not in _HEADER_LETTERS:
             return False
@@ -585,7 +686,7 @@ class AbcState:
         missing = [k for k in self.spec if k not in ("K", "mode") and k not in self.done]
         if c == "K" and missing:
             return False
-        if self.nbars >= _MAX_HEADER_LINES and c != "K" and c not in missing:
+        if self.x_seen and (self.nbars >= _MAX_HEADER_LINES or self.hurry) and c != "K" and c not in missing:
             return False  # a header that goes on and on: only the asked fields and K: may come now
         if self.hseen.count(c) >= (16 if c == "N" else 6):
             return False
@@ -608,10 +709,11 @@ class AbcState:
             return self._field_done()
         if inline and c in "[%":
             return False  # (a comment cannot start inside [K:...]: the field would never close)
-        if len(self.fval) >= _MAX_VALUE and not "\x80" <= c <= "\xbf":
+        L = self.fletter
+        cap = _MAX_HURRIED_VALUE if (self.hurry and self.fctx == "h" and L not in self.spec) else _MAX_VALUE
+        if len(self.fval) >= cap and not "\x80" <= c <= "\xbf":
             return False
         v = self.fval + c
-        L = self.fletter
         if self.fctx == "h" and L in self.spec and L not in self.done:
             if not _requested_prefix_ok(v, self.spec[L]):
                 return False
@@ -649,6 +751,7 @@ class AbcState:
             mode = _key_mode(v)
             if mode is None or (ctx == "h" and "mode" in self.spec and mode != self.spec["mode"]):
                 return False
+            self.tonic = v[0].upper() if v[:1].upper() in "ABCDEFG" and v[:1] else "z"
         elif L == "V" and ctx != "h" and not self._voice_change():
             return False
         if ctx == "h":
@@ -674,7 +777,9 @@ class AbcState:
 
     def _comment(self, c):
         if c != "\n":
-            return True
+            self.plen += 1  # (the comment's length; plen is free once the tune has begun)
+            return self.plen <= _MAX_COMMENT or "\x80" <= c <= "\xbf"
+        self.plen = 0
         self.mode = "h_start" if self.fctx == "h" else "b_start"
         return True
 
@@ -691,7 +796,8 @@ class AbcState:
             # decided here, not a char later, so no state is left with nothing allowed after it: the letter
             # starts a field line only while the caps allow one, music only where a decoration may come
             field = c in _BODY_FIELDS and (self.idle < _MAX_IDLE if c in "KLMV" else self.textrun < _MAX_TEXT_LINES)
-            music = not self.owe_boundary and (c in "XZ" or (c in _DECORATIONS and self.idle < _MAX_IDLE))
+            music = not self.owe_boundary and ((c == "X" and self.n == 0) or (c in _DECORATIONS and self.idle < _MAX_IDLE
+                                                                               and self._room()))
             if not (field or music):
                 return False
             self.mode, self.buf = "b_letter", c
@@ -723,7 +829,7 @@ class AbcState:
         self.textrun += 1
         if self.textrun > _MAX_TEXT_LINES:
             return False
-        self.mode, self.fctx = "comment", "b"
+        self.mode, self.fctx, self.plen = "comment", "b", 0
         return True
 
     def _replay(self, text: str, c: str) -> bool:
@@ -769,12 +875,15 @@ class AbcState:
     def _music(self, c):
         just, self.just = self.just, False
         if self.deco:  # a one-letter decoration (~ . T u ...) decorates the note, rest or chord that follows
-            if c in _DECORATIONS:
-                self.deco += 1
+            if c in _DECORATIONS:  # (deco: how many, and _deco_bits's flags)
+                self.deco = ((self.deco & 7) + 1) | (self.deco & 56) | _deco_bits(c)
                 self.after_bar = False
-                return self.deco <= 3
-            if c not in _AFTER_DECORATION:
-                return False
+                return self.deco & 7 <= 3
+            if not self.deco & 32:
+                if c not in _AFTER_RESERVED:
+                    return False
+            elif (c not in _AFTER_DECORATION and not (c == "(" and self.deco == 33)) or (c == "[" and self.deco & 8):
+                return False  # (abc2midi takes ".(" -- a staccato, then a slur -- but no other decoration there)
             self.deco = 0
         if self.owe_boundary and c not in " \t\n|:[]%":
             return False  # a short bar closed by a plain barline: only a section barline may come now
@@ -803,8 +912,10 @@ class AbcState:
         if c in _NEUTRAL:
             return self._idle("blank")
         if c in _DECORATIONS:
+            if not self._room():
+                return False  # (a decoration needs a note after it)
             self.after_bar = False
-            self.deco = 1
+            self.deco = 1 | _deco_bits(c)
             return self._idle()
         if c in "|:":
             return self._bar_open(c)
@@ -832,9 +943,9 @@ class AbcState:
             self.just = just
             return self._idle()
         if c in "<>":
-            if not just or self.prev is None:
+            if not just or self.prev is None or self.paired:
                 return False
-            self.mode, self.bk, self.bdir = "broken", 1, c
+            self.mode, self.bk, self.bdir, self.bwant = "broken", 1, c, self.wlen
             return self._broken_fits()
         if c in "ZX":
             if self.n > 0 or self.owe_boundary:
@@ -850,7 +961,7 @@ class AbcState:
             self.dur = Fraction(0)
             return True
         if c == "%":
-            self.mode, self.fctx = "comment", "b"
+            self.mode, self.fctx, self.plen = "comment", "b", 0
             return True
         return False
 
@@ -895,10 +1006,12 @@ class AbcState:
                 if self.lsl > 1 or not any(d.startswith(self.lden + c) for d in _POW2):
                     return False  # denominators are powers of two (A/3 is no ABC length abc2midi plays)
                 self.lden += c
-            if self.ltarget == "note":  # the note must still be able to fit the bar
+            if not self._spell_ok(False):
+                return False
+            if self.ltarget in ("note", "chord"):  # the note must still be able to fit the bar
                 return self._room(self._min_length() * self.lbase)
             return True
-        if self.lden and self.lden not in _POW2:
+        if (self.lden and self.lden not in _POW2) or not self._spell_ok(True):
             return False
         n = int(self.lnum) if self.lnum else 1
         d = int(self.lden) if self.lden else (2 ** self.lsl if self.lsl else 1)
@@ -915,18 +1028,33 @@ class AbcState:
         if t == "grace":
             self.mode = "grace"
             return None
-        if not self._commit(self.unit * length):
+        if not self._commit(self.unit * length, chord=t == "chord"):
             return False
         self.mode = "music"
         self.just = True
         return None
 
-    def _commit(self, d: Fraction) -> bool:
+    def _spell_ok(self, whole: bool) -> bool:
+        """After ">": whether the length typed so far (``whole``: all of it) can still spell the written
+        length the pair's second note must have -- checked per char, so no note is begun that cannot end.
+        abc2midi compares no chord's length ("[AC]2>[BD]" is fine), so chords are free."""
+        if self.bwant is None or self.ltarget != "note":
+            return True
+        want = self.bwant / (self.unit * self.lbase)
+        typed = self.lnum + "/" * self.lsl + self.lden
+        sp = _spellings(want)
+        return typed in sp if whole else any(x.startswith(typed) for x in sp)
+
+    def _commit(self, d: Fraction, chord: bool = False) -> bool:
         if self.owe_boundary:
             return False
-        if self.broken_next is not None:
+        w = None if chord else d
+        self.paired = self.broken_next is not None
+        if self.paired:
+            if d != self.bwant and not chord and self.bwant is not None:
+                return False
             d *= self.broken_next
-            self.broken_next = None
+            self.broken_next = self.bwant = None
         if self.tup_left > 0:
             d *= self.tup_factor
             self.tup_left -= 1
@@ -937,19 +1065,24 @@ class AbcState:
             return False
         self.dur += d
         self.n += 1
-        self.prev = d
+        self.prev, self.wlen = d, w
         self.after_bar = False
         self.empties = self.textrun = self.idle = self.blank = 0
         self.nl_note = True
         return True
 
     def _broken_fits(self) -> bool:
-        """Whether the bar still has room for the note a ``>`` (``bk`` of them) lends time to: decided at the
-        ``>``, so no state is left where no note can follow."""
-        if self.bdir != ">" or self.bar_exp is None:
+        """Whether the bar still has room for the note a ``>`` / ``<`` (``bk`` of them) pairs with, written
+        as long as the first (abc2midi's rule; the shortest note after a chord): decided at the sign, so no
+        state is left where no note can follow."""
+        if self.bar_exp is None:
             return True
         f = Fraction(1, 2 ** self.bk)
-        return self.dur + self.prev * (1 - f) + self.unit * _MIN_LENGTH * f <= self.bar_exp
+        tf = self.tup_factor if self.tup_left > 0 else 1
+        w = self.bwant if self.bwant is not None else self.unit * _MIN_LENGTH
+        if self.bdir == ">":
+            return self.dur + self.prev * (1 - f) + w * f * tf <= self.bar_exp
+        return self.dur - self.prev * (1 - f) + w * (2 - f) * tf <= self.bar_exp
 
     def _broken(self, c):
         if c == self.bdir and self.bk < 3:
@@ -983,6 +1116,8 @@ class AbcState:
         if self.owe_boundary:
             return False
         if c in _DIGITS:
+            if c == "0" or not self._start_ending():
+                return False
             self.mode, self.buf = "ending", c
             return True
         if c in _INLINE_FIELDS:
@@ -1015,7 +1150,7 @@ class AbcState:
             if self.chord_n == 0:
                 return False
             self.in_chord = False
-            self.mode, self.ltarget, self.lbase = "len", "note", self.chord_first
+            self.mode, self.ltarget, self.lbase = "len", "chord", self.chord_first
             self.lnum, self.lsl, self.lden = "", 0, ""
             return True
         return False
@@ -1053,7 +1188,7 @@ class AbcState:
         return c in _DECO_CHARS and self.plen <= 32
 
     def _paren(self, c):
-        if c in _DIGITS and c != "0" and c != "1" and self._room():
+        if c in _DIGITS and c != "0" and c != "1" and self.broken_next is None and self._room():
             self.mode, self.tbuf = "tuplet", c
             return True
         self.slur += 1
@@ -1123,6 +1258,8 @@ class AbcState:
             self.buf += c
             return True
         if c == ":" and not b.endswith("]") and len(b) < 5:
+            if self.rep_open and ":" not in b:
+                return False  # a second "|:" before the first is closed (abc2midi: "found another |:")
             self.buf += c
             return True
         if c == "]" and b.endswith("|"):
@@ -1135,11 +1272,33 @@ class AbcState:
         if kind == "plain" and self.empties > _MAX_EMPTY_BARS:
             return False  # past the cap only the section barline a short bar is owed (_bar_open) may end here
         self._bar_kind_done(kind)
+        if b.startswith(":"):
+            self.rep_open = False
+        if b.endswith(":"):
+            self.rep_open = True
+        self.lastbar = b
+        if self.var == 1 and b.startswith(":"):
+            self.var = 2
         if c in _DIGITS and c != "0":
+            if b not in ("|", ":|") or not self._start_ending():
+                return False
             self.mode, self.buf = "ending", c
             return True
+        if self.var == 3 and kind != "plain":
+            self.var = 0
         self.mode = "music"
         return None
+
+    def _start_ending(self) -> bool:
+        """A numbered ending starts (see ``var``): the first anywhere outside a set, a later one right after
+        a ":|" (abc2midi: "Need || |: :| or :: to mark end of variant ending")."""
+        if self.var == 0:
+            self.var = 1
+            return True
+        if self.var in (2, 3) and ":" in self.lastbar:
+            self.var = 3
+            return True
+        return False
 
     def _bar_kind_done(self, kind: str):
         if self.closed:
@@ -1365,7 +1524,11 @@ class ABCConstraintProcessor(LogitsProcessor):
         self.stop: list[str | None] = [None] * rows
         self.closing_from = (None if not max_new_tokens
                              else int(max_new_tokens) - min(_CLOSING_RESERVE, int(max_new_tokens) // 4))
+        # A header still open after half the budget (128 tokens without one) is hurried to its K:
+        self.header_from = int(max_new_tokens) // 2 if max_new_tokens else _HEADER_TOKENS
         self.closed_rows = [False] * rows     # rows that were steered to their end (report())
+        self.plan: list[str | None] = [None] * rows  # the ending a steered row is writing (finish_text)
+        self.final = "|]" if "]" in self.vocab.singles else "|"
         self._trans: dict[tuple, dict] = {}
         self._scan: dict[tuple, list[int]] = {}
 
@@ -1424,6 +1587,10 @@ class ABCConstraintProcessor(LogitsProcessor):
                     if self.stop[r] is None:
                         self.stop[r] = "eos"
                     break
+                p = self.plan[r]
+                if p is not None:
+                    txt = self.vocab.texts[t] if t < len(self.vocab.texts) else None
+                    self.plan[r] = p[len(txt):] if txt and p.startswith(txt) else None
                 ns = self._next(self.states[r], t)
                 if ns is None:  # only reachable when another processor overrode the mask
                     self.done[r] = True
@@ -1458,15 +1625,20 @@ class ABCConstraintProcessor(LogitsProcessor):
         rows, cols = [], []
         forced = []
         out = torch.full_like(scores, neg)
-        closing = self.closing_from is not None and input_ids.shape[1] - self.start >= self.closing_from
+        used = input_ids.shape[1] - self.start
+        closing = self.closing_from is not None and used >= self.closing_from
         for r in range(B):
             if r >= len(self.states) or self.done[r]:
                 out[r] = scores[r]  # finished: transformers pads these rows whatever is sampled
                 continue
             st = self.states[r]
+            if used >= self.header_from and st.phase in ("pre", "header") and not st.hurry:
+                st = st.clone()
+                st.hurry = True
+                self.states[r] = st
             if closing:
                 self.closed_rows[r] = True
-                allowed = self._closing(st, scores[r])
+                allowed = self._closing(st, scores[r], r)
                 if allowed:
                     rows.extend([r] * len(allowed))
                     cols.extend(allowed)
@@ -1510,19 +1682,31 @@ class ABCConstraintProcessor(LogitsProcessor):
                 out[r, self.eos] = 0.0
         return out
 
-    def _closing(self, st: AbcState, row_scores: torch.FloatTensor) -> list[int]:
-        """The allowed tokens of a row being steered to its end, the first non-empty tier of: EOS once it
-        may end; a token that closes what is open (a quote, !decoration!, grace group, chord, field line,
-        comment); a barline once the bar is full; ')' while a slur is open; notes and rests in whole units of
-        L:, then fractions. Only notes, rests, lengths and barlines otherwise, never a whitespace-only
-        token or a barline that closes a short bar. The best one when greedy; [] = nothing fits (the caller
-        falls back to every allowed token)."""
+    def _closing(self, st: AbcState, row_scores: torch.FloatTensor, r: int) -> list[int]:
+        """The allowed tokens of a row being steered to its end: EOS once it may end; where nothing is open,
+        the tokens that spell the start of :meth:`AbcState.finish_text` (the bar filled with the tonic, then
+        ":|" or "|]": a few tokens at most); else the first non-empty tier of: a token that closes what is
+        open (a quote, !decoration!, grace group, chord, field line, comment); a barline once the bar is
+        full (first one after which the tune may end); ')' while a slur is open; notes and rests in whole
+        units of L:, then fractions -- never a whitespace-only token or a barline that closes a short bar.
+        The best one when greedy; [] = nothing fits (the caller falls back to every allowed token)."""
         if st.can_end() and self.eos is not None:
             return [self.eos]
         V = row_scores.shape[0]
+        if not self.plan[r]:
+            self.plan[r] = st.finish_text(self.final)
+        plan = self.plan[r]
+        if plan:
+            ids = [t for t in self.allowed_all(st) if t < V and t != self.eos and plan.startswith(self.vocab.texts[t])]
+            if ids:
+                vals = row_scores[torch.tensor(ids, device=row_scores.device)].tolist()
+                keep = [(v, t) for t, v in zip(ids, vals) if v != float("-inf")]
+                if keep:
+                    return [max(keep)[1]] if self.greedy else [t for _, t in keep]
+            self.plan[r] = None
         closer = "]" if (st.mode == "value" and st.fctx == "i") else _CLOSERS.get(st.mode)
         full = st.n > 0 and st.bar_exp is not None and st.dur >= st.bar_exp
-        tiers: list[list[int]] = [[], [], [], [], []]
+        tiers: list[list[int]] = [[], [], [], [], [], []]
         for t in self.allowed_all(st):
             if t >= V:
                 continue
@@ -1537,12 +1721,12 @@ class ABCConstraintProcessor(LogitsProcessor):
             if ns is None or ns.owe_boundary or (ns.nbars > st.nbars and not ns.last_full):
                 continue
             if full:
-                if ns.nbars > st.nbars:
-                    tiers[1].append(t)
+                if ns.nbars > st.nbars:  # a barline: first one after which the tune may end (":|" of a repeat)
+                    tiers[1 if ns.can_end() else 2].append(t)
             elif st.slur > 0 and ")" in text:
-                tiers[2].append(t)
+                tiers[3].append(t)
             else:
-                tiers[4 if "/" in text else 3].append(t)
+                tiers[5 if "/" in text else 4].append(t)
         for ids in tiers:
             if not ids:
                 continue

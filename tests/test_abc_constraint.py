@@ -63,7 +63,7 @@ CONSTRUCTS = {
     "common time": H.format(m="C", l="1/8", k="D") + "A8|B8|]\n",
     "cut time": H.format(m="C|", l="1/4", k="D") + "A4|B2c2|]\n",
     "free meter": H.format(m="none", l="1/8", k="D") + "ABCDEFG|abc|defgabc'|]\n",
-    "decorations and chord symbols": H.format(m="4/4", l="1/8", k="Ador") + '"Am"~A2 .B2 !trill!c2 Td2|"^Fine"e8|]\n',
+    "decorations and chord symbols": H.format(m="4/4", l="1/8", k="Ador") + '"Am"~A2 .B2 !trill!c2 ~d2|"^Fine"e8|]\n',
     "default unit length": "X:1\nT:No L\nM:2/4\nK:D\nA4 B4|c8|]\n",
     "pickup into a section": H.format(m="4/4", l="1/8", k="D") + "A8|B6||c2|d8|]\n",
 }
@@ -132,7 +132,52 @@ def test_idle_content_is_capped():
     assert _refused_at(head + "".join(f'"{c}"' for c in six) + '"F').endswith('"')
     assert _refused_at(head + "A8|" + "[K:G]" * 6 + "[K:").endswith("K")
     assert _refused_at(head + "A8|\n" + "K:G\n" * 6 + "K:G").endswith("\nK")
-    assert _refused_at(head + "A8|" + "u(" * 3 + "u").endswith("u")          # decorations and slurs count too
+    assert _refused_at(head + "A8|" + '("x"' * 3 + "(").endswith('"(')         # slurs count too
+
+
+# abc2midi 4.84's own rules beyond bar time, each case fed to the real binary: (body, abc2midi errs)
+ABC2MIDI_RULES = [
+    ("A>B c6|", False), ("A>B2 c5|", True), ("A>B>c d5|", True), ("A2>B2 c4|", False), ("A/>B/ c7|", False),
+    ("[AC]>[BD] c6|", False), ("[AC]2>[BD] c4 z/|", False), ("A>(3Bcd e4 z2|", True), ('"G"A>"C"B c6|', False),
+    ("|: A8 | c8 |]", True), ("|: A8 | c8 :|", False), (":: A8 | c8 |]", True), ("A8 :| c8 |]", False),
+    ("|:A8|:B8:|", True), ("|: A8 :: B8 :|", False), ("A8 :|: B8 :|", False), ("|: A8 |] B8 :|", False),
+    ("|: A8 |1 B8 :|2 c8 |]", False), ("|: A8 |1 B8 |2 c8 |]", True), ("A8 |1 B8 :|2 c8 |", False),
+    ("A8 |1 B8 |", True), ("[1 A8 :|[2 B8|]", False), ("|1 A8 | [2 B8 |]", True), ("|1 A8 || [2 B8 |]", True),
+    ("A8 ::1 B8 :|", True), ("A8 |]1 B8 :|", True), ("A8 :||2 B8 |]", True), ("|: A8 |1,3 B8 :|2 c8 |]", False),
+    ("|: A8 |1 B8 :|2 c8 :|3 d8 |]", False), ("A8 |1 B8 :|2 c8 |3 d8 |]", True),
+    ("A8 |1 B8 :|2 c8 | d8 | e8 |1 f8 :|2 g8|]", True), ("A8 |1 B8 :|2 c8 :| d8 | e8 |1 f8 :|2 g8|]", False),
+    ("T A8|", True), ("TA8|", False), ("T(A8)|", True), ('T"C"A8|', True), ("T{c}A8|", True), ("T!p!A8|", True),
+    ("uvA8|", False), ("H.A8|", False), ("T[AC]8|", True), ("H[AC]8|", False), ("~A8|", False), ("Tz8|", False),
+    (".(A8)|", False), ("..(A8)|", True), (".T(A8)|", True), ("kA8|", False), ("(uA8)|", False), ("k(A8)|", False),
+]
+
+
+@pytest.mark.parametrize("body,errs", ABC2MIDI_RULES)
+def test_what_abc2midi_refuses_the_constraint_refuses(body, errs):
+    """Broken rhythm (equal written lengths, no chained pairs, no tuplet in a pair), repeats (closed before
+    the end, never opened twice), numbered endings and one-letter decorations: a tune the constraint lets
+    end is one abc2midi converts without an error, and the cases abc2midi takes stay allowed."""
+    tune = H.format(m="4/4", l="1/8", k="C") + body + "\n"
+    r = abc_to_midi(tune)
+    assert bool(r.errors) == errs, (body, r.errors)   # the table is abc2midi's verdict, checked each run
+    st = _accepts(tune)
+    assert (st is not None and st.can_end()) == (not errs), (body, _refused_at(tune), st and st.describe())
+
+
+def test_a_hurried_header_reaches_its_key():
+    """Once a header has used its share of the budget (the processor sets ``hurry``), only the asked fields
+    and K: may start a line and an unasked value ends within 40 chars, so a model that writes "T:T:T:..." or
+    "B: G" lines still reaches its tune."""
+    st = _accepts("X:1\nT:" + "ab" * 30, {"M": "6/8"})
+    assert st is not None
+    st.hurry = True
+    assert st.after("c") is None and st.after("\n") is not None            # past 40 chars: the line ends
+    st = st.after("\n")
+    assert st.after("B") is None and st.after("T") is None and st.after("K") is None   # M: was asked
+    st = st.after("M:6/8\n")
+    assert st.after("B") is None and st.after("K:D\n").phase == "body"
+    assert _accepts("X:1\n%" + "c" * 160 + "\n", {}) is not None
+    assert _accepts("X:1\n%" + "c" * 161, {}) is None                       # comments are capped too
 
 
 def test_impossible_requests_name_the_field():
