@@ -152,6 +152,37 @@ def _spellings(want: Fraction) -> frozenset[str]:
     return frozenset(out)
 
 
+_QUOTE_FIRST = frozenset("ABCDEFGabcdefg(^_<>@0123456789")  # (digits: fingerings, "4")
+# the chord types abc2midi 4.84 plays (found by feeding it each type of music21's chord symbols and a standard
+# list: "Gmaj", "Gmin", "G13", "G2" are its errors)
+_GCHORD_TYPES = ("", "+", "11", "5", "6", "7", "7sus4", "7sus9", "9", "M7", "M9", "aug", "aug7", "dim", "dim7",
+                 "dim9", "m", "m6", "m7", "m7b5", "m9", "maj7", "maj9", "sus", "sus2", "sus4", "sus9")
+
+
+def _gchord_ok(s: str, whole: bool) -> bool:
+    """``s`` (a quote's text so far, from its root letter) is (``whole``: all of) a chord symbol abc2midi
+    takes: root, ``#``/``b``, a known type, then free text after a space, "(" or "/bass" ("G is", "G(7)")."""
+    if ";" in s:
+        return False  # ("G;x": abc2midi reads a second chord after ";")
+    i = 2 if len(s) > 1 and s[1] in "#b" else 1
+    rest = s[i:]
+    j = min((rest.find(ch) for ch in " /(" if ch in rest), default=len(rest))
+    t = rest[:j]
+    if j == len(rest):
+        return t in _GCHORD_TYPES if whole else any(x.startswith(t) for x in _GCHORD_TYPES)
+    if t not in _GCHORD_TYPES:
+        return False
+    tail = rest[j:]
+    if tail[0] in " (":
+        return True
+    b = tail[1:]
+    if not b:
+        return not whole
+    if b[0] not in _NOTE_LETTERS:
+        return False
+    return True
+
+
 def _meter_ok(v: str) -> bool:
     s = v.strip()
     return s.lower() == "none" or (meter_value(s) is not None and _meter_prefix_ok(s))
@@ -588,7 +619,7 @@ class AbcState:
         if self.mode == "bar":
             if self.buf.startswith(":"):
                 rep, var = False, (2 if var == 1 else var)
-            if self.buf.endswith(":"):
+            if "::" in self.buf or ":" in self.buf.partition("|")[2]:
                 rep = True
         return rep or var == 1
 
@@ -714,6 +745,12 @@ class AbcState:
         if len(self.fval) >= cap and not "\x80" <= c <= "\xbf":
             return False
         v = self.fval + c
+        if c == "%" and L in "MLK" and "%" not in self.fval:  # a comment only after a whole value
+            head = self.fval.strip()
+            want = self.spec.get("mode") if self.fctx == "h" else None
+            if not (_meter_ok(head) if L == "M" else _unit_ok(head) if L == "L"
+                    else _key_mode(head) is not None and want in (None, _key_mode(head))):
+                return False
         if self.fctx == "h" and L in self.spec and L not in self.done:
             if not _requested_prefix_ok(v, self.spec[L]):
                 return False
@@ -876,6 +913,8 @@ class AbcState:
         just, self.just = self.just, False
         if self.deco:  # a one-letter decoration (~ . T u ...) decorates the note, rest or chord that follows
             if c in _DECORATIONS:  # (deco: how many, and _deco_bits's flags)
+                if self.deco & 32 and c not in _KNOWN_DECORATIONS:
+                    return False  # ("OV": a letter abc2midi ignores cannot follow one it plays)
                 self.deco = ((self.deco & 7) + 1) | (self.deco & 56) | _deco_bits(c)
                 self.after_bar = False
                 return self.deco & 7 <= 3
@@ -981,13 +1020,13 @@ class AbcState:
             self.acc += c
             return True
         if c in _NOTE_LETTERS:
-            self.mode, self.buf = "octave", ""
+            self.mode, self.buf = "octave", c
             return True
         return False
 
     def _octave(self, c):
-        if c in "',":
-            return True
+        if c in "',":  # (abc2midi: "A'" and "c," are bad pitch specifiers: ' raises a-g, "," lowers A-G)
+            return (c == "'") == self.buf.islower()
         self.mode, self.ltarget, self.lbase = "len", "chordnote" if self.in_chord else "note", Fraction(1)
         self.lnum, self.lsl, self.lden = "", 0, ""
         return None
@@ -1164,9 +1203,22 @@ class AbcState:
         return (c in _NOTE_LETTERS or c in "^_=',/0123456789 []") and self.plen <= 16
 
     def _quote(self, c):
+        """A chord symbol (``"Am7/G"``: a chord name abc2midi knows) or an annotation (``"^Fine"``: it
+        starts with ^ _ < > @); abc2midi errs on any other first char ("N.C.", "Fine", " G")."""
+        chord = self.plen > 0 and self.buf[:1] in _NOTE_LETTERS
         if c == '"':
+            if chord and not _gchord_ok(self.buf, True):
+                return False
             self.mode = "music"
             return True
+        if self.plen == 0:
+            if c not in _QUOTE_FIRST:
+                return False
+            self.buf = c
+        elif chord:
+            self.buf += c
+            if not _gchord_ok(self.buf, False):
+                return False
         self.plen += 1
         return (" " <= c <= "~" or c >= "\x80") and (self.plen <= 64 or "\x80" <= c <= "\xbf")
 
@@ -1188,7 +1240,7 @@ class AbcState:
         return c in _DECO_CHARS and self.plen <= 32
 
     def _paren(self, c):
-        if c in _DIGITS and c != "0" and c != "1" and self.broken_next is None and self._room():
+        if c in _DIGITS and c != "0" and c != "1" and self.broken_next is None and self.tup_left == 0 and self._room():
             self.mode, self.tbuf = "tuplet", c
             return True
         self.slur += 1
@@ -1262,7 +1314,7 @@ class AbcState:
                 return False  # a second "|:" before the first is closed (abc2midi: "found another |:")
             self.buf += c
             return True
-        if c == "]" and b.endswith("|"):
+        if c == "]" and b in ("|", ":|"):  # ("||]" is an abc2midi error)
             self.buf += c
             return True
         if "|" not in b and b.count(":") < 2:
@@ -1274,8 +1326,8 @@ class AbcState:
         self._bar_kind_done(kind)
         if b.startswith(":"):
             self.rep_open = False
-        if b.endswith(":"):
-            self.rep_open = True
+        if "::" in b or ":" in b.partition("|")[2]:
+            self.rep_open = True  # ("|:|" and "::|" open a repeat for abc2midi too)
         self.lastbar = b
         if self.var == 1 and b.startswith(":"):
             self.var = 2

@@ -132,7 +132,7 @@ def test_idle_content_is_capped():
     assert _refused_at(head + "".join(f'"{c}"' for c in six) + '"F').endswith('"')
     assert _refused_at(head + "A8|" + "[K:G]" * 6 + "[K:").endswith("K")
     assert _refused_at(head + "A8|\n" + "K:G\n" * 6 + "K:G").endswith("\nK")
-    assert _refused_at(head + "A8|" + '("x"' * 3 + "(").endswith('"(')         # slurs count too
+    assert _refused_at(head + "A8|" + '("^x"' * 3 + "(").endswith('"(')         # slurs count too
 
 
 # abc2midi 4.84's own rules beyond bar time, each case fed to the real binary: (body, abc2midi errs)
@@ -149,6 +149,10 @@ ABC2MIDI_RULES = [
     ("T A8|", True), ("TA8|", False), ("T(A8)|", True), ('T"C"A8|', True), ("T{c}A8|", True), ("T!p!A8|", True),
     ("uvA8|", False), ("H.A8|", False), ("T[AC]8|", True), ("H[AC]8|", False), ("~A8|", False), ("Tz8|", False),
     (".(A8)|", False), ("..(A8)|", True), (".T(A8)|", True), ("kA8|", False), ("(uA8)|", False), ("k(A8)|", False),
+    ("OVA8|", True), ('"Am7/G"A8|', False), ('"G is"A8|', False), ('"^Fine"A8|', False), ('"N.C."A8|', True),
+    ('"Gmaj"A8|', True), ('"G/"A8|', True), ('"Bbm7b5"A8|', False), ("(3A(3Bc d5|", True), ("(3ABc d6|", False),
+    ("A'8|", True), ("a'8|", False), ("c,8|", True), ("C,8|", False), ("A8 |:| B8 |]", True), ("A8 ||] B8 |]", True),
+    ("A8 ::| B8 |]", True), ("A8 |:| B8 :|", False), ("A8 :|] B8 |]", False),
 ]
 
 
