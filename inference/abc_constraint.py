@@ -27,7 +27,7 @@ What the state machine checks
   note lengths ``A3/2 A/ A//``, rests ``z x``, multi-bar rests ``Z4``, chords ``[ceg]2`` (first note's
   length times the multiplier), tuplets ``(3abc`` ``(p:q:r`` (a barline inside one is refused),
   broken rhythm ``> >> <`` (duration preserving), grace notes ``{g}`` (no time), ties, slurs,
-  decorations ``~ . H-W !trill! +trill+``, chord symbols / annotations ``"Am"``, numbered endings
+  decorations ``~ . T u v ... !trill! +trill+``, chord symbols / annotations ``"Am"``, numbered endings
   ``[1 |1 :|2``, inline and body-line fields ``[M:3/4] [L:1/16] [K:G] V:2`` (a meter change applies
   from the next bar it starts), voice overlay ``&``, comments ``%``. Body field lines are ABC 2.1's body
   fields only (``w: W: P: V: K: L: M: Q: T: N: I:`` ...: abc2midi refuses the others there). Text stays
@@ -40,8 +40,17 @@ Known refusals of real music: tunes that let a line end stand for a barline (no 
 a full bar on every line: abc2midi checks bar lengths only at barlines, so it has no warning to give;
 this checker, like benchmarks.abc_metrics, counts the bar on), a tuplet across a barline, a broken
 rhythm across a line break. Not checked: pitch (any note in any key), beaming, lyrics alignment, a
-tie's two notes having the same pitch, that repeats are balanced (``:|`` without ``|:`` is fine in ABC), body key/meter changes (a tune
-may modulate: the *header* carries what was asked), voices agreeing with each other.
+tie's two notes having the same pitch, body key/meter changes (a tune may modulate: the *header* carries what was
+asked), voices agreeing with each other.
+
+abc2midi's own rules (it is the renderer users play tunes with; each rule was found by feeding abc2midi 4.84 the
+case, and tests/test_abc_constraint.py re-checks the table against the binary): broken pairs written equally long
+and not chained, no tuplet in a pair or in a tuplet, a repeat opened by ``|:`` ``::`` ``|:|`` closed by ``:|``
+before the end and not opened twice (``:|`` without ``|:`` is fine), numbered endings (a later one only after
+``:|``; a first one closed by ``:|``), ``'`` only on a-g and ``,`` only on A-G, chord symbols of the chord types it
+plays or annotations (``^ _ < > @``), the one-letter decorations it plays only before a note, rest or chord.
+Budget steering: a header still open at half of ``max_new_tokens`` is hurried to its ``K:``; in the last 48 tokens
+the tune is closed (``AbcState.finish_text``: the bar filled with a tonic note, then ``:|`` or ``|]``).
 
 Decoding strategy (speed)
 -------------------------
@@ -1517,6 +1526,16 @@ class _Vocab:
         # tokens that only write notes, rests, lengths and barlines: what a tune is finished with
         self.closing = {i for i, t in enumerate(self.texts) if t and set(t) <= _CLOSING_CHARS}
 
+    def prefixes(self, text: str) -> list[int]:
+        """The ids of every token whose text is a prefix of ``text`` (a walk down the trie along it)."""
+        out, node = [], self.trie
+        for ch in text:
+            node = node.get(ch)
+            if node is None:
+                break
+            out.extend(node.get(None, ()))
+        return out
+
     def check_spelling(self, spec: dict, name: str):
         need = set("X:K|\n0123456789/ABCDEFGabcdefg ") | {c for v in spec.values() for c in to_machine_text(v)}
         missing = sorted(need - self.singles)
@@ -1746,10 +1765,10 @@ class ABCConstraintProcessor(LogitsProcessor):
             return [self.eos]
         V = row_scores.shape[0]
         if not self.plan[r]:
-            self.plan[r] = st.finish_text(self.final)
+            self.plan[r] = self._plan_for(st)
         plan = self.plan[r]
         if plan:
-            ids = [t for t in self.allowed_all(st) if t < V and t != self.eos and plan.startswith(self.vocab.texts[t])]
+            ids = [t for t in self.vocab.prefixes(plan) if t < V and self._next(st, t) is not None]
             if ids:
                 vals = row_scores[torch.tensor(ids, device=row_scores.device)].tolist()
                 keep = [(v, t) for t, v in zip(ids, vals) if v != float("-inf")]
@@ -1787,6 +1806,30 @@ class ABCConstraintProcessor(LogitsProcessor):
             if keep:
                 return [max(keep)[1]] if self.greedy else [t for _, t in keep]
         return []
+
+    def _plan_for(self, st: AbcState) -> str | None:
+        """The text a steered row ends with: :meth:`AbcState.finish_text` where nothing is open, else the
+        shortest run of closing chars (a breadth-first search of at most 6 chars over the state machine:
+        the quote's '"', a length's digit, a line end ...) that reaches such a point, then its finish."""
+        f = st.finish_text(self.final)
+        if f is not None or st.phase != "body":
+            return f
+        alphabet = ['"', "!", "+", "}", "]", ")", "\n", " ", st.tonic, "2", "1", "4", "8", "/", "|", ":"]
+        frontier, seen = [(st, "")], {st.key()}
+        for _ in range(6):
+            nxt = []
+            for s0, path in frontier:
+                for ch in alphabet:
+                    s2 = s0.after(ch)
+                    if s2 is None or s2.key() in seen:
+                        continue
+                    seen.add(s2.key())
+                    f = s2.finish_text(self.final)
+                    if f is not None:
+                        return path + ch + f
+                    nxt.append((s2, path + ch))
+            frontier = nxt[:64]
+        return None
 
     # results ----------------------------------------------------------------------------------
     def report(self, row: int, text: str | None = None, ended_at_eos: bool = False) -> dict:
