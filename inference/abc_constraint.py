@@ -202,8 +202,12 @@ def _meter_prefix_ok(v: str) -> bool:
     if s.rstrip(" ") != s:           # trailing spaces only after a complete value
         return _meter_ok(s)
     return ("none".startswith(s.lower()) or s in ("C", "C|", "c", "c|")
-            or re.fullmatch(r"\(?([0-9]{1,2}\+){0,5}[0-9]{0,2}\)?|\(?([0-9]{1,2}\+){0,5}[0-9]{1,2}\)?/[0-9]{0,2}", s)
-            is not None)  # numbers of up to 2 digits (music21: 12/8 at most), so a meter cannot run on
+            or _METER_PREFIX.fullmatch(s) is not None)
+
+
+# numbers of up to 2 digits (music21: 12/8 at most), so a meter cannot run on, without a leading 0; the
+# denominator a power of two (abc2midi: "36 b is not a power of 2")
+_METER_PREFIX = re.compile(r"\(?([1-9][0-9]?\+){0,5}([1-9][0-9]?)?\)?|\(?([1-9][0-9]?\+){0,5}[1-9][0-9]?\)?/(1|16?|2|32?|4|64?|8)?")
 
 
 def _unit_ok(v: str) -> bool:
@@ -617,6 +621,8 @@ class AbcState:
         """EOS allowed: after a barline that closed a complete bar, nothing left open."""
         if self.phase == "end":
             return True
+        if self.mode == "bar" and "|" not in self.buf and "::" not in self.buf:
+            return False  # (a lone ":" is no barline)
         return (self.phase == "body" and self.mode in ("music", "b_start", "bar", "comment") and self.n == 0
                 and not self.multi and self.after_bar and self.nbars > 0 and self.last_full and self.slur == 0
                 and self.tup_left == 0 and self.broken_next is None and not self.owe_boundary
@@ -838,12 +844,11 @@ class AbcState:
             return True
         if c == "%":
             return self._text_line()
-        if c in _BODY_FIELDS or c == "X" or c in _DECORATIONS:
+        if c in _BODY_FIELDS or c in _DECORATIONS:
             # decided here, not a char later, so no state is left with nothing allowed after it: the letter
             # starts a field line only while the caps allow one, music only where a decoration may come
             field = c in _BODY_FIELDS and (self.idle < _MAX_IDLE if c in "KLMV" else self.textrun < _MAX_TEXT_LINES)
-            music = not self.owe_boundary and ((c == "X" and self.n == 0) or (c in _DECORATIONS and self.idle < _MAX_IDLE
-                                                                               and self._room()))
+            music = not self.owe_boundary and c in _DECORATIONS and self.idle < _MAX_IDLE and self._room()
             if not (field or music):
                 return False
             self.mode, self.buf = "b_letter", c
@@ -853,8 +858,9 @@ class AbcState:
 
     def _b_letter(self, c):
         if c == ":":
-            if self.buf not in _BODY_FIELDS:
-                return False  # "X:" would start a new tune; "J:", "C:" ... are header-only fields
+            b = self.buf
+            if b not in _BODY_FIELDS or not (self.idle < _MAX_IDLE if b in "KLMV" else self.textrun < _MAX_TEXT_LINES):
+                return False  # "J:", "C:" ... are header-only fields; past the caps "T:" is no field (nor "T" ":")
             self.mode = "b_colon"
             return True
         return self._replay(self.buf, c)
@@ -995,8 +1001,8 @@ class AbcState:
                 return False
             self.mode, self.bk, self.bdir, self.bwant = "broken", 1, c, self.wlen
             return self._broken_fits()
-        if c in "ZX":
-            if self.n > 0 or self.owe_boundary:
+        if c == "Z":  # (X, ABC 2.1's invisible multi-bar rest: no music21 tune uses it, and lines of "X234"
+            if self.n > 0 or self.owe_boundary:  # read as new tunes to extractors)
                 return False
             self.multi, self.mode, self.buf, self.after_bar = True, "mrest", "", False
             self.empties = self.textrun = self.idle = self.blank = 0

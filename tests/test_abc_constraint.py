@@ -108,6 +108,11 @@ def test_wrong_bars_keys_and_ends_are_refused():
     for tail in ("A4", "A8", "A8|A4|", "A8|[A", 'A8|"Am', "A8|(A8|", "A8|(3AB", "A8|!tri"):
         s2 = _accepts(head + tail)
         assert s2 is not None and not s2.can_end(), tail
+    # abc2midi: meter denominators are powers of two; "X" rests read as new tunes to extractors; ":" is no barline
+    assert _refused_at("X:1\nM:14/22", {}).endswith("/22")
+    assert _refused_at("X:1\nM:00", {}).endswith("0")
+    assert _refused_at(head + "A8|\nX2|").endswith("X")
+    assert not _accepts(head + "A8|B8:").can_end()
     # a blank line ends the tune only where EOS could
     assert _refused_at(head + "A4\n\n").endswith("\n\n")
     assert _refused_at(head + "A8|\n\n") == ""
@@ -121,7 +126,7 @@ def test_idle_content_is_capped():
     assert _refused_at(head + "A8| | | | |") == ""             # EsAC incipits open with up to 4 empty bars
     assert _refused_at(head + "A8| | | | | |").endswith("|")
     assert _refused_at(head + "A8|\nW:one\nW:two\nA8|\nw:la\n%c\n") == ""
-    assert _refused_at(head + "A8|\nW:one\nW:two\nW:x").endswith("W:x")   # (W: is a decoration till then)
+    assert _refused_at(head + "A8|\nW:one\nW:two\nW:x").endswith("W:")    # (W is a decoration, W: a third line)
     assert _refused_at(head + "A8|\nN:x").endswith("N:")   # abc2midi: "Field not allowed in tune body"
     assert _refused_at(head + "A8|\nZ:x").endswith("Z:x")  # (Z: could be a multi-bar rest and a barline)
     assert _refused_at("X:1\nM:1234", {}).endswith("3")        # a meter cannot run on ...
