@@ -494,6 +494,7 @@ class AbcState:
         "plen",
         "pre_lines",
         "prev",
+        "rep_closed",
         "rep_open",
         "replay",
         "shorts",
@@ -551,6 +552,7 @@ class AbcState:
         self.bwant: Fraction | None = None  # the written length the note after ">" must have
         self.paired = False                 # the last note was the second of a broken pair
         self.rep_open = False
+        self.rep_closed = False             # a ":|" closed a repeat and no "|:" / "||" came since
         # numbered endings: 0 none open; 1 a first ending, closed by ":|" before the tune may end; 2 it was
         # closed (a later ending may follow that ":|"); 3 in a later ending (a section barline ends the set).
         # An ending starts right after "|" or ":|" ("||1" "::1" "|]1" are abc2midi errors) or as "[2".
@@ -1170,7 +1172,7 @@ class AbcState:
         if self.owe_boundary:
             return False
         if c in _DIGITS:
-            if c == "0" or not self._start_ending():
+            if c == "0" or not self._start_ending(c):
                 return False
             self.mode, self.buf = "ending", c
             return True
@@ -1341,13 +1343,17 @@ class AbcState:
         self._bar_kind_done(kind)
         if b.startswith(":"):
             self.rep_open = False
+            if self.var == 0:
+                self.rep_closed = True
         if "::" in b or ":" in b.partition("|")[2]:
             self.rep_open = True  # ("|:|" and "::|" open a repeat for abc2midi too)
+        if self.rep_open or kind == "section":
+            self.rep_closed = False
         self.lastbar = b
         if self.var == 1 and b.startswith(":"):
             self.var = 2
         if c in _DIGITS and c != "0":
-            if b not in ("|", ":|") or not self._start_ending():
+            if b not in ("|", ":|") or not self._start_ending(c):
                 return False
             self.mode, self.buf = "ending", c
             return True
@@ -1356,10 +1362,13 @@ class AbcState:
         self.mode = "music"
         return None
 
-    def _start_ending(self) -> bool:
-        """A numbered ending starts (see ``var``): the first anywhere outside a set, a later one right after
-        a ":|" (abc2midi: "Need || |: :| or :: to mark end of variant ending")."""
+    def _start_ending(self, c: str) -> bool:
+        """A numbered ending ``c`` starts (see ``var``): a set begins with 1, and not straight after a ":|"
+        closed a repeat (abc2midi: "found [1 or like before |:" until a "|:" or "||"); a later one right
+        after a ":|" (abc2midi: "Need || |: :| or :: to mark end of variant ending")."""
         if self.var == 0:
+            if c != "1" or self.rep_closed:
+                return False
             self.var = 1
             return True
         if self.var in (2, 3) and ":" in self.lastbar:

@@ -158,6 +158,8 @@ ABC2MIDI_RULES = [
     ('"Gmaj"A8|', True), ('"G/"A8|', True), ('"Bbm7b5"A8|', False), ("(3A(3Bc d5|", True), ("(3ABc d6|", False),
     ("A'8|", True), ("a'8|", False), ("c,8|", True), ("C,8|", False), ("A8 |:| B8 |]", True), ("A8 ||] B8 |]", True),
     ("A8 ::| B8 |]", True), ("A8 |:| B8 :|", False), ("A8 :|] B8 |]", False),
+    ("A8 :| B8 |1 c8 :|2 d8 |]", True), ("A8 :| |: B8 |1 c8 :|2 d8 |]", False), ("A8 |2 B8 :|", True),
+    ("A8 || B8 |1 c8 :|2 d8 |]", False), ("A8 :|2 B8 :|", True), ("A8 :| B8 :|", False),
 ]
 
 
