@@ -194,7 +194,8 @@ def _gchord_ok(s: str, whole: bool) -> bool:
 
 def _meter_ok(v: str) -> bool:
     s = v.strip()
-    return s.lower() == "none" or (meter_value(s) is not None and _meter_prefix_ok(s))
+    return s.lower() == "none" or (meter_value(s) is not None and _meter_prefix_ok(s)
+                                   and (s in ("C", "C|", "c", "c|") or _METER_WHOLE.fullmatch(s) is not None))
 
 
 def _meter_prefix_ok(v: str) -> bool:
@@ -207,6 +208,7 @@ def _meter_prefix_ok(v: str) -> bool:
 
 # numbers of up to 2 digits (music21: 12/8 at most), so a meter cannot run on, without a leading 0; the
 # denominator a power of two (abc2midi: "36 b is not a power of 2")
+_METER_WHOLE = re.compile(r"\(?([1-9][0-9]?\+){0,5}[1-9][0-9]?\)?/(1|2|4|8|16|32|64)")
 _METER_PREFIX = re.compile(r"\(?([1-9][0-9]?\+){0,5}([1-9][0-9]?)?\)?|\(?([1-9][0-9]?\+){0,5}[1-9][0-9]?\)?/(1|16?|2|32?|4|64?|8)?")
 
 

@@ -111,6 +111,7 @@ def test_wrong_bars_keys_and_ends_are_refused():
     # abc2midi: meter denominators are powers of two; "X" rests read as new tunes to extractors; ":" is no barline
     assert _refused_at("X:1\nM:14/22", {}).endswith("/22")
     assert _refused_at("X:1\nM:00", {}).endswith("0")
+    assert _refused_at("X:1\nM: 10/3\n", {}).endswith("\n")      # (3 could still have become 32)
     assert _refused_at(head + "A8|\nX2|").endswith("X")
     assert not _accepts(head + "A8|B8:").can_end()
     # a blank line ends the tune only where EOS could
