@@ -107,13 +107,6 @@ _DIGITS = frozenset("0123456789")
 _KNOWN_DECORATIONS = frozenset("HLMOPRSTuv.~")
 _DECORATIONS = frozenset("HIJKLMNOPQRSTUVWhijklmnopqrstuvw.~")
 _ROLLS = frozenset("RT~")
-
-
-def _deco_bits(c: str) -> int:
-    """deco's flags: 8 a roll or trill, 16 a known decoration other than ".", 32 any known decoration."""
-    if c not in _KNOWN_DECORATIONS:
-        return 0
-    return (8 if c in _ROLLS else 0) | (0 if c == "." else 16) | 32
 _NEUTRAL = frozenset(" \t`\\$y*")
 _INLINE_FIELDS = frozenset("IKLMPQTVWrsw")  # [N:] [R:] [U:] [m:] are abc2midi errors
 _AFTER_DECORATION = frozenset("ABCDEFGabcdefg^_=zx[")
@@ -142,11 +135,18 @@ _HEADER_TOKENS = 128                # tokens a header may take before it is hurr
 _CLOSING_RESERVE = 48               # tokens before max_new_tokens at which a tune is steered to its end
 
 
+def _deco_bits(c: str) -> int:
+    """deco's flags: 8 a roll or trill, 16 a known decoration other than ".", 32 any known decoration."""
+    if c not in _KNOWN_DECORATIONS:
+        return 0
+    return (8 if c in _ROLLS else 0) | (0 if c == "." else 16) | 32
+
+
 @functools.lru_cache(maxsize=256)
 def _spellings(want: Fraction) -> frozenset[str]:
     """Every way a note length of ``want`` units can be written (``""``, ``2``, ``3/2``, ``/``, ``//``, ``1/4`` ...)."""
     out = set()
-    for den in (1, 2, 4, 8, 16, 32, 64):
+    for den in map(int, _POW2):
         n = want * den
         if n.denominator != 1 or not 1 <= n <= 999:
             continue
@@ -184,18 +184,14 @@ def _gchord_ok(s: str, whole: bool) -> bool:
     tail = rest[j:]
     if tail[0] in " (":
         return True
-    b = tail[1:]
-    if not b:
-        return not whole
-    if b[0] not in _NOTE_LETTERS:
-        return False
-    return True
+    b = tail[1:]  # "/bass": a note letter, then anything
+    return b[:1] in _NOTE_LETTERS if b else not whole
 
 
 def _meter_ok(v: str) -> bool:
     s = v.strip()
-    return s.lower() == "none" or (meter_value(s) is not None and _meter_prefix_ok(s)
-                                   and (s in ("C", "C|", "c", "c|") or _METER_WHOLE.fullmatch(s) is not None))
+    return (s.lower() == "none" or s in ("C", "C|", "c", "c|")
+            or (meter_value(s) is not None and _METER_WHOLE.fullmatch(s) is not None))
 
 
 def _meter_prefix_ok(v: str) -> bool:
@@ -807,7 +803,7 @@ class AbcState:
             mode = _key_mode(v)
             if mode is None or (ctx == "h" and "mode" in self.spec and mode != self.spec["mode"]):
                 return False
-            self.tonic = v[0].upper() if v[:1].upper() in "ABCDEFG" and v[:1] else "z"
+            self.tonic = v[0].upper() if v[:1] and v[0].upper() in "ABCDEFG" else "z"
         elif L == "V" and ctx != "h" and not self._voice_change():
             return False
         if ctx == "h":
@@ -851,7 +847,7 @@ class AbcState:
         if c in _BODY_FIELDS or c in _DECORATIONS:
             # decided here, not a char later, so no state is left with nothing allowed after it: the letter
             # starts a field line only while the caps allow one, music only where a decoration may come
-            field = c in _BODY_FIELDS and (self.idle < _MAX_IDLE if c in "KLMV" else self.textrun < _MAX_TEXT_LINES)
+            field = self._field_may_start(c)
             music = not self.owe_boundary and c in _DECORATIONS and self.idle < _MAX_IDLE and self._room()
             if not (field or music):
                 return False
@@ -860,10 +856,14 @@ class AbcState:
         self.mode = "music"
         return None
 
+    def _field_may_start(self, c: str) -> bool:
+        """A body field line ``c:`` is allowed here: a body field, within the idle cap (K: L: M: V:, which write
+        no music) or the text-line cap (the others)."""
+        return c in _BODY_FIELDS and (self.idle < _MAX_IDLE if c in "KLMV" else self.textrun < _MAX_TEXT_LINES)
+
     def _b_letter(self, c):
         if c == ":":
-            b = self.buf
-            if b not in _BODY_FIELDS or not (self.idle < _MAX_IDLE if b in "KLMV" else self.textrun < _MAX_TEXT_LINES):
+            if not self._field_may_start(self.buf):
                 return False  # "J:", "C:" ... are header-only fields; past the caps "T:" is no field (nor "T" ":")
             self.mode = "b_colon"
             return True
@@ -1109,7 +1109,7 @@ class AbcState:
         w = None if chord else d
         self.paired = self.broken_next is not None
         if self.paired:
-            if d != self.bwant and not chord and self.bwant is not None:
+            if not chord and self.bwant is not None and d != self.bwant:
                 return False
             d *= self.broken_next
             self.broken_next = self.bwant = None
@@ -1343,17 +1343,15 @@ class AbcState:
         if kind == "plain" and self.empties > _MAX_EMPTY_BARS:
             return False  # past the cap only the section barline a short bar is owed (_bar_open) may end here
         self._bar_kind_done(kind)
-        if b.startswith(":"):
+        if b.startswith(":"):  # a ":|" closes the open repeat, and a first ending
             self.rep_open = False
-            if self.var == 0:
-                self.rep_closed = True
+            self.rep_closed = self.var == 0 or self.rep_closed
+            self.var = 2 if self.var == 1 else self.var
         if "::" in b or ":" in b.partition("|")[2]:
             self.rep_open = True  # ("|:|" and "::|" open a repeat for abc2midi too)
         if self.rep_open or kind == "section":
             self.rep_closed = False
         self.lastbar = b
-        if self.var == 1 and b.startswith(":"):
-            self.var = 2
         if c in _DIGITS and c != "0":
             if b not in ("|", ":|") or not self._start_ending(c):
                 return False
