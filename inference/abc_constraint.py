@@ -124,7 +124,9 @@ _MAX_DEN = 64                       # note lengths: denominators up to 64, numer
 _MIN_LENGTH = Fraction(1, _MAX_DEN)
 _POW2 = ("1", "2", "4", "8", "16", "32", "64")
 _MAX_SLURS = 4                      # slurs open at once
-_MAX_EMPTY_BARS = 4                 # barlines in a row with no music between them
+_MAX_EMPTY_BARS = 4                 # barlines in a row with no music between them, before the first bar of music
+_MAX_EMPTY_BARS_LATER = 1           # ... after it (music21: "A |\n| B" is common, 3 tunes have 2 in a row)
+_MAX_SAME_BARS = 4                  # identical bars in a row (music21: 16 tunes have 4, 3 tunes have 5)
 _MAX_SHORT_BARS = 3                 # bars shorter than the meter in a row ("|1 d2 :|2 d4 |]" + a pickup "A |")
 _MAX_TEXT_LINES = 2                 # body text lines (N:, w:, comments ...) in a row with no music between them
 _MAX_IDLE = 6                       # quotes, decorations, slurs, ties, K:/M:/L:/V: changes in a row before a note
@@ -489,6 +491,7 @@ class AbcState:
         "paired",
         "phase",
         "pickup",
+        "pitched",
         "plen",
         "pre_lines",
         "prev",
@@ -556,6 +559,8 @@ class AbcState:
         # An ending starts right after "|" or ":|" ("||1" "::1" "|]1" are abc2midi errors) or as "[2".
         self.var = 0
         self.tonic = "z"                    # the key's tonic letter (a steered ending closes on it), else a rest
+        self.pitched = False                # a pitched note was written (a tune of rests alone may not end:
+        #                                     abc2midi plays it as silence and inference.abc_extract finds no tune)
         self.lastbar = ""
         self.bk = 0
         self.bdir = ""
@@ -625,6 +630,7 @@ class AbcState:
             return False  # (a lone ":" is no barline)
         return (self.phase == "body" and self.mode in ("music", "b_start", "bar", "comment") and self.n == 0
                 and not self.multi and self.after_bar and self.nbars > 0 and self.last_full and self.slur == 0
+                and self.pitched
                 and self.tup_left == 0 and self.broken_next is None and not self.owe_boundary
                 and not self._repeat_open())
 
@@ -667,7 +673,8 @@ class AbcState:
         sp = [x for x in _spellings(rest / self.unit) if "//" not in x]
         if not sp:
             return None
-        return pre + self.tonic + min(sp, key=len) + close
+        note = self.tonic if self.pitched or self.tonic != "z" else "C"  # (a tune of rests ends on a note)
+        return pre + note + min(sp, key=len) + close
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, c: str) -> bool:
@@ -1039,7 +1046,7 @@ class AbcState:
             self.acc += c
             return True
         if c in _NOTE_LETTERS:
-            self.mode, self.buf = "octave", c
+            self.mode, self.buf, self.pitched = "octave", c, True
             return True
         return False
 
@@ -1315,13 +1322,18 @@ class AbcState:
             self.closed = False
             if self.phase == "body":
                 self.empties += 1
-                if self.empties > _MAX_EMPTY_BARS and not self.owe_boundary:
+                if self.empties > self._empty_cap() and not self.owe_boundary:
                     return False  # (the section barline a short bar is owed is always allowed)
         self.dur, self.n, self.layers, self.bar_exp, self.multi = Fraction(0), 0, Fraction(0), None, False
         self.prev, self.just = None, False
         self.mode, self.buf = "bar", first
         self.after_bar = True
         return True
+
+    def _empty_cap(self) -> int:
+        """Empty bars allowed in a row: EsAC incipits open with up to 4 (" |  |  |  | D3E |"); once a bar of
+        music was written, one (a line ending and the next one starting with a barline)."""
+        return _MAX_EMPTY_BARS if self.nbars == 0 else _MAX_EMPTY_BARS_LATER
 
     def _bar(self, c):
         b = self.buf
@@ -1340,7 +1352,7 @@ class AbcState:
             return False  # a lone ':' is no barline
         kind = "repeat" if ":" in b else "section" if (b in ("||", "|]", "[|") or b.endswith("]")
                                                        or b.count("|") > 1) else "plain"
-        if kind == "plain" and self.empties > _MAX_EMPTY_BARS:
+        if kind == "plain" and self.empties > self._empty_cap():
             return False  # past the cap only the section barline a short bar is owed (_bar_open) may end here
         self._bar_kind_done(kind)
         if b.startswith(":"):  # a ":|" closes the open repeat, and a first ending
@@ -1574,6 +1586,42 @@ def vocab_for(tokenizer) -> _Vocab:
 # ------------------------------------------------------------------------------- the processor
 
 
+_BAR_SEP = re.compile(r"[:\[]*\|[|:\]0-9]*|::")
+_NOTE_START = re.compile(r"[_^=]*[A-Ga-gzZx]")
+_QUOTED = re.compile(r'"[^"\n]*"?|![^!\n]*!?|\+[^+\n]*\+?')
+
+
+def repeated_bar(text: str) -> tuple[str, str] | None:
+    """Where the last ``_MAX_SAME_BARS`` complete bars of ``text`` are one and the same bar: (the current bar so
+    far, the opening of that bar up to its second note), else None. A musical cap, not a rule of ABC, so the
+    processor applies it to its candidates only (never to its fallback: it can never leave a row with nothing
+    allowed): the bar after them must open differently ("G2G2G2" twenty times over is what a small model
+    writes when nothing stops it; music21's tunes repeat a bar at most 5 times in a row)."""
+    tail = _QUOTED.sub(lambda m: "_" * len(m.group(0)), text[-800:])  # (quotes may hold "|"; lengths kept)
+    cuts = [m.span() for m in _BAR_SEP.finditer(tail)]
+    head = [m.end() for m in re.finditer(r"(?m)^K:[^\n]*\n", tail)]  # (the first bar starts after K:)
+    if head and (not cuts or head[-1] <= cuts[0][0]):
+        cuts.insert(0, (head[-1], head[-1]))
+    if len(cuts) < _MAX_SAME_BARS + 1:
+        return None
+    bars = [text[len(text) - len(tail) + a[1]:len(text) - len(tail) + b[0]]
+            for a, b in zip(cuts[-_MAX_SAME_BARS - 1:-1], cuts[-_MAX_SAME_BARS:])]
+    same = {re.sub(r"\s+", "", b) for b in bars}
+    if len(same) != 1 or "" in same:
+        return None
+    bar = same.pop()
+    notes = list(_NOTE_START.finditer(_QUOTED.sub(lambda m: "_" * len(m.group(0)), bar)))
+    opening = bar[:notes[1].start()] if len(notes) > 1 else bar
+    return text[len(text) - len(tail) + cuts[-1][1]:], opening
+
+
+def _opens_with(current: str, piece: str, opening: str) -> bool:
+    """Whether ``piece`` makes the bar being written (``current``) open with ``opening``."""
+    t = current + piece
+    m = _BAR_SEP.search(_QUOTED.sub(lambda m: "_" * len(m.group(0)), t))
+    return re.sub(r"\s+", "", t[:m.start()] if m else t).startswith(opening)
+
+
 class ABCConstraintProcessor(LogitsProcessor):
     """Masks tokens that would break the ABC constraint, row by row (see the module doc).
 
@@ -1614,6 +1662,7 @@ class ABCConstraintProcessor(LogitsProcessor):
         self.header_from = int(max_new_tokens) // 2 if max_new_tokens else _HEADER_TOKENS
         self.closed_rows = [False] * rows     # rows that were steered to their end (report())
         self.plan: list[str | None] = [None] * rows  # the ending a steered row is writing (finish_text)
+        self.texts = [""] * rows              # each row's reply so far (machine text; repeated_bar)
         self.final = "|]" if "]" in self.vocab.singles else "|"
         self._trans: dict[tuple, dict] = {}
         self._scan: dict[tuple, list[int]] = {}
@@ -1673,9 +1722,10 @@ class ABCConstraintProcessor(LogitsProcessor):
                     if self.stop[r] is None:
                         self.stop[r] = "eos"
                     break
+                txt = self.vocab.texts[t] if t < len(self.vocab.texts) else None
+                self.texts[r] = (self.texts[r] + (txt or ""))[-1000:]
                 p = self.plan[r]
                 if p is not None:
-                    txt = self.vocab.texts[t] if t < len(self.vocab.texts) else None
                     self.plan[r] = p[len(txt):] if txt and p.startswith(txt) else None
                 ns = self._next(self.states[r], t)
                 if ns is None:  # only reachable when another processor overrode the mask
@@ -1731,11 +1781,14 @@ class ABCConstraintProcessor(LogitsProcessor):
                     continue
             allowed = []
             seen = found = 0.0
+            same = repeated_bar(self.texts[r]) if st.phase == "body" else None
             for v, t, p in zip(top_v[r], top_i[r], top_p[r]):
                 if v == neg:
                     break
                 self.checked += 1
                 ok = st.can_end() if t == self.eos else self._next(st, t) is not None
+                if ok and same and t != self.eos and _opens_with(same[0], self.vocab.texts[t], same[1]):
+                    ok = False  # a bar repeated _MAX_SAME_BARS times: the next one opens otherwise
                 seen += p
                 if ok:
                     allowed.append(t)

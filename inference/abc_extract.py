@@ -9,7 +9,10 @@ Rules (line based, ABC 2.1 in spirit):
   ``M:``, ``L:``, ``K:`` ...) that contains ``K:``;
 - it continues over music lines, field lines (``w:``, ``V:``, ``P:`` ...) and ``%`` comments;
 - it ends at a blank line, a code fence, the next ``X:`` line, a line of prose, or ``</s>``;
-- a tune must contain at least one music line with a note, so bare headers are not tunes.
+- a tune must contain at least one music line with a pitched note, so bare headers (and bodies of rests
+  alone) are not tunes;
+- ``Z:|`` or ``A::`` at a line start is music, as abc2midi reads it ("either a :| repeat or a field command":
+  it takes the repeat), not a field; a line of multi-bar rests (``Z4|``) is music too.
 Returned tunes always start with an ``X:`` line (``X:1`` is added when it was missing) so that
 abc2midi / abcm2ps accept them as-is.
 """
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import re
 
-_FIELD = re.compile(r"^([A-Za-z]):")
+_FIELD = re.compile(r"^([A-Za-z]):(?![|:])")  # (abc2midi reads "Z:|", "A::" as a rest / note and a repeat)
 _SPECIAL_TOKENS = re.compile(r"</?s>|<pad>|<unk>")
 _FENCE = re.compile(r"^\s*(```|~~~)")
-_NOTE = re.compile(r"[A-Ga-gz]")
+_NOTE = re.compile(r"[A-Ga-gzZx]")  # notes and rests: a music line
+_PITCH = re.compile(r"[A-Ga-g]")    # a tune needs at least one pitched note
 _WORD = re.compile(r"[A-Za-z]{3,}")
 _NOTE_LETTERS = set("ABCDEFGabcdefgxzZ")
 # header fields that may open a tune that has no X: line
@@ -108,7 +112,7 @@ def extract_abc(text: str | None) -> list[str]:
                 i += 1
             else:
                 break
-        if any(_is_music(b) for b in body):
+        if any(_is_music(b) and _PITCH.search(_strip_inline(b)) for b in body):
             if not has_x:
                 header.insert(0, "X:1")
             tunes.append("\n".join(header + body) + "\n")

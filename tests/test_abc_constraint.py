@@ -124,8 +124,10 @@ def test_idle_content_is_capped():
     """A model can stay inside the grammar without writing music: barlines with nothing between them, text
     line after text line, quote after quote. Each is capped just above what music21's tunes use."""
     head = H.format(m="4/4", l="1/8", k="D")
-    assert _refused_at(head + "A8| | | | |") == ""             # EsAC incipits open with up to 4 empty bars
-    assert _refused_at(head + "A8| | | | | |").endswith("|")
+    assert _refused_at(head + " | | | | A8|") == ""             # EsAC incipits open with up to 4 empty bars
+    assert _refused_at(head + " | | | | |").endswith("|")
+    assert _refused_at(head + "A8 |\n| A8|") == ""             # later, one (a line ending, a line starting with |)
+    assert _refused_at(head + "A8| | |").endswith("|")
     assert _refused_at(head + "A8|\nW:one\nW:two\nA8|\nw:la\n%c\n") == ""
     assert _refused_at(head + "A8|\nW:one\nW:two\nW:x").endswith("W:")    # (W is a decoration, W: a third line)
     assert _refused_at(head + "A8|\nN:x").endswith("N:")   # abc2midi: "Field not allowed in tune body"
@@ -512,3 +514,60 @@ def test_benchmarks_run_the_model_alone_and_constrained(tiny_model_dir, tmp_path
     assert set(r["results"]) == {"tunesmith", "tunesmith_abc"} and r["results"]["tunesmith_abc"]["vs_tunesmith"] > 0
     with pytest.raises(SystemExit, match="needs a model dir"):
         generate_speed.main(["--model", "llama-tiny", "--constrain", "abc"])
+
+
+def test_a_tune_of_rests_cannot_end_and_the_extractor_agrees():
+    """abc2midi reads a line-start "Z::" as a multi-bar rest and a repeat (it warns: "either a :| repeat or a
+    field command"), so the constraint and inference.abc_extract take it as music; a reply of rests alone
+    may not end (it is no tune), and the extractor finds no tune in one either."""
+    from inference.abc_extract import extract_abc
+
+    head = H.format(m="4/4", l="1/8", k="D")
+    rests = head + 'Z::"C/D"\nZ::"A/B"\n:|'
+    st = _accepts(rests)
+    assert st is not None and not st.can_end()
+    assert extract_abc(rests) == []
+    tune = head + 'Z::"C/D"\nA8:|'
+    assert _accepts(tune).can_end()
+    assert extract_abc(tune) == [tune + "\n"]
+    assert extract_abc(head + "A8|\nZ4|\nB8|]") == [head + "A8|\nZ4|\nB8|]\n"]  # a line of rests is music
+    assert abc_to_midi(tune).ok
+
+
+def test_a_bar_repeated_four_times_makes_the_next_open_otherwise():
+    from inference.abc_constraint import _opens_with, repeated_bar
+
+    head = H.format(m="6/8", l="1/8", k="G")
+    assert repeated_bar(head + "G2G2G2|" * 3) is None                 # 3 in a row: nothing refused yet
+    cur, opening = repeated_bar(head + "G2G2G2|" * 3 + "G2 G2 G2 |")  # (spaces do not make a bar different)
+    assert (cur, opening) == ("", "G2")
+    assert _opens_with(cur, " G2", opening) and _opens_with("G", "2G", opening)
+    assert not _opens_with(cur, "A2", opening) and not _opens_with(cur, "G4", opening)
+    assert not _opens_with("G", "3", opening)
+    assert repeated_bar(head + "G2G2G2|" * 3 + "G2G2A2|") is None
+    assert repeated_bar(head + '"G"G6|' * 4 + '"') == ('"', '"G"G6')  # a quote's '|' is no barline
+
+
+def test_the_processor_refuses_a_fifth_copy_of_a_bar(tiny):
+    """Through the processor with a real tokenizer: logits that want the bar "G2G2G2" again are masked once
+    it came four times (and only then); the cap never empties a row (the fallback does not apply it)."""
+    tok = tiny.tokenizer
+    texts = token_texts(tok)
+    two = [i for i, t in enumerate(texts) if t == "2"]
+    assert two, "the tiny tokenizer spells '2' alone"
+    head = "X:1\nT:x\nM:6/8\nL:1/8\nK:G\n"
+
+    def top_after(reply: str) -> int:
+        prompt = tok("tune", add_special_tokens=False, return_tensors="pt").input_ids
+        proc = ABCConstraintProcessor(tok, {}, ["tune"], greedy=True)
+        scores = torch.zeros(1, len(texts))
+        proc(prompt, scores.clone())
+        one = {t: i for i, t in reversed(list(enumerate(texts))) if t is not None and len(t) == 1}
+        ids = torch.cat([prompt, torch.tensor([[one[c] for c in reply]])], 1)  # (char by char: no "▁" before X)
+        scores[0, two] = 10.0  # the model wants "2" most
+        out = proc(ids, scores)
+        assert proc.states[0].phase == "body" and proc.stop[0] is None
+        return int(out[0].argmax())
+
+    assert top_after(head + "G2G2G2|" * 3 + "G") in two
+    assert top_after(head + "G2G2G2|" * 4 + "G") not in two
