@@ -202,3 +202,67 @@ def test_sigterm_mid_generation_exits_0(demo):
             os.kill(proc.pid, signal.SIGKILL)
     err = proc.stderr.read()
     assert rc == 0 and "terminate called" not in err and "Traceback" not in err, err[-2000:]
+
+
+EVIL_PAGE = """<!doctype html><html><body><script>
+const demo = "http://127.0.0.1:PORT", abc = ABC;
+async function attempt(name, run) {
+  try { return [name, await run()]; } catch (e) { return [name, "blocked: " + e.name]; }
+}
+(async () => {
+  const out = Object.fromEntries(await Promise.all([
+    // a "simple" cross-site request: no preflight, the browser sends it and hides the answer
+    attempt("simple_post", async () => (await fetch(demo + "/api/render", {method: "POST", mode: "no-cors",
+      headers: {"Content-Type": "text/plain"}, body: JSON.stringify({abc})})).type),
+    // JSON needs a preflight the demo never grants
+    attempt("json_post", async () => (await fetch(demo + "/api/render", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({abc})})).status),
+    attempt("read_config", async () => await (await fetch(demo + "/api/config")).text()),
+  ]));
+  document.body.dataset.result = JSON.stringify(out);
+})();
+</script></body></html>"""
+
+
+def test_in_a_real_browser_other_sites_and_rebinding_get_nothing(demo, tmp_path):
+    """Chromium, as a user's browser: a page of another origin (another port of 127.0.0.1, so the browser's
+    own private-network rules do not step in) tries to make the demo render and to read it; and a rebound
+    name (``--host-resolver-rules`` maps rebind.example to 127.0.0.1, what DNS rebinding achieves) loads
+    the demo's page. Neither gets a render, a byte of the demo's data or its page."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from playwright.sync_api import sync_playwright
+    from test_demo import CHROMIUM_ARGS
+
+    port, render_dir, _ = demo
+    before = sorted(p.name for p in render_dir.rglob("*"))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text(EVIL_PAGE.replace("PORT", str(port)).replace("ABC", json.dumps(SCALE)))
+    quiet = type("Quiet", (SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(site)))
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                        args=CHROMIUM_ARGS + ["--host-resolver-rules=MAP rebind.example 127.0.0.1"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
+                page.wait_for_selector("body[data-result]", state="attached", timeout=30_000)
+                got = json.loads(page.get_attribute("body", "data-result"))
+                assert got["simple_post"] == "opaque"                   # sent, answer hidden: refused (403) below
+                assert got["json_post"].startswith("blocked") and got["read_config"].startswith("blocked"), got
+                # DNS rebinding: the demo's own URL under another name
+                resp = page.goto(f"http://rebind.example:{port}/")
+                assert resp.status == 403 and "rebind.example" in page.content()
+                assert "tunesmith" not in page.title().lower()
+                # control: the same browser does reach the demo under its own name
+                assert page.goto(f"http://127.0.0.1:{port}/").status == 200
+            finally:
+                browser.close()
+    finally:
+        evil.shutdown()
+    assert sorted(p.name for p in render_dir.rglob("*")) == before  # nothing was rendered for the other site
