@@ -143,11 +143,10 @@ def model_max_length(model, override: int | None = None) -> int:
 
 @dataclass
 class Score:
-    """Log-likelihood of one continuation: sum of token log-probs, token count, greedy match."""
+    """Log-likelihood of one continuation: sum of token log-probs, token count."""
 
     logprob: float
     n_tokens: int
-    is_greedy: bool
     token_logprobs: list[float] | None = None  # per continuation token, when asked for
 
 
@@ -247,8 +246,7 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], pad_
                 lp = torch.log_softmax(logits[r, cols].float(), dim=-1)
                 target = torch.tensor(c, device=lp.device)
                 tok_lp = lp.gather(1, target[:, None]).squeeze(1)
-                greedy = bool((lp.argmax(-1) == target).all())
-                results[i] = Score(float(tok_lp.sum()), len(c), greedy, tok_lp.tolist() if per_token else None)
+                results[i] = Score(float(tok_lp.sum()), len(c), tok_lp.tolist() if per_token else None)
             bar.update(len(groups[inp]))
     bar.close()
     return results  # type: ignore[return-value]

@@ -64,7 +64,7 @@ def build_corpus(work: Path, variants: int) -> tuple[Path, Path, dict]:
     """(dir of .abc files, JSONL of the same raw tunes, info); cached in ``work``."""
     from music21 import corpus as m21
 
-    from data_preprocess.corpus import _split_text
+    from data_preprocess.corpus import split_text
 
     d = work / f"corpus_v{variants}"
     abc_dir, jsonl = d / "abc", d / "tunes.jsonl"
@@ -75,7 +75,7 @@ def build_corpus(work: Path, variants: int) -> tuple[Path, Path, dict]:
     raw = []
     for p in sorted(m21.getPaths(fileExtensions=("abc",))):
         text = Path(p).read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
-        raw += [t.rstrip("\n") + "\n" for t in _split_text(text)]
+        raw += [t.rstrip("\n") + "\n" for t in split_text(text)]
     n, nbytes, per_file = 0, 0, 500
     with open(jsonl, "w", encoding="utf-8") as jf:
         for v in range(variants):

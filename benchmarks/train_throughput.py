@@ -61,8 +61,6 @@ from benchmarks.common import (
     write_json,
 )
 
-RUNNERS = ("tunesmith", "hf_trainer")
-
 
 @dataclass
 class ThroughputConfig:
@@ -302,7 +300,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _peak_memory(device) -> float:
+def peak_memory(device) -> float:
     import resource
 
     import torch
@@ -399,7 +397,7 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
                 times[k].append(v)
     breakdown = {k: sum(v) / len(v) for k, v in times.items() if k != "step"}
     out = {"step_times": times["step"], "step_cpu_times": cpu_times, "breakdown_s": breakdown,
-           "losses": losses, "loss": loss_desc, "peak_memory_gb": _peak_memory(device), "precision": precision,
+           "losses": losses, "loss": loss_desc, "peak_memory_gb": peak_memory(device), "precision": precision,
            "n_params": info.n_params, "n_trainable": info.n_trainable, "modules_to_save": info.modules_to_save,
            "model_config": _model_config(model), "ds_config": ds, "memory_estimate_gb": estimate,
            "attention_span": attention_span(tcfg, split, rows)}
@@ -463,7 +461,7 @@ def run_hf_trainer(cfg: ThroughputConfig) -> dict:
     trainer.train()
     times = timer.times[cfg.warmup:]
     out = {"step_times": times, "step_cpu_times": timer.cpu_times[cfg.warmup:], "breakdown_s": {}, "losses": [],
-           "peak_memory_gb": _peak_memory(device),
+           "peak_memory_gb": peak_memory(device),
            "precision": precision, "n_params": info.n_params, "n_trainable": info.n_trainable,
            "modules_to_save": info.modules_to_save, "model_config": _model_config(model), "ds_config": ds,
            "attention_span": attention_span(tcfg, split, rows)}
@@ -667,7 +665,7 @@ def worker(runner: str, cfg_path: str, out_path: str) -> None:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         res = {"out_of_memory": {"at": _PROGRESS["at"], "error": out_of_memory_summary(e),
                                  "message": (str(e).splitlines() or [""])[0][:1000]},
-               "peak_memory_gb": _peak_memory(device), "memory_estimate_gb": _PROGRESS["memory_estimate_gb"]}
+               "peak_memory_gb": peak_memory(device), "memory_estimate_gb": _PROGRESS["memory_estimate_gb"]}
         import torch.distributed as dist
 
         if dist.is_initialized():

@@ -29,13 +29,13 @@ def _mem_gb(device) -> tuple[float, float]:
     """(peak, current) memory of this process in GiB (CPU: RSS; GPU: allocated)."""
     import torch
 
-    from benchmarks.train_throughput import _peak_memory
+    from benchmarks.train_throughput import peak_memory
 
     if device.type == "cuda":
-        return _peak_memory(device), torch.cuda.memory_allocated(device) / 2**30
+        return peak_memory(device), torch.cuda.memory_allocated(device) / 2**30
     with open("/proc/self/statm") as f:
         cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    return _peak_memory(device), cur
+    return peak_memory(device), cur
 
 
 def worker(mode: str, model: str, train_type: str, precision: str, out: str) -> None:

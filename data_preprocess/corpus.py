@@ -239,7 +239,7 @@ def validate(text: str, file: str, index: int, max_line_len: int = DEFAULT_MAX_L
 # ------------------------------------------------------------------------------------------ readers
 
 
-def _split_text(text: str, at_start: bool = True, whole: bool = True) -> list[str]:
+def split_text(text: str, at_start: bool = True, whole: bool = True) -> list[str]:
     """Cuts a string into tune texts at ``X:`` lines. The part before the first ``X:`` (the file
     header) is kept only if it has a ``K:`` field, or if there is no ``X:`` at all (then the whole text
     is one tune)."""
@@ -351,7 +351,7 @@ def _iter_files(files: Iterable[Path], stats: CorpusStats, max_line_len: int) ->
             if fast:
                 text, _ = normalise(text)
                 long_lines = _long_line(max_line_len).search(text) is not None
-                for part in _split_text(text, at_start, whole):
+                for part in split_text(text, at_start, whole):
                     part = part.strip("\n")
                     if part:
                         yield validate(part + "\n", file, n, max_line_len, 0, check_lines=long_lines)
@@ -378,7 +378,7 @@ def _unless_unreadable(it: Iterator, path: Path) -> Iterator:
 
 
 def _iter_texts(text: str, file: str, max_line_len: int) -> Iterator[Tune | Reject]:
-    for i, part in enumerate(_split_text(text)):
+    for i, part in enumerate(split_text(text)):
         yield check_tune(part, file, i, max_line_len, part.count("\ufffd"))
 
 

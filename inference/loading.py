@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 # Tokenizer/adapter helpers live in the training layer (merge.py needs them too); re-exported here.
 from training.hf_io import (  # noqa: F401
     ModelPathError,
-    _has_tokenizer,
     adapter_vocab_size,
+    has_tokenizer,
     load_tokenizer,
     resize_for_adapter,
     resolve_model_path,
@@ -63,7 +63,7 @@ def load_model(base_model: str, lora_model: str | None = None, tokenizer_path: s
     tokenizer_path = tokenizer_path and resolve_model_path(tokenizer_path, "tokenizer")
     dev = auto_device(device)
     dt = auto_dtype(dev, dtype)
-    tok_src = tokenizer_path or (lora_model if lora_model and _has_tokenizer(lora_model) else base_model)
+    tok_src = tokenizer_path or (lora_model if lora_model and has_tokenizer(lora_model) else base_model)
     with unloadable_is_a_path_error("tokenizer" if tokenizer_path else "model", tok_src):
         tok = load_tokenizer(tok_src, trust_remote_code)
     with unloadable_is_a_path_error("model", base_model):

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import training.attention as attention
-from training.attention import cu_seqlens, hf_attn_implementation, varlen_attention_forward
-from training.data import block_diagonal_mask
+from training.attention import hf_attn_implementation, varlen_attention_forward
+from training.data import block_diagonal_mask, cu_seqlens
 
 
 def _config(**kw) -> LlamaConfig:

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from training.config import TrainConfig
-from training.fused_loss import _base_model
+from training.fused_loss import unwrap_causal_lm
 from training.model import enable_checkpointing
 from training.presets import preset_config
 
@@ -29,7 +29,7 @@ def _model(lora: bool):
 
 def _run(model):
     """Counts each layer's attention forwards during forward+backward; returns (counts, grads)."""
-    layers = _base_model(model).get_decoder().layers
+    layers = unwrap_causal_lm(model).get_decoder().layers
     counts = [0] * len(layers)
     hooks = [layer.self_attn.register_forward_hook(lambda *a, i=i: counts.__setitem__(i, counts[i] + 1))
              for i, layer in enumerate(layers)]
@@ -65,5 +65,5 @@ def test_build_model_applies_the_config(tokenizer_dir):
     cfg = TrainConfig(model="llama-small", gradient_checkpointing=True, gradient_checkpointing_every=4,
                       train_type="lora", lora_r=4)
     model, _ = build_model(cfg, tok, "fp32")
-    flags = [layer.gradient_checkpointing for layer in _base_model(model).get_decoder().layers]
+    flags = [layer.gradient_checkpointing for layer in unwrap_causal_lm(model).get_decoder().layers]
     assert flags == [True, False, False, False, True, False]  # llama-small has 6 layers

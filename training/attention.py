@@ -26,11 +26,10 @@ import functools
 import inspect
 import itertools
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.data import block_causal
+from training.data import block_causal, cu_seqlens
 
 VARLEN = "tunesmith_varlen"     # the name registered with transformers (config value: attn_implementation=varlen)
 
@@ -48,19 +47,6 @@ def register() -> None:
 
     if VARLEN not in AttentionInterface._global_mapping:
         AttentionInterface.register(VARLEN, varlen_attention_forward)
-
-
-def cu_seqlens(pos: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(int32 cumulative lengths ``[n_docs + 1]`` over the flattened ``[B, L]`` block, longest document) from
-    position ids that restart at 0 at every packed document. A row always starts a new segment, also when it
-    begins inside a document (the shards split long documents over blocks)."""
-    pos = pos.cpu().numpy() if isinstance(pos, torch.Tensor) else np.asarray(pos)
-    B, L = pos.shape
-    start = pos == 0
-    start[:, 0] = True
-    idx = np.flatnonzero(start.reshape(-1))
-    cu = np.append(idx, B * L).astype(np.int32)
-    return torch.from_numpy(cu), int(np.diff(cu).max())
 
 
 @functools.cache

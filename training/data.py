@@ -56,6 +56,19 @@ class Batch:
         return inputs
 
 
+def cu_seqlens(pos: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(int32 cumulative lengths ``[n_docs + 1]`` over the flattened ``[B, L]`` block, longest document) from
+    position ids that restart at 0 at every packed document. A row always starts a new segment, also when it
+    begins inside a document (the shards split long documents over blocks)."""
+    pos = pos.cpu().numpy() if isinstance(pos, torch.Tensor) else np.asarray(pos)
+    B, L = pos.shape
+    start = pos == 0
+    start[:, 0] = True
+    idx = np.flatnonzero(start.reshape(-1))
+    cu = np.append(idx, B * L).astype(np.int32)
+    return torch.from_numpy(cu), int(np.diff(cu).max())
+
+
 def block_causal(seg: torch.Tensor) -> torch.Tensor:
     """Boolean ``[B, 1, L, L]``: query ``q`` may see key ``k`` iff ``k <= q`` and both have the same segment id
     (``seg`` [B, L])."""
@@ -92,8 +105,6 @@ def make_batch(split: Split, rows: np.ndarray, doc_attention: str = "causal",
     pos = torch.from_numpy(np.asarray(split.pos[rows], dtype=np.int64))
     cu, max_len = (None, 0)
     if doc_attention == "varlen":
-        from training.attention import cu_seqlens
-
         cu, max_len = cu_seqlens(pos)
     labels = tokens.masked_fill(~mask, IGNORE_INDEX)
     n_targets = int(mask[:, 1:].sum())

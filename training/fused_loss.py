@@ -135,7 +135,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
 # ------------------------------------------------------------------------------------------------
 # wiring into a (DeepSpeed-wrapped, maybe PEFT) HF causal LM
 # ------------------------------------------------------------------------------------------------
-def _base_model(model):
+def unwrap_causal_lm(model):
     """The HF ``*ForCausalLM`` under a DeepSpeed engine and/or a PEFT wrapper."""
     inner = getattr(model, "module", None)
     if isinstance(inner, torch.nn.Module) and hasattr(model, "backward"):   # DeepSpeedEngine -> its module
@@ -149,7 +149,7 @@ def chunked_unsupported(model) -> str | None:
     """Why the chunked loss cannot be used on ``model`` (a reason to print), or None when it can."""
     import inspect
 
-    base = _base_model(model)
+    base = unwrap_causal_lm(model)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward has no logits_to_keep argument"
     head = base.get_output_embeddings()
@@ -174,7 +174,7 @@ class ChunkedLossHead:
     gradient checkpointing, PEFT) with ``logits_to_keep`` = an empty index tensor."""
 
     def __init__(self, model, chunk_size: int = 1024):
-        base = _base_model(model)
+        base = unwrap_causal_lm(model)
         self.decoder = base.get_decoder()
         self.head = base.get_output_embeddings()
         self.chunk_size = chunk_size

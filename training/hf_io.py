@@ -49,7 +49,7 @@ def resolve_model_path(name: str, kind: str = "model") -> str:
             raise ModelPathError(f"{kind} {e}") from None
     p = Path(name).expanduser()
     if p.is_dir():
-        ok = _has_tokenizer(p) if kind == "tokenizer" else (p / marker).is_file()
+        ok = has_tokenizer(p) if kind == "tokenizer" else (p / marker).is_file()
         if not ok:
             raise ModelPathError(f"{kind} {name}: {_what_is(p, marker)}, not {'an' if kind == 'adapter' else 'a'} "
                                  f"{kind} dir. Fix: {fix}")
@@ -81,7 +81,7 @@ def _what_is(p: Path, marker: str) -> str:
     return f"no {marker} in it"
 
 
-def _has_tokenizer(path: str | os.PathLike) -> bool:
+def has_tokenizer(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 

@@ -164,13 +164,13 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     from transformers import AutoModelForCausalLM
 
     from training.hf_io import (
-        _has_tokenizer,
+        has_tokenizer,
         load_tokenizer,
         resize_for_adapter,
         unloadable_is_a_path_error,
     )
 
-    tok_src = tokenizer_path or (lora_model if _has_tokenizer(lora_model) else base_model)
+    tok_src = tokenizer_path or (lora_model if has_tokenizer(lora_model) else base_model)
     with unloadable_is_a_path_error("tokenizer" if tokenizer_path else "model", tok_src):
         tok = load_tokenizer(tok_src)
     with unloadable_is_a_path_error("model", base_model):
@@ -332,7 +332,7 @@ def load_deepspeed_model(path: str, tokenizer_path: str | None, dtype: torch.dty
     Returns (model, tokenizer, base_rows, meta) where model is a PeftModel for LoRA runs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from training.hf_io import _has_tokenizer, load_tokenizer
+    from training.hf_io import has_tokenizer, load_tokenizer
     from training.model import resize_embeddings
     from training.presets import is_preset, preset_config
 
@@ -345,8 +345,8 @@ def load_deepspeed_model(path: str, tokenizer_path: str | None, dtype: torch.dty
     tok_field = meta.get("tokenizer_dir") or meta.get("tokenizer")
     tok_field = tok_field.get("path") if isinstance(tok_field, dict) else tok_field
     tok_src = tokenizer_path or _resolve_path(tok_field, ckpt_dir)
-    if not tok_src or not _has_tokenizer(tok_src):
-        tok_src = str(ckpt_dir / "hf") if _has_tokenizer(ckpt_dir / "hf") else tok_src
+    if not tok_src or not has_tokenizer(tok_src):
+        tok_src = str(ckpt_dir / "hf") if has_tokenizer(ckpt_dir / "hf") else tok_src
     if not tok_src:
         raise SystemExit(f"{where}: no tokenizer recorded; pass --tokenizer_path")
     tok = load_tokenizer(tok_src)

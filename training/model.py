@@ -217,7 +217,7 @@ def enable_checkpointing(model, every: int = 1) -> list[int]:
     """Gradient (activation) checkpointing of 1 in every ``every`` decoder layers (layer i is recomputed in
     backward iff ``i % every == 0``); the other layers keep their activations. Non-reentrant, so frozen bases
     (LoRA) need no input-grad hooks. Returns the indices of the checkpointed layers."""
-    from training.fused_loss import _base_model
+    from training.fused_loss import unwrap_causal_lm
 
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name is deprecated)
@@ -225,7 +225,7 @@ def enable_checkpointing(model, every: int = 1) -> list[int]:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     chosen = []
-    for i, layer in enumerate(_base_model(model).get_decoder().layers):
+    for i, layer in enumerate(unwrap_causal_lm(model).get_decoder().layers):
         layer.gradient_checkpointing = i % every == 0
         if layer.gradient_checkpointing:
             chosen.append(i)
@@ -235,9 +235,9 @@ def enable_checkpointing(model, every: int = 1) -> list[int]:
 def compile_decoder_layers(model) -> int:
     """``torch.compile`` every decoder layer in place (parameter names, checkpoints and PEFT are unchanged; the
     layers share one compiled graph). The embedding, final norm, lm_head and loss stay eager. Returns the count."""
-    from training.fused_loss import _base_model
+    from training.fused_loss import unwrap_causal_lm
 
-    layers = _base_model(model).get_decoder().layers
+    layers = unwrap_causal_lm(model).get_decoder().layers
     for layer in layers:
         layer.compile()
     return len(layers)
