@@ -95,10 +95,6 @@ class BarCheck:
     mismatches: list[dict] = field(default_factory=list)
 
     @property
-    def share(self) -> float | None:
-        return self.n_match / self.n_bars if self.n_bars else None
-
-    @property
     def consistent(self) -> bool | None:
         return (self.n_match == self.n_bars) if self.n_bars else None
 
@@ -242,6 +238,32 @@ def bars_of(abc: str) -> list[Bar]:
     return bars
 
 
+_BAR_TEXT_SEP = re.compile(r"[:\[]*\|[|:\]0-9]*|::")
+_NOT_MUSIC_LINE = re.compile(r"^\s*(%|[A-Za-z]:(?![|:]))")
+
+
+def bar_variety(abc: str) -> dict:
+    """How varied the bars are -- a musical measure, not a rule of ABC: ``bars`` (texts between barlines,
+    spaces ignored), ``empty`` (bars with no note or rest: "| |"), ``distinct`` (different non-empty bars)
+    and ``max_same`` (the longest run of one bar repeated in a row; music21's 12,868 tunes: 5 at most, in 3
+    tunes). A tune of "G2G2G2|" twenty times over keeps time and passes abc2midi, and is not music."""
+    _, body = split_header_body(abc)
+    text = "\n".join(line for line in body if not _NOT_MUSIC_LINE.match(line))
+    text = re.sub(r'"[^"]*"', lambda m: m.group(0).replace("|", "/"), text)  # (a quote's "|" is no barline)
+    bars = [re.sub(r"\s+", "", b) for b in _BAR_TEXT_SEP.split(text)]
+    if bars and not bars[0]:
+        bars = bars[1:]
+    if bars and not bars[-1]:
+        bars = bars[:-1]
+    full = [b for b in bars if re.search(r"[A-Ga-gzxZ]", re.sub(r'"[^"]*"', "", b))]
+    run = best = 0
+    prev = None
+    for b in full:
+        run = run + 1 if b == prev else 1
+        best, prev = max(best, run), b
+    return {"bars": len(bars), "empty": len(bars) - len(full), "distinct": len(set(full)), "max_same": best}
+
+
 def check_bars(abc: str) -> BarCheck:
     """Counts consistent bars (see the module doc for what is allowed)."""
     res = BarCheck()
@@ -310,10 +332,13 @@ class MemorisationIndex:
         return {"exact": norm in self.exact, "max_overlap": best, "nearest": best_i, "n_ngrams": len(grams)}
 
 
-def compliance(abc: str, key: str | None, meter: str | None) -> dict:
-    """Whether the tune's K:/M: match the requested key/meter (None where nothing was requested)."""
+def compliance(abc: str, key: str | None, meter: str | None, title: str | None = None) -> dict:
+    """Whether the tune's K:/M:/T: match the requested key/meter/title (None where nothing was requested;
+    titles compare without case and surrounding spaces)."""
     header, _ = split_header_body(abc)
-    out = {"key": None, "meter": None}
+    out = {"key": None, "meter": None, "title": None}
+    if title:
+        out["title"] = " ".join(title.split()).casefold() == " ".join((header.get("T") or "").split()).casefold()
     if key:
         want, got = normalise_key(key), normalise_key(header.get("K"))
         out["key"] = want is not None and want == got

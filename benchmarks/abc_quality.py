@@ -6,8 +6,8 @@
 With a model, ``n`` tunes are generated: a share (``conditioned_share``) from instruction prompts
 wrapped in the tokenizer's chat template (the ABC is then extracted from the reply with
 ``inference.abc_extract``), the rest unconditionally by continuing an ABC header (``--header``, as in
-pretraining). ``--prompts`` is a JSONL file of ``{"prompt": ..., "key": "G", "meter": "6/8"}`` records
-(key/meter optional; they enable the compliance check) or a text file with one prompt per line;
+pretraining). ``--prompts`` is a JSONL file of ``{"prompt": ..., "key": "G", "meter": "6/8", "title": "..."}`` records
+(key/meter/title optional; they enable the compliance checks) or a text file with one prompt per line;
 without it a built-in set of key x meter requests is used.
 
 Reported, for all tunes and per source (unconditional / conditioned / file):
@@ -58,10 +58,13 @@ from training.hf_io import exit_on_model_path_error
 KEYS = ["C", "G", "D", "A", "F", "Bb", "Eb", "Em", "Am", "Dm", "Bm", "Gm"]
 METERS = ["4/4", "3/4", "6/8", "2/4"]
 _KEY_TEXT = {"m": "minor", "": "major"}
+TITLES = ["The Morning Walk", "Brennan's Lament", "Over the Moor", "The Mill Race", "Lark in the Glen",
+          "The Old Bridge", "Winter Fires", "A Dance for Ellen"]
 
 
 def builtin_prompts(n: int, seed: int = 0) -> list[dict]:
-    """``n`` instruction prompts over key x meter combinations (shuffled with ``seed``)."""
+    """``n`` instruction prompts over key x meter combinations (shuffled with ``seed``); every other one also
+    names a title."""
     combos = [(k, m) for k in KEYS for m in METERS]
     random.Random(seed).shuffle(combos)
     out = []
@@ -69,8 +72,10 @@ def builtin_prompts(n: int, seed: int = 0) -> list[dict]:
         k, m = combos[i % len(combos)]
         tonic, mode = (k[:-1], "minor") if k.endswith("m") else (k, "major")
         tonic = tonic.replace("b", " flat")
-        out.append({"prompt": f"Compose a folk tune in ABC notation in {tonic} {mode} with a {m} time signature.",
-                    "key": k, "meter": m})
+        title = TITLES[(i // 2) % len(TITLES)] if i % 2 else None
+        called = f', called "{title}"' if title else ""
+        out.append({"prompt": f"Compose a folk tune in ABC notation in {tonic} {mode} with a {m} time signature{called}.",
+                    "key": k, "meter": m, "title": title})
     return out
 
 
@@ -89,9 +94,10 @@ def read_prompts(path: str) -> list[dict]:
                 raise SystemExit(f"{p}:{ln}: not valid JSON ({e.msg})") from None
             if not isinstance(r, dict) or not str(r.get("prompt", "")).strip():
                 raise SystemExit(f"{p}:{ln}: each record needs a non-empty 'prompt' field")
-            out.append({"prompt": str(r["prompt"]), "key": r.get("key"), "meter": r.get("meter")})
+            out.append({"prompt": str(r["prompt"]), "key": r.get("key"), "meter": r.get("meter"),
+                        "title": r.get("title")})
         else:
-            out.append({"prompt": line.strip(), "key": None, "meter": None})
+            out.append({"prompt": line.strip(), "key": None, "meter": None, "title": None})
     if not out:
         raise SystemExit(f"{p}: no prompts")
     return out
@@ -156,7 +162,7 @@ def score_tunes(entries: list[dict], memo: am.MemorisationIndex | None, threshol
         abc = e.get("abc")
         if not abc:
             e.update(abc2midi="errors", abc2midi_errors=["no ABC tune in the output"], midi=False, music21=False,
-                     bars=0, bars_consistent=0, all_bars_consistent=None, repeats=False)
+                     bars=0, bars_consistent=0, all_bars_consistent=None, repeats=False, variety=None)
             continue
         r = abc_to_midi(abc)
         e["midi"] = r.ok
@@ -167,14 +173,14 @@ def score_tunes(entries: list[dict], memo: am.MemorisationIndex | None, threshol
             e["music21"], e["music21_error"] = music21_parses(abc)
         bc = am.check_bars(abc)
         e.update(bars=bc.n_bars, bars_consistent=bc.n_match, all_bars_consistent=bc.consistent,
-                 bar_mismatches=bc.mismatches[:5], repeats=am.has_repeats(abc))
+                 bar_mismatches=bc.mismatches[:5], repeats=am.has_repeats(abc), variety=am.bar_variety(abc))
         if memo is not None:
             m = memo.check(abc)
             e.update(exact_copy=m["exact"], max_overlap=m["max_overlap"], near_copy=m["max_overlap"] >= threshold,
                      nearest_train_tune=m["nearest"])
-        if e.get("key") or e.get("meter"):
-            c = am.compliance(abc, e.get("key"), e.get("meter"))
-            e.update(key_ok=c["key"], meter_ok=c["meter"])
+        if e.get("key") or e.get("meter") or e.get("title"):
+            c = am.compliance(abc, e.get("key"), e.get("meter"), e.get("title"))
+            e.update(key_ok=c["key"], meter_ok=c["meter"], title_ok=c["title"])
     return entries
 
 
@@ -198,14 +204,22 @@ def summarise(entries: list[dict], use_music21: bool, memo: bool) -> dict:
         "tunes_all_bars_consistent": rate([e["all_bars_consistent"] for e in entries if e.get("abc")]),
         "repetition_rate": rate([e["repeats"] for e in entries]),
     }
+    vs = [e["variety"] for e in entries if e.get("variety") and e["variety"]["bars"]]
+    if vs:  # musical variety: bars that are empty, distinct; tunes repeating one bar more than music21 ever does
+        s["empty_bar_share"] = sum(v["empty"] for v in vs) / sum(v["bars"] for v in vs)
+        s["distinct_bar_share"] = sum(v["distinct"] for v in vs) / max(1, sum(v["bars"] - v["empty"] for v in vs))
+        s["tunes_one_bar_over_5_times"] = rate([v["max_same"] > 5 for v in vs])
     if memo:
         s["exact_copy_rate"] = rate([e.get("exact_copy") for e in entries if e.get("abc")])
         s["near_copy_rate"] = rate([e.get("near_copy") for e in entries if e.get("abc")])
     asked_key = [e for e in entries if e.get("key")]
     asked_meter = [e for e in entries if e.get("meter")]
+    asked_title = [e for e in entries if e.get("title")]
     if asked_key or asked_meter:
         s["key_compliance"] = rate([e.get("key_ok", False) for e in asked_key])
         s["meter_compliance"] = rate([e.get("meter_ok", False) for e in asked_meter])
+    if asked_title:
+        s["title_compliance"] = rate([e.get("title_ok", False) for e in asked_title])
     return s
 
 
@@ -274,7 +288,8 @@ def generate_entries(cfg: ABCQualityConfig, loaded, constrain: bool = False, sta
         for s, o in zip(specs, outs):
             tunes = extract_abc(o)
             entries.append({"source": "conditioned", "prompt": s["prompt"], "key": s.get("key"),
-                            "meter": s.get("meter"), "output": o, "abc": tunes[0] if tunes else None})
+                            "meter": s.get("meter"), "title": s.get("title"), "output": o,
+                            "abc": tunes[0] if tunes else None})
     for e, rep in zip(entries, stats.get("reports", [])):
         e["constraint"] = rep
     return entries
@@ -352,8 +367,11 @@ _ROWS = [("tunes", "n"), ("ABC found", "abc_extracted"), ("abc2midi parse rate (
          ("abc2midi errors", "abc2midi_errors"), ("music21 parse rate", "music21_parse_rate"),
          ("bar-duration consistency (bars)", "bar_consistency"),
          ("all bars consistent (tunes)", "tunes_all_bars_consistent"), ("repeat structure", "repetition_rate"),
+         ("empty bars", "empty_bar_share"), ("distinct bars (of non-empty bars)", "distinct_bar_share"),
+         ("tunes repeating one bar > 5 times in a row", "tunes_one_bar_over_5_times"),
          ("exact copies of training tunes", "exact_copy_rate"), ("near copies (n-gram overlap)", "near_copy_rate"),
          ("key compliance", "key_compliance"), ("meter compliance", "meter_compliance"),
+         ("title compliance", "title_compliance"),
          ("constraint satisfied", "constraint_satisfied"), ("decode tokens/s", "tokens_per_s")]
 
 

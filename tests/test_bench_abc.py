@@ -64,10 +64,20 @@ def test_headers_repeats_keys():
     assert am.normalise_key("Em") == am.normalise_key("E minor") == ("E", "min")
     assert am.normalise_key("Bb") == am.normalise_key("B flat major") == ("Bb", "maj")
     assert am.normalise_key("Ador") == ("A", "dor") and am.normalise_key("G clef=treble") == ("G", "maj")
-    assert am.compliance(CORRECT["C| meter"], "D", "2/2") == {"key": True, "meter": True}
-    assert am.compliance(CORRECT["C| meter"], "Dm", "4/4") == {"key": False, "meter": False}
+    assert am.compliance(CORRECT["C| meter"], "D", "2/2") == {"key": True, "meter": True, "title": None}
+    assert am.compliance(CORRECT["C| meter"], "Dm", "4/4") == {"key": False, "meter": False, "title": None}
+    assert am.compliance("X:1\nT: the  Kesh \nK:G\nG4|\n", None, None, "The Kesh")["title"] is True
+    assert am.compliance("X:1\nT:Kesh\nK:G\nG4|\n", None, None, "The Kesh")["title"] is False
     tunes = am.split_tunes("% file header\n" + CORRECT["C| meter"] + "\n" + CORRECT["default unit length"])
     assert len(tunes) == 2 and tunes[1].startswith("X:1\nT:t\nM:2/4")
+
+
+def test_bar_variety():
+    drone = "X:1\nM:6/8\nL:1/8\nK:G\n" + "G2G2G2|" * 20 + "\n| | | |A6|]\n"
+    assert am.bar_variety(drone) == {"bars": 25, "empty": 4, "distinct": 2, "max_same": 20}
+    # quotes may hold "|", lyrics lines are no bars, a leading "|:" opens no empty bar
+    tune = 'X:1\nM:4/4\nK:D\n|:"D|x"A8|B8:|\nw: la|la\nc8|B8|B8|]\n'
+    assert am.bar_variety(tune) == {"bars": 5, "empty": 0, "distinct": 3, "max_same": 2}
 
 
 def test_memorisation_exact_and_near_copies():
