@@ -155,7 +155,7 @@ ABC2MIDI_RULES = [
     ("|: A8 |1 B8 :|2 c8 :|3 d8 |]", False), ("A8 |1 B8 :|2 c8 |3 d8 |]", True),
     ("A8 |1 B8 :|2 c8 | d8 | e8 |1 f8 :|2 g8|]", True), ("A8 |1 B8 :|2 c8 :| d8 | e8 |1 f8 :|2 g8|]", False),
     ("T A8|", True), ("TA8|", False), ("T(A8)|", True), ('T"C"A8|', True), ("T{c}A8|", True), ("T!p!A8|", True),
-    ("uvA8|", False), ("H.A8|", False), ("T[AC]8|", True), ("H[AC]8|", False), ("~A8|", False), ("Tz8|", False),
+    ("uvA8|", False), ("H.A8|", False), ("T[AC]8|", True), ("H[AC]8|", False), ("~A8|", False), ("Tz4 A4|", False),
     (".(A8)|", False), ("..(A8)|", True), (".T(A8)|", True), ("kA8|", False), ("(uA8)|", False), ("k(A8)|", False),
     ("OVA8|", True), ('"Am7/G"A8|', False), ('"G is"A8|', False), ('"^Fine"A8|', False), ('"N.C."A8|', True),
     ('"Gmaj"A8|', True), ('"G/"A8|', True), ('"Bbm7b5"A8|', False), ("(3A(3Bc d5|", True), ("(3ABc d6|", False),

@@ -109,13 +109,16 @@ def test_parse_rate_uses_real_abc2midi(tmp_path):
 
 def test_read_prompts(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "Write a jig in D", "key": "D", "meter": "6/8"}\n\n{"prompt": "A reel"}\n')
-    assert aq.read_prompts(str(f))[0] == {"prompt": "Write a jig in D", "key": "D", "meter": "6/8"}
+    f.write_text('{"prompt": "Write a jig in D", "key": "D", "meter": "6/8"}\n\n{"prompt": "A reel", "title": "X"}\n')
+    assert aq.read_prompts(str(f)) == [{"prompt": "Write a jig in D", "key": "D", "meter": "6/8", "title": None},
+                                      {"prompt": "A reel", "key": None, "meter": None, "title": "X"}]
     f.write_text('{"key": "D"}\n')
     with pytest.raises(SystemExit, match=r"p.jsonl:1: .*'prompt'"):
         aq.read_prompts(str(f))
     b = aq.builtin_prompts(5)
     assert len(b) == 5 and all(p["key"] and p["meter"] for p in b)
+    assert [bool(p["title"]) for p in b] == [False, True, False, True, False]  # every other one names a title
+    assert all(f'called "{p["title"]}"' in p["prompt"] for p in b if p["title"])
 
 
 def test_cli_on_abc_file(tmp_path, capsys):
