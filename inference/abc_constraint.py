@@ -120,15 +120,21 @@ _MAX_HEADER_LINES = 24              # music21's longest header has 21 field line
 _MAX_HURRIED_VALUE = 40             # chars of an unasked header value once the header is hurried
 _MAX_COMMENT = 160                  # chars of a % comment (music21's longest comment line: 52)
 _MAX_PREAMBLE = 80                  # chars of the one line of text a reply may open with
-_MAX_DEN = 64                       # note lengths: denominators up to 64, numerators up to 3 digits
+# Note lengths as music21's tunes write them (31 spellings in 1.7 M notes; "42", "222", "442" occur once each):
+# a numerator 1-16, 24 or 32; before a "/" at most 7 ("3/2", "7/4"); denominators 2-16 ("/" "//" "///" too).
+# A small model otherwise writes "G42/64" and "222/64": lengths abc2midi plays and no musician writes.
+_MAX_DEN = 16
 _MIN_LENGTH = Fraction(1, _MAX_DEN)
-_POW2 = ("1", "2", "4", "8", "16", "32", "64")
+_POW2 = ("2", "4", "8", "16")       # denominators
+_NUMERATORS = tuple(str(n) for n in range(1, 17)) + ("24", "32")
+_MAX_SLASHED = 7                    # the largest numerator before a "/"
 _MAX_SLURS = 4                      # slurs open at once
 _MAX_EMPTY_BARS = 4                 # barlines in a row with no music between them, before the first bar of music
 _MAX_EMPTY_BARS_LATER = 1           # ... after it (music21: "A |\n| B" is common, 3 tunes have 2 in a row)
 _MAX_SAME_BARS = 4                  # identical bars in a row (music21: 16 tunes have 4, 3 tunes have 5)
 _MAX_SHORT_BARS = 3                 # bars shorter than the meter in a row ("|1 d2 :|2 d4 |]" + a pickup "A |")
 _MAX_TEXT_LINES = 2                 # body text lines (N:, w:, comments ...) in a row with no music between them
+_MAX_FIELD_LINES = 3                # ... counting K: L: M: V: lines too (a small model writes "K: D\nK: G\nK: C ...")
 _MAX_IDLE = 6                       # quotes, decorations, slurs, ties, K:/M:/L:/V: changes in a row before a note
 _MAX_BLANK = 160                    # spaces, tabs, ` \ $ y *, line ends in a row before a note (alignment runs)
 _CLOSING_CHARS = frozenset("ABCDEFGabcdefg^_=',0123456789/zx |:])")
@@ -148,9 +154,9 @@ def _deco_bits(c: str) -> int:
 def _spellings(want: Fraction) -> frozenset[str]:
     """Every way a note length of ``want`` units can be written (``""``, ``2``, ``3/2``, ``/``, ``//``, ``1/4`` ...)."""
     out = set()
-    for den in map(int, _POW2):
+    for den in (1, *map(int, _POW2)):
         n = want * den
-        if n.denominator != 1 or not 1 <= n <= 999:
+        if n.denominator != 1 or not 1 <= n <= (32 if den == 1 else _MAX_SLASHED) or (den == 1 and str(n) not in _NUMERATORS):
             continue
         n = int(n)
         for ns in ({"", "1"} if n == 1 else {str(n)}):
@@ -864,9 +870,12 @@ class AbcState:
         return None
 
     def _field_may_start(self, c: str) -> bool:
-        """A body field line ``c:`` is allowed here: a body field, within the idle cap (K: L: M: V:, which write
-        no music) or the text-line cap (the others)."""
-        return c in _BODY_FIELDS and (self.idle < _MAX_IDLE if c in "KLMV" else self.textrun < _MAX_TEXT_LINES)
+        """A body field line ``c:`` is allowed here: a body field, within the cap on lines without music (K: L:
+        M: V: count too, up to _MAX_FIELD_LINES: a section may change M:, L: and K: at once; music21 has 2 in a
+        row at most) and, for K: L: M: V:, the idle cap."""
+        if c in "KLMV":
+            return self.textrun < _MAX_FIELD_LINES and self.idle < _MAX_IDLE
+        return c in _BODY_FIELDS and self.textrun < _MAX_TEXT_LINES
 
     def _b_letter(self, c):
         if c == ":":
@@ -880,6 +889,7 @@ class AbcState:
         if c in "|:":
             return self._replay(self.buf + ":", c)
         if self.buf in "KLMV":  # a change of key, meter, length or voice: music, but it writes none
+            self.textrun += 1   # (a line of its own: music21 has 2 such lines in a row at most)
             if not self._idle():
                 return False
         elif not self._text_line():
@@ -928,7 +938,7 @@ class AbcState:
         """The shortest length the note being written can still get (its length so far is a prefix)."""
         n = int(self.lnum) if self.lnum else 1
         if self.lsl == 0:
-            return Fraction(n, _MAX_DEN)
+            return Fraction(n, _MAX_DEN) if n <= _MAX_SLASHED else Fraction(n)  # (no "/" after 8..32)
         if self.lsl == 1:
             if not self.lden:
                 return Fraction(n, _MAX_DEN)
@@ -1060,11 +1070,11 @@ class AbcState:
     def _len(self, c):
         if c in _DIGITS or c == "/":
             if c == "/":
-                if self.lden or self.lsl >= 3:
+                if self.lden or self.lsl >= 3 or (self.lnum and int(self.lnum) > _MAX_SLASHED):
                     return False
                 self.lsl += 1
             elif self.lsl == 0:
-                if (c == "0" and not self.lnum) or len(self.lnum) >= 3:
+                if not any(x.startswith(self.lnum + c) for x in _NUMERATORS):
                     return False
                 self.lnum += c
             else:
@@ -1266,6 +1276,8 @@ class AbcState:
         return c in _DECO_CHARS and self.plen <= 32
 
     def _paren(self, c):
+        if c == ")":
+            return False  # "()": a slur over nothing (no music21 tune writes one; a small model writes them in runs)
         if c in _DIGITS and c != "0" and c != "1" and self.broken_next is None and self.tup_left == 0 and self._room():
             self.mode, self.tbuf = "tuplet", c
             return True

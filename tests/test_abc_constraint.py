@@ -139,7 +139,14 @@ def test_idle_content_is_capped():
     assert _refused_at(head + "".join(f'"{c}"' for c in six) + "A8|") == ""
     assert _refused_at(head + "".join(f'"{c}"' for c in six) + '"F').endswith('"')
     assert _refused_at(head + "A8|" + "[K:G]" * 6 + "[K:").endswith("K")
-    assert _refused_at(head + "A8|\n" + "K:G\n" * 6 + "K:G").endswith("\nK")
+    assert _refused_at(head + "A8|\n" + "K:G\nM:3/4\nL:1/4\n" + "E3|") == ""  # K:/L:/M:/V: lines: 3 in a row
+    assert _refused_at(head + "A8|\n" + "K:G\nK:D\nK:C\n" + "K:").endswith("\nK:")  # (K alone: a decoration)
+    # lengths as music21 writes them: numerators 1-16, 24, 32; at most 7 before a "/"; denominators up to 16
+    for ok in ("A16|", "A/16 A7/16 A7|", "A3/2 A7/4 A3/|", "z32|"):
+        assert _refused_at(H.format(m="none", l="1/8", k="D") + ok) == "", ok
+    for bad in ("A17", "A42", "A8/", "A/32", "A/3", "A222"):
+        assert _refused_at(H.format(m="none", l="1/8", k="D") + bad) != "", bad
+    assert _refused_at(head + "A8|()").endswith("()")                         # a slur over nothing
     assert _refused_at(head + "A8|" + '("^x"' * 3 + "(").endswith('"(')         # slurs count too
 
 
