@@ -121,6 +121,7 @@ class CorpusStats:
     tunes_read: int = 0          # candidate tunes seen (valid + rejected + duplicates)
     kept: int = 0
     duplicates: int = 0
+    other_parts: int = 0         # kept by the other parts of a --num_shards run
     rejected: Counter = field(default_factory=Counter)
     replaced_chars: int = 0      # U+FFFD / control characters in kept tunes
     recoded_cp1252: int = 0      # tunes decoded as cp1252 because they were not UTF-8
@@ -133,6 +134,7 @@ class CorpusStats:
     def to_json(self) -> dict:
         return {"files": self.files, "empty_files": self.empty_files, "bytes_read": self.bytes_read,
                 "tunes_read": self.tunes_read, "kept": self.kept, "duplicates": self.duplicates,
+                "other_parts": self.other_parts,
                 "rejected": dict(sorted(self.rejected.items())), "rejected_total": sum(self.rejected.values()),
                 "replaced_chars": self.replaced_chars, "recoded_cp1252": self.recoded_cp1252}
 
@@ -200,6 +202,21 @@ def split_hash(body_hash: str, seed: int = 0) -> float:
     """A tune's (or record's) uniform draw in [0, 1) that decides its split."""
     h = hashlib.blake2b(f"{seed}:{body_hash}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2.0**64
+
+
+def part_of(key: str, num_parts: int) -> int:
+    """The part (0 .. num_parts-1) of ``preprocess --num_shards`` a tune or record belongs to: a hash of its
+    dedup key, so duplicates meet in one part (dedup within a part is dedup of the whole corpus), salted
+    apart from :func:`split_hash` so every part gets the corpus's share of val."""
+    if num_parts <= 1:
+        return 0
+    h = hashlib.blake2b(f"part:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") % num_parts
+
+
+def reject_part(r: Reject, num_parts: int) -> int:
+    """The one part that reports a rejected tune (every part reads the whole input)."""
+    return part_of(f"{r.file}:{r.index}", num_parts)
 
 
 def split_of(body_hash: str, val_ratio: float, seed: int = 0) -> str:
@@ -482,19 +499,28 @@ def _iter_dataset(source: str, text_field: str, stats: CorpusStats, max_line_len
 
 def iter_tunes(source: str, text_field: str = "text", *, stats: CorpusStats | None = None,
                on_reject: Callable[[Reject], None] | None = None, dedup: bool = True,
-               limit: int | None = None, max_line_len: int = DEFAULT_MAX_LINE_LEN) -> Iterator[Tune]:
+               limit: int | None = None, max_line_len: int = DEFAULT_MAX_LINE_LEN,
+               part: tuple[int, int] = (0, 1)) -> Iterator[Tune]:
     """Streams the valid, normalised, (by default) deduplicated tunes of ``source``.
 
     ``stats`` (a :class:`CorpusStats`) is filled as it goes; ``on_reject`` is called with each
-    :class:`Reject`; ``limit`` stops after that many kept tunes.
+    :class:`Reject`; ``limit`` stops after that many kept tunes. ``part=(i, n)``: only the tunes of part
+    ``i`` of ``n`` (:func:`part_of`; the others count as ``other_parts``, their rejects are another part's).
     """
+    index, parts = part
     stats = stats if stats is not None else CorpusStats()
     seen: set[bytes] = set()
     for r in _iter_checked(source, text_field, stats, max_line_len):
-        stats.tunes_read += 1
         if isinstance(r, Reject):
+            if parts > 1 and reject_part(r, parts) != index:
+                continue
+            stats.tunes_read += 1
             stats.reject(r, on_reject)
             continue
+        if parts > 1 and part_of(r.body_hash, parts) != index:
+            stats.other_parts += 1
+            continue
+        stats.tunes_read += 1
         if dedup:
             key = bytes.fromhex(r.body_hash)
             if key in seen:

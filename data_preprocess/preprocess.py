@@ -87,6 +87,8 @@ class PreprocessConfig:
     chunk_size: int = 512                # tunes per tokenisation batch / worker job
     overwrite: bool = False              # allow writing into a non-empty dir that is not a previous output
     progress: bool = True
+    num_shards: int = 1                  # split the corpus into this many parts (one machine / job each) ...
+    shard_index: int = 0                 # ... and write part i only; `python -m data_preprocess.merge_parts` joins them
 
     def __post_init__(self):
         if not self.tokenizer:
@@ -108,6 +110,9 @@ class PreprocessConfig:
             raise SystemExit(f"preprocess: --music2text_fraction must be in [0, 1], got {self.music2text_fraction}")
         if self.make_sft_from_metadata and self.mode != "sft":
             raise SystemExit("preprocess: --make_sft_from_metadata needs --mode sft")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise SystemExit(f"preprocess: --shard_index {self.shard_index} must be in 0..--num_shards-1 "
+                             f"(--num_shards {self.num_shards}); parts are numbered from 0")
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -250,33 +255,6 @@ def _chunks(it: Iterable, n: int) -> Iterator[list]:
         yield buf
 
 
-# ------------------------------------------------------------------------------------------ writers
-
-
-class BlockWriter(ShardWriter):
-    """ShardWriter that can keep a document inside one block: :meth:`add_whole` pads the rest of the
-    current block (mask 0, positions continuing, like the final padding) when the document does not fit."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.num_mid_padding = 0
-
-    def add_whole(self, ids, mask) -> None:
-        n = len(ids)
-        if self._fill and self._fill + n > self.max_len:
-            pad = self.max_len - self._fill
-            last = int(self._pos[self._fill - 1])
-            self._pos[self._fill:] = np.arange(last + 1, last + 1 + pad)
-            self.num_mid_padding += pad
-            self._flush()
-        self.add(ids, mask)
-
-    def close(self) -> dict:
-        st = super().close()
-        st["num_padding_tokens"] += self.num_mid_padding
-        return st
-
-
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -319,6 +297,8 @@ def run(cfg: PreprocessConfig) -> dict:
     check_out_is_not_an_input(cfg)
     meta, candidate = _write(cfg)
     sizes = meta["counts"]["split_sizes"]
+    if cfg.num_shards > 1:
+        return meta  # (a part's val may be empty; merge_parts decides for the whole corpus)
     if cfg.val_ratio > 0 and not sizes["val"] and candidate is not None:
         meta, _ = _write(cfg, force_val=candidate)  # deterministic: the train unit of lowest split hash
         sizes = meta["counts"]["split_sizes"]
@@ -360,10 +340,11 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
         from data_preprocess.abctools import require
 
         require("abc2midi")
-    lim = {"stats": stats, "on_reject": on_reject, "dedup": cfg.dedup, "limit": cfg.limit}
+    part = (cfg.shard_index, cfg.num_shards)
+    lim = {"stats": stats, "on_reject": on_reject, "dedup": cfg.dedup, "limit": cfg.limit, "part": part}
     from_records = cfg.mode == "sft" and not cfg.make_sft_from_metadata
     if from_records:
-        source = iter_sft_records(cfg.input, stats, on_reject, limit=cfg.limit, dedup=cfg.dedup)
+        source = iter_sft_records(cfg.input, stats, on_reject, limit=cfg.limit, dedup=cfg.dedup, part=part)
     else:
         source = iter_tunes(cfg.input, text_field=cfg.text_field, max_line_len=cfg.max_line_len, **lim)
 
@@ -379,8 +360,7 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
             locs = [(c.file, c.index) for c in chunk]
             yield (cfg.mode, payload, check), keys, locs
 
-    writers = {s: (BlockWriter if cfg.mode == "sft" else ShardWriter)(out, s, cfg.max_len, vocab, tok.pad_token_id)
-               for s in SPLITS}
+    writers = {s: ShardWriter(out, s, cfg.max_len, vocab, tok.pad_token_id) for s in SPLITS}
     sft_counts = {"conversations": 0, "text2music": 0, "music2text": 0, "truncated": 0, "truncated_tokens": 0,
                   "dropped_no_target": 0}
     longest = 0
@@ -465,6 +445,7 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
         "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "splits": split_stats,
         "tokenizer": {**tokenizer_identity(tok_dir, tok), "source": str(cfg.tokenizer)},
         "input": str(cfg.input), "counts": counts,
+        "part": {"index": cfg.shard_index, "of": cfg.num_shards} if cfg.num_shards > 1 else None,
         "sft_format": fmt.name if fmt else None,
         "config": asdict(cfg), "versions": _versions(), "elapsed_s": round(elapsed, 3),
         "tunes_per_s": round(stats.tunes_read / elapsed, 1) if elapsed else None,
@@ -524,6 +505,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk_size", type=int, help="tunes per batch / worker job")
     ap.add_argument("--overwrite", action="store_const", const=True)
     ap.add_argument("--no_progress", dest="progress", action="store_const", const=False)
+    ap.add_argument("--num_shards", type=int, help="split the corpus into N parts (a job array, one per machine) ...")
+    ap.add_argument("--shard_index", type=int, help="... and write part I (0..N-1); join with data_preprocess.merge_parts")
     ap.add_argument("--config", help="YAML/JSON file of options (overridden by flags and key=value)")
     ap.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     return ap

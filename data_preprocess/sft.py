@@ -24,6 +24,8 @@ from data_preprocess.corpus import (
     Tune,
     iter_jsonl,
     load_hf_dataset,
+    part_of,
+    reject_part,
 )
 
 ROLES = ("system", "user", "assistant")
@@ -84,17 +86,27 @@ def record_to_turns(rec) -> list[tuple[str, str]] | str:
 
 
 def iter_sft_records(source: str, stats: CorpusStats, on_reject=None, limit: int | None = None,
-                     dedup: bool = True) -> Iterator[Conversation]:
+                     dedup: bool = True, part: tuple[int, int] = (0, 1)) -> Iterator[Conversation]:
     """Streams conversations from a JSONL file (or a datasets dataset with the same columns).
-    Bad lines are rejected (``bad_json`` / ``bad_record``) with file:line, never fatal."""
+    Bad lines are rejected (``bad_json`` / ``bad_record``) with file:line, never fatal. ``part=(i, n)``:
+    only part ``i`` of ``n`` (``corpus.part_of`` the record's key), as :func:`corpus.iter_tunes`."""
     seen: set[bytes] = set()
+    index, parts = part
+
+    def reject(r: Reject):
+        if parts <= 1 or reject_part(r, parts) == index:
+            stats.tunes_read += 1
+            stats.reject(r, on_reject)
 
     def emit(turns_or_reason, where: str, row: int):
-        stats.tunes_read += 1
         if isinstance(turns_or_reason, str):
-            stats.reject(Reject(where, 0, "bad_record", turns_or_reason), on_reject)
+            reject(Reject(where, 0, "bad_record", turns_or_reason))
             return None
         conv = Conversation(turns_or_reason, where, row)
+        if parts > 1 and part_of(conv.key, parts) != index:
+            stats.other_parts += 1
+            return None
+        stats.tunes_read += 1
         k = bytes.fromhex(conv.key)
         if dedup and k in seen:
             stats.duplicates += 1
@@ -107,8 +119,7 @@ def iter_sft_records(source: str, stats: CorpusStats, on_reject=None, limit: int
     if p.is_file() and p.suffix.lower() in (".jsonl", ".ndjson"):
         for where, lineno, rec in iter_jsonl(p, stats):
             if isinstance(rec, Reject):
-                stats.tunes_read += 1
-                stats.reject(rec, on_reject)
+                reject(rec)
                 continue
             conv = emit(record_to_turns(rec), where, lineno)
             if conv is not None:

@@ -66,6 +66,7 @@ class ShardWriter:
         self.num_tokens = 0        # real (non-padding) tokens written
         self.num_target_tokens = 0
         self.num_split_docs = 0    # documents that straddle a block boundary
+        self.num_mid_padding = 0   # padding written by add_whole before a document that did not fit
 
     def add(self, ids, mask=None) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -92,6 +93,23 @@ class ShardWriter:
             if self._fill == self.max_len:
                 self._flush()
 
+    def add_whole(self, ids, mask=None) -> None:
+        """Like :meth:`add`, but a document that does not fit the rest of the current block starts a new one
+        (the rest is padded: mask 0, positions continuing, like the final padding), so an SFT conversation
+        is never split over two blocks unless it is longer than one."""
+        if self._fill and self._fill + len(ids) > self.max_len:
+            self.num_mid_padding += self._pad_and_flush()
+        self.add(ids, mask)
+
+    def _pad_and_flush(self) -> int:
+        """Pads the current partial block and writes it; the number of padding tokens."""
+        pad = self.max_len - self._fill
+        # padding continues the last segment's positions so it never opens a fake document
+        last = int(self._pos[self._fill - 1])
+        self._pos[self._fill:] = np.arange(last + 1, last + 1 + pad)
+        self._flush()
+        return pad
+
     def _flush(self) -> None:
         self._f_tok.write(self._tok.tobytes())
         self._f_mask.write(self._mask.tobytes())
@@ -104,13 +122,7 @@ class ShardWriter:
 
     def close(self) -> dict:
         """Pads and writes the last partial block; returns this split's statistics."""
-        pad = 0
-        if self._fill:
-            pad = self.max_len - self._fill
-            # padding continues the last segment's positions so it never opens a fake document
-            last = int(self._pos[self._fill - 1])
-            self._pos[self._fill:] = np.arange(last + 1, last + 1 + pad)
-            self._flush()
+        pad = self._pad_and_flush() if self._fill else 0
         for f in (self._f_tok, self._f_mask, self._f_pos):
             f.close()
         total = self.num_blocks * self.max_len
@@ -119,7 +131,7 @@ class ShardWriter:
             "num_docs": self.num_docs,
             "num_tokens": self.num_tokens,
             "num_target_tokens": self.num_target_tokens,
-            "num_padding_tokens": pad,
+            "num_padding_tokens": pad + self.num_mid_padding,
             "num_split_docs": self.num_split_docs,
             "packing_efficiency": (self.num_tokens / total) if total else 0.0,
         }

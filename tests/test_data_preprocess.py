@@ -266,3 +266,62 @@ def test_config_requires_paths(field):
     kw = {"tokenizer": "t", "output_dir": "o", field: ""}
     with pytest.raises(SystemExit, match=field.split("_")[0]):
         PreprocessConfig(**kw)
+
+
+def test_parts_merged_equal_one_machine(tmp_path, tokenizer_dir):
+    """preprocess --num_shards 3 --shard_index i (each reading the whole input) + merge_parts = the one-machine
+    run's documents in each split (same dedup, same hash split), counts summed; each part's counts in its
+    meta."""
+    from data_preprocess.merge_parts import merge_parts
+
+    src = _tunes_dir(tmp_path)
+    kw = {"tokenizer": str(tokenizer_dir), "input": str(src), "max_len": 64, "val_ratio": 0.2, "progress": False}
+    one = run(PreprocessConfig(output_dir=str(tmp_path / "one"), **kw))
+    parts = [tmp_path / f"part-{i}" for i in range(3)]
+    metas = [run(PreprocessConfig(output_dir=str(p), num_shards=3, shard_index=i, **kw)) for i, p in enumerate(parts)]
+    assert [m["part"] for m in metas] == [{"index": i, "of": 3} for i in range(3)]
+    assert sum(m["counts"]["kept"] for m in metas) == one["counts"]["kept"] == 43
+    assert all(m["counts"]["kept"] < 43 for m in metas)                    # the work is split
+    assert sum(m["counts"]["duplicates"] for m in metas) == 1              # duplicates meet in one part
+    assert sum(m["counts"]["rejected_total"] for m in metas) == 1          # a reject is reported once
+    merged = merge_parts([str(p) for p in reversed(parts)], str(tmp_path / "merged"))  # (any order)
+    assert merged["counts"]["kept"] == 43 and merged["counts"]["rejected"] == {"no_key": 1}
+    assert [p["index"] for p in merged["counts"]["per_part"]] == [0, 1, 2]
+    for s in SPLITS:
+        want = sorted((tuple(i for i, m in zip(ids, mk) if m),) for ids, mk in _docs(tmp_path / "one", s, one))
+        got = sorted((tuple(i for i, m in zip(ids, mk) if m),) for ids, mk in _docs(tmp_path / "merged", s, merged))
+        assert got == want and want, s
+        assert merged["splits"][s]["num_tokens"] == one["splits"][s]["num_tokens"]
+    assert read_meta(tmp_path / "merged")["tokenizer"]["hash"] == one["tokenizer"]["hash"]
+
+
+def test_bad_parts_are_one_line(tmp_path, tokenizer_dir, capsys):
+    from data_preprocess.merge_parts import main as merge_main
+
+    src = _tunes_dir(tmp_path)
+    kw = {"tokenizer": str(tokenizer_dir), "input": str(src), "max_len": 64, "progress": False}
+    parts = [tmp_path / f"p{i}" for i in range(2)]
+    for i, p in enumerate(parts):
+        run(PreprocessConfig(output_dir=str(p), num_shards=2, shard_index=i, **kw))
+    run(PreprocessConfig(output_dir=str(tmp_path / "other"), num_shards=2, shard_index=1, **{**kw, "max_len": 32}))
+    run(PreprocessConfig(output_dir=str(tmp_path / "whole"), **kw))
+
+    def err(*argv):
+        with pytest.raises(SystemExit) as e:
+            merge_main(["-o", str(tmp_path / "m"), *map(str, argv)])
+        assert e.value.code == 2
+        out = capsys.readouterr().err.strip()
+        assert out.startswith("error: ") and "\n" not in out, out
+        return out
+
+    assert "part(s) [1] of 2 missing" in err(parts[0])
+    assert "more than once" in err(parts[0], parts[0], parts[1])
+    assert "max_len=32" in err(parts[0], tmp_path / "other")
+    assert "not written with --num_shards" in err(parts[0], tmp_path / "whole")
+    from data_preprocess.hub import ArgumentError
+    from data_preprocess.merge_parts import merge_parts
+
+    with pytest.raises(ArgumentError, match="is or holds the part"):
+        merge_parts([str(p) for p in parts], str(parts[0]))
+    with pytest.raises(SystemExit, match="--shard_index 2 must be in 0..--num_shards-1"):
+        PreprocessConfig(output_dir=str(tmp_path / "x"), num_shards=2, shard_index=2, **kw)
