@@ -190,6 +190,20 @@ def find_resume(resume: str, output_dir: str) -> tuple[Path, str] | None:
     raise FileNotFoundError(f"resume={resume}: neither a checkpoint dir (step-XXXXXXXX) nor a dir with 'latest'")
 
 
+def _check_partitions(ckpt_dir: Path, world: int) -> None:
+    """Under ZeRO-1/2/3 each data-parallel rank saved its own slice of the optimizer state, and DeepSpeed cannot
+    re-slice it for another number of ranks: one line saying so (ZeRO-0 checkpoints resume on any)."""
+    from training.config import ConfigError
+
+    parts = {m.group(1) for f in ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")
+             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
+    if parts and len(parts) != world:
+        raise ConfigError(f"{ckpt_dir} was written by {len(parts)} data-parallel ranks under ZeRO, whose optimizer "
+                          f"state is sliced per rank; this run has {world} and DeepSpeed cannot re-slice it. Fix: "
+                          f"resume with {len(parts)} ranks in all (nodes x GPUs per node), or train with "
+                          "ds_configs/zero0.json, whose checkpoints resume on any number")
+
+
 def load_checkpoint(engine, root: Path, tag: str, rank: int) -> dict:
     """Restores module, optimizer and our client state; then this rank's RNG (last, right before training).
     DeepSpeed's loader unpickles with ``weights_only=False``, so every ``*.pt`` of the tag is first proven to
@@ -198,6 +212,7 @@ def load_checkpoint(engine, root: Path, tag: str, rank: int) -> dict:
     from training.merge import refuse_unsafe_torch_files
 
     refuse_unsafe_torch_files(root / tag)
+    _check_partitions(root / tag, engine.dp_world_size)
     path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if path is None:

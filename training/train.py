@@ -312,7 +312,12 @@ def run(argv, progress: dict) -> int:
     step, position = 0, 0
     found = ckpt.find_resume(cfg.resume, cfg.output_dir)
     if found:
-        client = ckpt.load_checkpoint(engine, *found, rank)
+        try:
+            client = ckpt.load_checkpoint(engine, *found, rank)
+        except ConfigError as e:
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
         step, position = int(client["global_step"]), int(client["data_position"])
         if client.get("global_batch_size") != G and rank == 0:
             log.warning("global batch changed %s -> %d since the checkpoint", client.get("global_batch_size"), G)
