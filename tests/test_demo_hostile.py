@@ -224,7 +224,7 @@ async function attempt(name, run) {
 </script></body></html>"""
 
 
-def test_in_a_real_browser_other_sites_and_rebinding_get_nothing(demo, tmp_path):
+def test_in_a_real_browser_other_sites_and_rebinding_get_nothing(tiny_model_dir, tmp_path):
     """Chromium, as a user's browser: a page of another origin (another port of 127.0.0.1, so the browser's
     own private-network rules do not step in) tries to make the demo render and to read it; and a rebound
     name (``--host-resolver-rules`` maps rebind.example to 127.0.0.1, what DNS rebinding achieves) loads
@@ -236,7 +236,9 @@ def test_in_a_real_browser_other_sites_and_rebinding_get_nothing(demo, tmp_path)
     from playwright.sync_api import sync_playwright
     from test_demo import CHROMIUM_ARGS
 
-    port, render_dir, _ = demo
+    render_dir = tmp_path / "renders"  # its own demo: the module's fixture is SIGTERMed by the test above
+    proc, url, _ = _start_demo(tiny_model_dir, "--render_dir", str(render_dir))
+    port = int(re.search(r":(\d+)/", url).group(1))
     before = sorted(p.name for p in render_dir.rglob("*"))
     site = tmp_path / "site"
     site.mkdir()
@@ -265,4 +267,6 @@ def test_in_a_real_browser_other_sites_and_rebinding_get_nothing(demo, tmp_path)
                 browser.close()
     finally:
         evil.shutdown()
+        proc.terminate()
+        proc.wait(timeout=30)
     assert sorted(p.name for p in render_dir.rglob("*")) == before  # nothing was rendered for the other site
