@@ -26,6 +26,7 @@ from data_preprocess.abc_meter import (  # noqa: F401 - re-exported: the checker
     _FIELD_LINE,
     _INLINE_FIELD,
     _MODES,
+    BARLINE,
     meter_numerator,
     meter_value,
     normalise_key,
@@ -238,7 +239,6 @@ def bars_of(abc: str) -> list[Bar]:
     return bars
 
 
-_BAR_TEXT_SEP = re.compile(r"[:\[]*\|[|:\]0-9]*|::")
 _NOT_MUSIC_LINE = re.compile(r"^\s*(%|[A-Za-z]:(?![|:]))")
 
 
@@ -250,7 +250,7 @@ def bar_variety(abc: str) -> dict:
     _, body = split_header_body(abc)
     text = "\n".join(line for line in body if not _NOT_MUSIC_LINE.match(line))
     text = re.sub(r'"[^"]*"', lambda m: m.group(0).replace("|", "/"), text)  # (a quote's "|" is no barline)
-    bars = [re.sub(r"\s+", "", b) for b in _BAR_TEXT_SEP.split(text)]
+    bars = [re.sub(r"\s+", "", b) for b in BARLINE.split(text)]
     if bars and not bars[0]:
         bars = bars[1:]
     if bars and not bars[-1]:

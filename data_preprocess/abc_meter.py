@@ -10,6 +10,9 @@ from fractions import Fraction
 
 _FIELD_LINE = re.compile(r"^([A-Za-z]):(?!\|)(.*)$")
 _INLINE_FIELD = re.compile(r"\[([A-Za-z]):([^\]]*)\]")
+# a barline as plain text ("|", "||", "|]", "[|", "|:", ":|", "::", "|1", ":|2" ...): what splits a body into
+# bar texts, for the constraint's repeated-bar cap and the benchmarks' bar-variety measure alike
+BARLINE = re.compile(r"[:\[]*\|[|:\]0-9]*|::")
 
 
 def split_header_body(abc: str) -> tuple[dict[str, str], list[str]]:

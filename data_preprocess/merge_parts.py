@@ -49,7 +49,7 @@ def merge_parts(parts: list[str], out: str, overwrite: bool = False) -> dict:
     metas = [_read_part(d) for d in dirs]
     o = Path(out)
     for d in dirs:
-        if o.resolve() == d.resolve() or d.resolve().is_relative_to(o.resolve()):
+        if d.resolve().is_relative_to(o.resolve()):
             raise ArgumentError(f"-o {out} is or holds the part {d}: merging would overwrite it. Fix: another -o")
     if o.exists() and any(o.iterdir()) and not (o / "meta.json").is_file() and not overwrite:
         raise ArgumentError(f"-o {out}: exists, is not empty and holds no previous output. Fix: --overwrite or "

@@ -83,6 +83,7 @@ from transformers import LogitsProcessor
 
 from data_preprocess.abc_meter import (
     _MODES,
+    BARLINE,
     meter_value,
     normalise_key,
     split_header_body,
@@ -125,7 +126,7 @@ _MAX_PREAMBLE = 80                  # chars of the one line of text a reply may 
 # A small model otherwise writes "G42/64" and "222/64": lengths abc2midi plays and no musician writes.
 _MAX_DEN = 16
 _MIN_LENGTH = Fraction(1, _MAX_DEN)
-_POW2 = ("2", "4", "8", "16")       # denominators
+_DENOMINATORS = ("2", "4", "8", "16")
 _NUMERATORS = tuple(str(n) for n in range(1, 17)) + ("24", "32")
 _MAX_SLASHED = 7                    # the largest numerator before a "/"
 _MAX_SLURS = 4                      # slurs open at once
@@ -154,9 +155,9 @@ def _deco_bits(c: str) -> int:
 def _spellings(want: Fraction) -> frozenset[str]:
     """Every way a note length of ``want`` units can be written (``""``, ``2``, ``3/2``, ``/``, ``//``, ``1/4`` ...)."""
     out = set()
-    for den in (1, *map(int, _POW2)):
+    for den in (1, *map(int, _DENOMINATORS)):
         n = want * den
-        if n.denominator != 1 or not 1 <= n <= (32 if den == 1 else _MAX_SLASHED) or (den == 1 and str(n) not in _NUMERATORS):
+        if n.denominator != 1 or not (str(n) in _NUMERATORS if den == 1 else 1 <= n <= _MAX_SLASHED):
             continue
         n = int(n)
         for ns in ({"", "1"} if n == 1 else {str(n)}):
@@ -942,7 +943,7 @@ class AbcState:
         if self.lsl == 1:
             if not self.lden:
                 return Fraction(n, _MAX_DEN)
-            return Fraction(n, max(int(d) for d in _POW2 if d.startswith(self.lden)))
+            return Fraction(n, max(int(d) for d in _DENOMINATORS if d.startswith(self.lden)))
         return Fraction(n, 8)
 
     def _music(self, c):
@@ -1078,7 +1079,7 @@ class AbcState:
                     return False
                 self.lnum += c
             else:
-                if self.lsl > 1 or not any(d.startswith(self.lden + c) for d in _POW2):
+                if self.lsl > 1 or not any(d.startswith(self.lden + c) for d in _DENOMINATORS):
                     return False  # denominators are powers of two (A/3 is no ABC length abc2midi plays)
                 self.lden += c
             if not self._spell_ok(False):
@@ -1086,7 +1087,7 @@ class AbcState:
             if self.ltarget in ("note", "chord"):  # the note must still be able to fit the bar
                 return self._room(self._min_length() * self.lbase)
             return True
-        if (self.lden and self.lden not in _POW2) or not self._spell_ok(True):
+        if (self.lden and self.lden not in _DENOMINATORS) or not self._spell_ok(True):
             return False
         n = int(self.lnum) if self.lnum else 1
         d = int(self.lden) if self.lden else (2 ** self.lsl if self.lsl else 1)
@@ -1598,19 +1599,18 @@ def vocab_for(tokenizer) -> _Vocab:
 # ------------------------------------------------------------------------------- the processor
 
 
-_BAR_SEP = re.compile(r"[:\[]*\|[|:\]0-9]*|::")
 _NOTE_START = re.compile(r"[_^=]*[A-Ga-gzZx]")
 _QUOTED = re.compile(r'"[^"\n]*"?|![^!\n]*!?|\+[^+\n]*\+?')
 
 
 def repeated_bar(text: str) -> tuple[str, str] | None:
-    """Where the last ``_MAX_SAME_BARS`` complete bars of ``text`` (within its last 400 chars: 62 µs a call) are
-    one and the same bar: (the current bar so far, the opening of that bar up to its second note), else None. A musical cap, not a rule of ABC, so the
-    processor applies it to its candidates only (never to its fallback: it can never leave a row with nothing
+    """Where the last ``_MAX_SAME_BARS`` complete bars of ``text`` (within its last 400 chars: 62 µs a call)
+    are one and the same bar: (the current bar so far, the opening of that bar up to its second note), else
+    None. A musical cap, not a rule of ABC, so the processor applies it to its candidates only (never to its fallback: it can never leave a row with nothing
     allowed): the bar after them must open differently ("G2G2G2" twenty times over is what a small model
     writes when nothing stops it; music21's tunes repeat a bar at most 5 times in a row)."""
     tail = _QUOTED.sub(lambda m: "_" * len(m.group(0)), text[-400:])  # (quotes may hold "|"; lengths kept)
-    cuts = [m.span() for m in _BAR_SEP.finditer(tail)]
+    cuts = [m.span() for m in BARLINE.finditer(tail)]
     head = [m.end() for m in re.finditer(r"(?m)^K:[^\n]*\n", tail)]  # (the first bar starts after K:)
     if head and (not cuts or head[-1] <= cuts[0][0]):
         cuts.insert(0, (head[-1], head[-1]))
@@ -1630,7 +1630,7 @@ def repeated_bar(text: str) -> tuple[str, str] | None:
 def _opens_with(current: str, piece: str, opening: str) -> bool:
     """Whether ``piece`` makes the bar being written (``current``) open with ``opening``."""
     t = current + piece
-    m = _BAR_SEP.search(_QUOTED.sub(lambda m: "_" * len(m.group(0)), t))
+    m = BARLINE.search(_QUOTED.sub(lambda m: "_" * len(m.group(0)), t))
     return re.sub(r"\s+", "", t[:m.start()] if m else t).startswith(opening)
 
 
