@@ -39,8 +39,8 @@ What the state machine checks
 Known refusals of real music: tunes that let a line end stand for a barline (no ``|`` at the line's end,
 a full bar on every line: abc2midi checks bar lengths only at barlines, so it has no warning to give;
 this checker, like benchmarks.abc_metrics, counts the bar on), a tuplet across a barline, a broken
-rhythm across a line break. Not checked: pitch (any note in any key), beaming, lyrics alignment, a
-tie's two notes having the same pitch, body key/meter changes (a tune may modulate: the *header* carries what was
+rhythm across a line break, a tie between two spellings of one pitch (``_A-^G``). Not checked: pitch (any
+note in any key), beaming, lyrics alignment, body key/meter changes (a tune may modulate: the *header* carries what was
 asked), voices agreeing with each other.
 
 abc2midi's own rules (it is the renderer users play tunes with; each rule was found by feeding abc2midi 4.84 the
@@ -48,7 +48,9 @@ case, and tests/test_abc_constraint.py re-checks the table against the binary): 
 and not chained, no tuplet in a pair or in a tuplet, a repeat opened by ``|:`` ``::`` ``|:|`` closed by ``:|``
 before the end and not opened twice (``:|`` without ``|:`` is fine), numbered endings (a later one only after
 ``:|``; a first one closed by ``:|``), ``'`` only on a-g and ``,`` only on A-G, chord symbols of the chord types it
-plays or annotations (``^ _ < > @``), the one-letter decorations it plays only before a note, rest or chord.
+plays or annotations (``^ _ < > @``), the one-letter decorations it plays only before a note, rest or chord,
+a tie only after a note or chord and followed by a note (or chord) of the tied pitch -- same letter and octave, the
+accidental repeated or left out -- with no rest, grace note, ``&``, voice change or end in between.
 Budget steering: a header still open at half of ``max_new_tokens`` is hurried to its ``K:``; in the last 48 tokens
 the tune is closed (``AbcState.finish_text``: the bar filled with a tonic note, then ``:|`` or ``|]``).
 
@@ -464,6 +466,8 @@ class AbcState:
         "bwant",
         "chord_first",
         "chord_n",
+        "chord_pitches",
+        "chord_tied",
         "closed",
         "deco",
         "done",
@@ -479,6 +483,7 @@ class AbcState:
         "just",
         "last_full",
         "lastbar",
+        "last_pitches",
         "layers",
         "lbase",
         "lden",
@@ -498,6 +503,7 @@ class AbcState:
         "paired",
         "phase",
         "pickup",
+        "pitch",
         "pitched",
         "plen",
         "pre_lines",
@@ -512,6 +518,7 @@ class AbcState:
         "tbuf",
         "tonic",
         "textrun",
+        "tied",
         "tup_factor",
         "tup_left",
         "u8",
@@ -566,6 +573,14 @@ class AbcState:
         # An ending starts right after "|" or ":|" ("||1" "::1" "|]1" are abc2midi errors) or as "[2".
         self.var = 0
         self.tonic = "z"                    # the key's tonic letter (a steered ending closes on it), else a rest
+        # ties (abc2midi: "Could not find note to be tied" unless the next note, or chord, holds the tied pitch;
+        # a rest, a grace note, "&" or the end after a tie are its errors; an accidental carries over the tie,
+        # "^A-|A" is fine, "A-^A" is not). A pitch is (accidental, letter + octave marks).
+        self.pitch: tuple[str, str] | None = None   # the note being written, once its letter is known
+        self.last_pitches: frozenset = frozenset()  # the pitches of the last note or chord (empty: a rest)
+        self.tied: frozenset = frozenset()          # pitches the next note or chord must hold (a "-" is open)
+        self.chord_pitches: frozenset = frozenset() # the chord being written
+        self.chord_tied: frozenset = frozenset()    # its notes tied inside it ("[A-C-]")
         self.pitched = False                # a pitched note was written (a tune of rests alone may not end:
         #                                     abc2midi plays it as silence and inference.abc_extract finds no tune)
         self.lastbar = ""
@@ -637,7 +652,7 @@ class AbcState:
             return False  # (a lone ":" is no barline)
         return (self.phase == "body" and self.mode in ("music", "b_start", "bar", "comment") and self.n == 0
                 and not self.multi and self.after_bar and self.nbars > 0 and self.last_full and self.slur == 0
-                and self.pitched
+                and self.pitched and not self.tied
                 and self.tup_left == 0 and self.broken_next is None and not self.owe_boundary
                 and not self._repeat_open())
 
@@ -664,13 +679,26 @@ class AbcState:
             return None
         close = ":|" if self._repeat_open() else final
         pre = ")" * self.slur
+        note = self.tonic if self.pitched or self.tonic != "z" else "C"  # (a tune of rests ends on a note)
+        if self.tied:  # the filling note is the one the tie waits for
+            note = "".join(a + sp for a, sp in sorted(self.tied))
+            if len(self.tied) > 1:
+                note = f"[{note}]"
+            if self.mode != "bar" and self.n > 0 and self.bar_exp is not None and self.dur == self.bar_exp:
+                pre += "|"  # the bar is full: the tie goes over a barline into a bar of its note
+                if self.meter is None:
+                    return None
+                sp = [x for x in _spellings(self.meter / self.unit) if "//" not in x]
+                return pre + note + min(sp, key=len) + close if sp else None
         if self.mode == "bar":
             if not self.buf.endswith("|") or self.meter is None:
                 return None
             pre, rest = " " + pre, self.meter
         else:
             exp = self.bar_exp if self.n > 0 else self.meter
-            if exp is None:
+            if exp is None:  # free meter
+                if self.tied:
+                    return pre + note + close
                 return pre + close if self.n > 0 else None
             rest = exp - self.dur
         if rest == 0:
@@ -680,7 +708,6 @@ class AbcState:
         sp = [x for x in _spellings(rest / self.unit) if "//" not in x]
         if not sp:
             return None
-        note = self.tonic if self.pitched or self.tonic != "z" else "C"  # (a tune of rests ends on a note)
         return pre + note + min(sp, key=len) + close
 
     # -- feeding -------------------------------------------------------------------------------
@@ -875,6 +902,8 @@ class AbcState:
         M: V: count too, up to _MAX_FIELD_LINES: a section may change M:, L: and K: at once; music21 has 2 in a
         row at most) and, for K: L: M: V:, the idle cap."""
         if c in "KLMV":
+            if c == "V" and self.tied:
+                return False  # (a tie waits for a note of this voice)
             return self.textrun < _MAX_FIELD_LINES and self.idle < _MAX_IDLE
         return c in _BODY_FIELDS and self.textrun < _MAX_TEXT_LINES
 
@@ -969,8 +998,9 @@ class AbcState:
             self.mode, self.acc, self.in_chord = "note", "", False
             return None
         if c in "zx":
-            if not self._room():
-                return False
+            if self.tied or not self._room():
+                return False  # (a tie into a rest)
+            self.pitch = None
             self.mode, self.ltarget, self.lbase = "len", "note", Fraction(1)
             self.lnum, self.lsl, self.lden = "", 0, ""
             return True
@@ -1004,6 +1034,8 @@ class AbcState:
             self.mode, self.plen, self.after_bar = {'"': "quote", "!": "deco", "+": "pdeco"}[c], 0, False
             return True
         if c == "{":
+            if self.tied:
+                return False  # (the grace note would take the tie)
             self.mode, self.after_bar, self.plen = "grace", False, 0
             return self._idle()
         if c == "(":
@@ -1015,8 +1047,10 @@ class AbcState:
             self.slur = max(0, self.slur - 1)
             self.just = just
             return True
-        if c == "-":
-            self.just = just
+        if c == "-":  # a tie: right after a note or chord, the next one must hold its pitches
+            if not just or not self.last_pitches or self.tied:
+                return False
+            self.just, self.tied = just, self.last_pitches
             return self._idle()
         if c in "<>":
             if not just or self.prev is None or self.paired:
@@ -1024,14 +1058,14 @@ class AbcState:
             self.mode, self.bk, self.bdir, self.bwant = "broken", 1, c, self.wlen
             return self._broken_fits()
         if c == "Z":  # (X, ABC 2.1's invisible multi-bar rest: no music21 tune uses it, and lines of "X234"
-            if self.n > 0 or self.owe_boundary:  # read as new tunes to extractors)
+            if self.n > 0 or self.owe_boundary or self.tied:  # read as new tunes to extractors)
                 return False
             self.multi, self.mode, self.buf, self.after_bar = True, "mrest", "", False
             self.empties = self.textrun = self.idle = self.blank = 0
             self.nl_note = True
             return True
         if c == "&":
-            if self.n == 0:
+            if self.n == 0 or self.tied:
                 return False
             self.layers = max(self.layers, self.dur)
             self.dur = Fraction(0)
@@ -1049,21 +1083,47 @@ class AbcState:
         self.idle += 1
         return self.idle <= _MAX_IDLE
 
+    def _tie_target(self, acc: str, spelled: str, whole: bool) -> bool:
+        """Whether a single note written ``acc`` + ``spelled`` (so far, or ``whole``) can be the note a tie
+        waits for: the same letter and octave marks, the tied note's accidental or none (it carries)."""
+        if len(self.tied) != 1:
+            return False  # (a tied chord needs a chord)
+        (tacc, tl), = self.tied
+        if acc and not tacc.startswith(acc):
+            return False
+        if not whole:
+            return tl.startswith(spelled)
+        return tl == spelled and acc in ("", tacc)
+
     def _note(self, c):
         # accidentals, then the letter, then octave marks, then the length
         if c in "^_=":
             if self.acc and (self.acc[-1] != c or c == "=" or len(self.acc) >= 2):
                 return False
+            if self.tied and not self.in_chord and not self._tie_target(self.acc + c, "", False):
+                return False
             self.acc += c
             return True
         if c in _NOTE_LETTERS:
+            if self.tied and not self.in_chord and not self._tie_target(self.acc, c, False):
+                return False
             self.mode, self.buf, self.pitched = "octave", c, True
             return True
         return False
 
     def _octave(self, c):
         if c in "',":  # (abc2midi: "A'" and "c," are bad pitch specifiers: ' raises a-g, "," lowers A-G)
-            return (c == "'") == self.buf.islower()
+            if (c == "'") != self.buf[0].islower():
+                return False
+            if self.tied and not self.in_chord and not self._tie_target(self.acc, self.buf + c, False):
+                return False
+            self.buf += c
+            return True
+        if self.tied and not self.in_chord and not self._tie_target(self.acc, self.buf, True):
+            return False
+        self.pitch = (self.acc, self.buf)
+        if self.in_chord:
+            self.chord_pitches = self.chord_pitches | {self.pitch}
         self.mode, self.ltarget, self.lbase = "len", "chordnote" if self.in_chord else "note", Fraction(1)
         self.lnum, self.lsl, self.lden = "", 0, ""
         return None
@@ -1106,6 +1166,10 @@ class AbcState:
             return None
         if not self._commit(self.unit * length, chord=t == "chord"):
             return False
+        if t == "chord":
+            self.last_pitches, self.tied = self.chord_pitches, self.chord_tied
+        else:
+            self.last_pitches = frozenset() if self.pitch is None else frozenset((self.pitch,))
         self.mode = "music"
         self.just = True
         return None
@@ -1142,6 +1206,7 @@ class AbcState:
         self.dur += d
         self.n += 1
         self.prev, self.wlen = d, w
+        self.tied = frozenset()  # (what a tie waited for was checked as the note or chord was written)
         self.after_bar = False
         self.empties = self.textrun = self.idle = self.blank = 0
         self.nl_note = True
@@ -1197,7 +1262,7 @@ class AbcState:
             self.mode, self.buf = "ending", c
             return True
         if c in _INLINE_FIELDS:
-            if not self._idle():
+            if (c == "V" and self.tied) or not self._idle():
                 return False
             self.mode, self.buf = "ifield", c
             return True
@@ -1205,6 +1270,7 @@ class AbcState:
             if not self._room():
                 return False
             self.mode, self.in_chord, self.chord_first, self.chord_n = "chord", True, None, 0
+            self.chord_pitches = self.chord_tied = frozenset()
             return None
         return False
 
@@ -1220,11 +1286,18 @@ class AbcState:
                 return False
             self.mode, self.acc = "note", ""
             return None
-        if c in " -.~":
+        if c == "-":  # a tie of the note before it ("[A-C]")
+            if self.chord_n == 0 or self.pitch is None:
+                return False
+            self.chord_tied = self.chord_tied | {self.pitch}
+            return True
+        if c in " .~":
             return True
         if c == "]":
             if self.chord_n == 0:
                 return False
+            if any(not any(l == tl and a in ("", ta) for a, l in self.chord_pitches) for ta, tl in self.tied):
+                return False  # the chord after a tie holds every tied pitch ("[AC]-[CA]"; "[AC]-[AE]" is an error)
             self.in_chord = False
             self.mode, self.ltarget, self.lbase = "len", "chord", self.chord_first
             self.lnum, self.lsl, self.lden = "", 0, ""
@@ -1427,7 +1500,7 @@ class AbcState:
     def _voice_change(self) -> bool:
         """``V:`` switches voice: an unfinished bar of the last voice is left as it is; the new voice
         starts like a tune (its first bar may be a pickup)."""
-        if self.broken_next is not None or self.tup_left > 0:
+        if self.broken_next is not None or self.tup_left > 0 or self.tied:
             return False
         self.dur, self.n, self.layers, self.bar_exp, self.multi = Fraction(0), 0, Fraction(0), None, False
         self.left, self.owe_boundary, self.prev, self.just = "start", False, None, False

@@ -170,6 +170,13 @@ ABC2MIDI_RULES = [
     ("A8 ::| B8 |]", True), ("A8 |:| B8 :|", False), ("A8 :|] B8 |]", False),
     ("A8 :| B8 |1 c8 :|2 d8 |]", True), ("A8 :| |: B8 |1 c8 :|2 d8 |]", False), ("A8 |2 B8 :|", True),
     ("A8 || B8 |1 c8 :|2 d8 |]", False), ("A8 :|2 B8 :|", True), ("A8 :| B8 :|", False),
+    # ties: the next note (or chord) holds the tied pitch; an accidental carries over the tie
+    ("A4-A4|", False), ("A4- z4|", True), ("A4-|z8|", True), ("A8-|]", True), ("A4- B4|", True),
+    ("A4-a4|", True), ("a'4-a4|", True), ("A,4-A,4|", False), ("A4-A,4|", True), ("^A4-|A4 z4|", False),
+    ("A4-^A4|", True), ("[AC]4-[CA]4|", False), ("[AC]4-A4|", True), ("A4-[AC]4|", False),
+    ("[AC]4-[AE]4|", True), ("[A-C]4 [AC]4|", False), ("[A-C]4 [CE]4|", True), ("A4-{g}A4|", True),
+    ("A4-&A4|", True), ('A4-"C"A4|', False), ("A4-|1A4:|2A4|]", False), ("A4-(3ABc B2|", False),
+    ("A4 B4-|\nB8|]", False), ("A2B2c2d2-|]", True), ("A4-A4-|]", True),
 ]
 
 
@@ -183,6 +190,17 @@ def test_what_abc2midi_refuses_the_constraint_refuses(body, errs):
     assert bool(r.errors) == errs, (body, r.errors)   # the table is abc2midi's verdict, checked each run
     st = _accepts(tune)
     assert (st is not None and st.can_end()) == (not errs), (body, _refused_at(tune), st and st.describe())
+
+
+def test_a_steered_ending_ends_the_tie_it_is_in():
+    """``finish_text`` from inside a tie writes the note (or chord) the tie waits for -- over a barline when
+    the bar is full -- so a steered tune ends where abc2midi finds every tied note."""
+    for body, want in (("A4-", "A4|]"), ("A8-", "|A8|]"), ("[AC]4-", "[AC]4|]"), ("^c2 A2-", "A4|]"),
+                       ("|: A8-", "|A8:|")):
+        tune = H.format(m="4/4", l="1/8", k="C") + body
+        st = _accepts(tune)
+        assert st is not None and st.finish_text() == want, body
+        assert st.after(want).can_end() and not abc_to_midi(tune + want + "\n").errors, body
 
 
 def test_a_hurried_header_reaches_its_key():
