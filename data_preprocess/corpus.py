@@ -47,6 +47,7 @@ from data_preprocess.hub import ArgumentError
 
 MUSIC21 = "music21"
 ABC_SUFFIXES = (".abc", ".txt")
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".ndjson")  # --content text: a dir's documents
 DATASET_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".json": "json"}
 DEFAULT_MAX_LINE_LEN = 4096
 MAX_BAD_FRACTION = 0.01           # > 1 % replaced/control characters -> "undecodable"
@@ -497,11 +498,92 @@ def _iter_dataset(source: str, text_field: str, stats: CorpusStats, max_line_len
             yield from _iter_texts(text, where, max_line_len)
 
 
+# ------------------------------------------------------------------------------------------ plain text
+
+
+def check_document(raw: str, file: str, index: int, bad_chars: int = 0) -> Tune | Reject:
+    """One plain-text document (``--content text``: general text mixed into pretraining, as MusicPile mixes
+    it with ABC): line ends made LF, control characters removed, nothing else changed; ``meta`` is empty and
+    the dedup / split key is a hash of the whole text."""
+    text = raw.replace("\r\n", "\n").replace("\r", "\n") if "\r" in raw else raw
+    n_ctrl = 0
+    if _CONTROL.search(text):
+        text, n_ctrl = _CONTROL.subn("", text)
+    bad = bad_chars + n_ctrl
+    if bad and bad > MAX_BAD_FRACTION * max(len(raw), 1):
+        return Reject(file, index, "undecodable", f"{bad} of {len(raw)} characters undecodable/control (binary data?)")
+    text = text.strip("\n")
+    if not text.strip():
+        return Reject(file, index, "empty", "no text")
+    key = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=16).hexdigest()
+    return Tune(text + "\n", {}, file, index, key, bad)
+
+
+def _iter_documents(source: str, text_field: str, stats: CorpusStats) -> Iterator[Tune | Reject]:
+    """The documents of a plain-text source: each ``text_field`` of a JSONL file or datasets dataset, each
+    .txt/.md file (one document per file), or those below a directory."""
+    src = str(source)
+    p = Path(src).expanduser()
+    if src == MUSIC21:
+        raise ArgumentError("--content text reads plain text, but music21 is an ABC corpus. Fix: --content abc, "
+                            "or -i a .jsonl / dir of .txt files / datasets dir of general text")
+    if p.is_dir() and not any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        files = sorted(x for x in p.rglob("*") if x.is_file() and x.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise ArgumentError(f"input {p}: no {'/'.join(TEXT_SUFFIXES)} files below this directory. Fix: -i a dir "
+                                "of text files, a .jsonl or a datasets dir")
+    elif p.is_file() or p.is_dir() or "/" in src and not src.startswith((".", "/", "~")):
+        files = [p] if p.is_file() and p.suffix.lower() not in DATASET_SUFFIXES else None
+    else:
+        raise ArgumentError(f"input {src}: no such file or directory. Fix: -i a .jsonl, a dir of .txt files or a "
+                            "datasets dir / hub id")
+    if files is None:  # a datasets dir, data file or hub id: one document per row
+        ds = load_hf_dataset(src)
+        if text_field not in ds.column_names:
+            raise SystemExit(f"{src}: no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
+                             "pass --text_field")
+        stats.files += 1
+        row = 0
+        for batch in ds.select_columns([text_field]).iter(batch_size=1000):
+            for text in batch[text_field]:
+                where, row = f"{src}[{row}]", row + 1
+                if not isinstance(text, str):
+                    yield Reject(where, 0, "no_text_field", f"field '{text_field}' is {type(text).__name__}")
+                    continue
+                stats.bytes_read += len(text)
+                yield check_document(text, where, 0, text.count("\ufffd"))
+        return
+    for path in files:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            for where, _, rec in iter_jsonl(path, stats):
+                if isinstance(rec, Reject):
+                    yield rec
+                    continue
+                text = rec.get(text_field) if isinstance(rec, dict) else None
+                if not isinstance(text, str):
+                    yield Reject(where, 0, "no_text_field", f"no string field '{text_field}' (use --text_field)")
+                    continue
+                yield check_document(text, where, 0, text.count("\ufffd"))
+            continue
+        stats.files += 1
+        size = path.stat().st_size
+        stats.bytes_read += size
+        if size > MAX_SEGMENT_BYTES:
+            yield Reject(str(path), 0, "line_too_long", f"a text file of {size >> 20} MB (limit "
+                                                        f"{MAX_SEGMENT_BYTES >> 20} MB per document): split it")
+            continue
+        with _unless_unreadable_open(path) as f:
+            text, bad, recoded = decode_bytes(f.read())
+        stats.recoded_cp1252 += recoded
+        yield check_document(text, str(path), 0, bad)
+
+
 def iter_tunes(source: str, text_field: str = "text", *, stats: CorpusStats | None = None,
                on_reject: Callable[[Reject], None] | None = None, dedup: bool = True,
                limit: int | None = None, max_line_len: int = DEFAULT_MAX_LINE_LEN,
-               part: tuple[int, int] = (0, 1)) -> Iterator[Tune]:
-    """Streams the valid, normalised, (by default) deduplicated tunes of ``source``.
+               part: tuple[int, int] = (0, 1), content: str = "abc") -> Iterator[Tune]:
+    """Streams the valid, normalised, (by default) deduplicated tunes of ``source`` (``content="text"``: its
+    plain-text documents, :func:`check_document`).
 
     ``stats`` (a :class:`CorpusStats`) is filled as it goes; ``on_reject`` is called with each
     :class:`Reject`; ``limit`` stops after that many kept tunes. ``part=(i, n)``: only the tunes of part
@@ -510,7 +592,9 @@ def iter_tunes(source: str, text_field: str = "text", *, stats: CorpusStats | No
     index, parts = part
     stats = stats if stats is not None else CorpusStats()
     seen: set[bytes] = set()
-    for r in _iter_checked(source, text_field, stats, max_line_len):
+    items = (_iter_documents(source, text_field, stats) if content == "text"
+             else _iter_checked(source, text_field, stats, max_line_len))
+    for r in items:
         if isinstance(r, Reject):
             if parts > 1 and reject_part(r, parts) != index:
                 continue

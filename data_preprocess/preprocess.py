@@ -71,6 +71,9 @@ class PreprocessConfig:
     input: str = "music21"               # dir of .abc/.txt, .jsonl, datasets dir / file / hub id, or music21
     output_dir: str = ""
     mode: str = "pt"                     # pt | sft
+    content: str = "abc"                 # abc: ABC tunes (split at X:, checked, deduplicated by their music);
+    #                                      text: plain-text documents (a JSONL/datasets record or a .txt/.md file
+    #                                      each), pt only -- the general-text side of a data_weights mixture
     max_len: int = 2048
     workers: int = 1                     # processes for tokenisation / abc2midi (1 = in this process)
     val_ratio: float = 0.02
@@ -98,6 +101,11 @@ class PreprocessConfig:
             raise SystemExit("preprocess: -o/--output_dir is required")
         if self.mode not in ("pt", "sft"):
             raise SystemExit(f"preprocess: --mode must be pt or sft, got {self.mode!r}")
+        if self.content not in ("abc", "text"):
+            raise SystemExit(f"preprocess: --content must be abc or text, got {self.content!r}")
+        if self.content == "text" and (self.mode != "pt" or self.check != "none"):
+            raise SystemExit("preprocess: --content text is plain text for pretraining: it needs --mode pt and "
+                             "--check none")
         if self.check not in ("none", "abc2midi"):
             raise SystemExit(f"preprocess: --check must be none or abc2midi, got {self.check!r}")
         if self.max_len < 16:
@@ -346,7 +354,8 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
     if from_records:
         source = iter_sft_records(cfg.input, stats, on_reject, limit=cfg.limit, dedup=cfg.dedup, part=part)
     else:
-        source = iter_tunes(cfg.input, text_field=cfg.text_field, max_line_len=cfg.max_line_len, **lim)
+        source = iter_tunes(cfg.input, text_field=cfg.text_field, max_line_len=cfg.max_line_len,
+                            content=cfg.content, **lim)
 
     def jobs() -> Iterator:
         for chunk in _chunks(source, cfg.chunk_size):
@@ -441,7 +450,7 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
               "dropped because no answer token was left)", file=sys.stderr)
     elapsed = time.time() - t0
     meta = {
-        "mode": cfg.mode, "max_len": cfg.max_len, "vocab_size": vocab, "pad_id": tok.pad_token_id,
+        "mode": cfg.mode, "content": cfg.content, "max_len": cfg.max_len, "vocab_size": vocab, "pad_id": tok.pad_token_id,
         "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "splits": split_stats,
         "tokenizer": {**tokenizer_identity(tok_dir, tok), "source": str(cfg.tokenizer)},
         "input": str(cfg.input), "counts": counts,
@@ -487,6 +496,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output_dir", help="output dir (shards, meta.json, rejects.jsonl, tokenizer/)")
     ap.add_argument("--mode", choices=("pt", "sft"),
                     help="pt | sft here; --mode audio is handled by data_preprocess.audio (see its --help)")
+    ap.add_argument("--content", choices=("abc", "text"),
+                    help="abc (default): ABC tunes; text: plain-text documents for a pt mixture (data_weights)")
     ap.add_argument("--max_len", type=int)
     ap.add_argument("-w", "--workers", type=int, help="worker processes (default 1: in-process)")
     ap.add_argument("--val_ratio", type=float)

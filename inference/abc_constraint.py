@@ -1296,7 +1296,7 @@ class AbcState:
         if c == "]":
             if self.chord_n == 0:
                 return False
-            if any(not any(l == tl and a in ("", ta) for a, l in self.chord_pitches) for ta, tl in self.tied):
+            if any(not any(sp == tl and a in ("", ta) for a, sp in self.chord_pitches) for ta, tl in self.tied):
                 return False  # the chord after a tie holds every tied pitch ("[AC]-[CA]"; "[AC]-[AE]" is an error)
             self.in_chord = False
             self.mode, self.ltarget, self.lbase = "len", "chord", self.chord_first

@@ -30,7 +30,13 @@ class ConfigError(ValueError):
 class TrainConfig:
     # ---- data -------------------------------------------------------------------------------------
     mode: str = "pt"                 # must equal the shards' meta.json mode (pt | sft | any later mode)
-    data_dir: str = ""               # a data_preprocess output dir (meta.json + {train,val}.*.bin)
+    # a data_preprocess output dir (meta.json + {train,val}.*.bin); several (a YAML list or DIR,DIR) are one
+    # mixture -- same mode, tokenizer and max_len -- e.g. ABC shards and general-text shards, as MusicPile mixes them
+    data_dir: list[str] = field(default_factory=list)
+    data_weights: list[float] = field(default_factory=list)  # with several data_dir: each source's share of the
+                                     # train stream (normalised; a source may have 0); empty = each in proportion
+                                     # to its blocks (one shuffled stream over all of them). Losses are also
+                                     # logged per source (loss/NAME, val_loss/NAME; NAME = the dir's name)
     tokenizer: str = ""              # tokenizer dir; default: DATA_DIR/tokenizer (copied there by preprocess)
     doc_attention: str = "causal"    # causal: packed docs share one causal mask (positions still reset per doc)
                                      # block: block-diagonal 4D mask, a token never attends to an earlier doc
@@ -97,6 +103,10 @@ class TrainConfig:
     run_name: str = ""
 
     # -------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        if isinstance(self.data_dir, str):  # TrainConfig(data_dir="DIR") in Python, as on the command line
+            self.data_dir = [d.strip() for d in self.data_dir.split(",") if d.strip()]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -107,7 +117,7 @@ class TrainConfig:
 
     @property
     def tokenizer_dir(self) -> str:
-        return self.tokenizer or str(Path(self.data_dir) / "tokenizer")
+        return self.tokenizer or str(Path(self.data_dir[0] if self.data_dir else "") / "tokenizer")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -143,7 +153,9 @@ def _coerce(name: str, value, where: str):
         if origin is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() not in ("", "[]", "none") else []
-            return [str(v) for v in value]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            return [float(v) for v in value] if args and args[0] is float else [str(v) for v in value]
         if hint is bool:
             if isinstance(value, bool):
                 return value
@@ -362,7 +374,6 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         read_record,
         resolve_source,
     )
-    from data_preprocess.shards import open_split, read_meta
     from training.presets import PRESETS
 
     def bad(msg: str):
@@ -438,24 +449,8 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
     if cfg.optimizer == "deepspeed" and "optimizer" not in ds:
         bad(f"optimizer=deepspeed but {cfg.ds_config} has no \"optimizer\" block. Fix: optimizer=torch, or use a ds_configs/*.json")
     # ---- data
-    if not cfg.data_dir:
-        bad("data_dir is empty. Fix: data_dir=DIR made by `python -m data_preprocess.preprocess -o DIR ...`")
-    try:
-        meta = read_meta(cfg.data_dir)
-        train = open_split(cfg.data_dir, "train", meta)
-        val = open_split(cfg.data_dir, "val", meta) if (Path(cfg.data_dir) / "val.tokens.bin").exists() else None
-    except (FileNotFoundError, ValueError) as e:
-        bad(f"data_dir: {e}. Fix: (re)build it with `python -m data_preprocess.preprocess -o {cfg.data_dir} ...` "
-            "or point data_dir at a preprocess output dir")
-    if len(train) == 0:
-        bad(f"data_dir {cfg.data_dir}: the train split has no blocks. Fix: preprocess more data or a smaller --max_len")
-    if meta["mode"] != cfg.mode:
-        bad(f"mode={cfg.mode} but {cfg.data_dir} holds '{meta['mode']}' shards. Fix: mode={meta['mode']} or point "
-            f"data_dir at {cfg.mode} shards")
-    if val is None or len(val) == 0:
-        bad(f"data_dir {cfg.data_dir}: the val split is empty (needed for validation loss). Fix: re-run "
-            "data_preprocess.preprocess with --val_ratio > 0 on at least 2 tunes/records (it then keeps at least "
-            "one for val; more data or a larger --val_ratio, e.g. 0.1, gives a bigger val split)")
+    sources = check_data(cfg)
+    meta = sources[0]["meta"]
     # ---- tokenizer vs shards
     tdir = Path(cfg.tokenizer_dir)
     if not tdir.is_dir():
@@ -468,9 +463,10 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
     ident = tokenizer_identity(tdir, tok)
     mtok = meta.get("tokenizer", {})
     if ident["vocab_size"] != meta["vocab_size"] or (mtok.get("hash") and mtok["hash"] != ident["hash"]):
+        d0 = sources[0]["dir"]
         bad(f"tokenizer {tdir} (vocab {ident['vocab_size']}, hash {ident['hash']}) is not the one the shards in "
-            f"{cfg.data_dir} were made with (vocab {meta['vocab_size']}, hash {mtok.get('hash')}). Fix: "
-            f"tokenizer={Path(cfg.data_dir) / 'tokenizer'} or re-run data_preprocess with this tokenizer")
+            f"{d0} were made with (vocab {meta['vocab_size']}, hash {mtok.get('hash')}). Fix: "
+            f"tokenizer={Path(d0) / 'tokenizer'} or re-run data_preprocess with this tokenizer")
     if tok.pad_token_id is None:
         bad(f"tokenizer {tdir} has no pad token. Fix: re-save it with a pad token distinct from eos")
     # ---- model source
@@ -521,5 +517,65 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         except ImportError:
             bad("report_to includes wandb but wandb is not installed. Fix: pip install wandb, or report_to=tensorboard")
     return {"meta": meta, "ds": ds, "precision": precision, "tokenizer": tok, "tokenizer_identity": ident,
-            "hidden_size": hidden, "base_vocab": base_vocab, "n_train_blocks": len(train), "n_val_blocks": len(val),
-            "model_source": model_source}
+            "hidden_size": hidden, "base_vocab": base_vocab, "sources": sources, "model_source": model_source}
+
+
+def check_data(cfg: TrainConfig) -> list[dict]:
+    """The job's data sources, each ``{"name", "dir", "meta", "train_blocks", "val_blocks", "weight"}``, or a
+    ConfigError naming the directory or the weight to change: every dir a preprocess output of ``cfg.mode`` with
+    train and val blocks; several dirs (a mixture) made with one tokenizer and one max_len; weights one per dir,
+    >= 0, not all 0."""
+    from data_preprocess.shards import open_split, read_meta
+
+    def bad(msg: str):
+        raise ConfigError(msg)
+
+    if not cfg.data_dir:
+        bad("data_dir is empty. Fix: data_dir=DIR made by `python -m data_preprocess.preprocess -o DIR ...`")
+    resolved = [str(Path(d).resolve()) for d in cfg.data_dir]
+    for i, r in enumerate(resolved):
+        if r in resolved[:i]:
+            bad(f"data_dir lists {cfg.data_dir[i]} twice. Fix: give each shard dir once (data_weights sets its share)")
+    w = list(cfg.data_weights)
+    if w and len(w) != len(cfg.data_dir):
+        bad(f"data_weights has {len(w)} weights for {len(cfg.data_dir)} data_dir entries. Fix: one weight per dir, "
+            f"e.g. data_weights={','.join(['1'] * len(cfg.data_dir))}")
+    if any(not (x >= 0 and x < float("inf")) for x in w):
+        bad(f"data_weights={w}: a weight is negative or not a number. Fix: weights >= 0, e.g. 0.9,0.1")
+    if w and sum(w) == 0:
+        bad(f"data_weights={w} are all 0: nothing to train on. Fix: give at least one source a weight > 0")
+    sources = []
+    for i, d in enumerate(cfg.data_dir):
+        try:
+            meta = read_meta(d)
+            train = open_split(d, "train", meta)
+            val = open_split(d, "val", meta) if (Path(d) / "val.tokens.bin").exists() else None
+        except (FileNotFoundError, ValueError) as e:
+            bad(f"data_dir: {e}. Fix: (re)build it with `python -m data_preprocess.preprocess -o {d} ...` "
+                "or point data_dir at a preprocess output dir")
+        if len(train) == 0:
+            bad(f"data_dir {d}: the train split has no blocks. Fix: preprocess more data or a smaller --max_len")
+        if meta["mode"] != cfg.mode:
+            bad(f"mode={cfg.mode} but {d} holds '{meta['mode']}' shards. Fix: mode={meta['mode']} or point "
+                f"data_dir at {cfg.mode} shards")
+        if val is None or len(val) == 0:
+            bad(f"data_dir {d}: the val split is empty (needed for validation loss). Fix: re-run "
+                "data_preprocess.preprocess with --val_ratio > 0 on at least 2 tunes/records (it then keeps at least "
+                "one for val; more data or a larger --val_ratio, e.g. 0.1, gives a bigger val split)")
+        if sources:
+            first = sources[0]
+            m0 = first["meta"]
+            h0, h = m0.get("tokenizer", {}).get("hash"), meta.get("tokenizer", {}).get("hash")
+            if meta["vocab_size"] != m0["vocab_size"] or h != h0:
+                bad(f"data_dir {d} was made with another tokenizer (vocab {meta['vocab_size']}, hash {h}) than "
+                    f"{first['dir']} (vocab {m0['vocab_size']}, hash {h0}): one model reads one tokenizer's ids. "
+                    f"Fix: re-run data_preprocess on {d} with -t {Path(first['dir']) / 'tokenizer'}")
+            if meta["max_len"] != m0["max_len"]:
+                bad(f"data_dir {d} has max_len {meta['max_len']} but {first['dir']} has {m0['max_len']}: a batch is "
+                    f"blocks of one length. Fix: re-run data_preprocess on {d} with --max_len {m0['max_len']}")
+        name = Path(resolved[i]).name or f"source{i}"
+        if any(x["name"] == name for x in sources):
+            name = f"{name}_{i}"
+        sources.append({"name": name, "dir": d, "meta": meta, "train_blocks": len(train), "val_blocks": len(val),
+                        "weight": (w[i] / sum(w)) if w else None})
+    return sources

@@ -8,6 +8,12 @@ own micro-batches out of that slice. So:
 * the data position is one integer (stream items consumed) and resuming from it is exact;
 * 1 rank x 2 accumulation steps and 2 ranks x 1 step see the same global batch.
 
+Several shard directories (``data_dir`` a list) are one :class:`ConcatSplit`; with ``data_weights`` a
+:class:`MixtureStream` decides each stream item's source from the item's index alone (so the order is
+the same on any number of ranks, and the one-integer data position still resumes it exactly), and each
+source walks its own epochs -- a source with a larger share than its size repeats sooner, as MusicPile
+upsamples. Without weights the sources are one shuffled stream over all their blocks.
+
 Nothing here knows about text: a batch is tokens, loss mask and positions, whatever the modality.
 """
 from __future__ import annotations
@@ -162,3 +168,89 @@ def val_batches(num_blocks: int, micro: int, rank: int, world: int, max_batches:
     mine = np.arange(rank, num_blocks, world)[: len(rows)]
     rows[: len(mine)] = mine
     return [rows[i:i + micro] for i in range(0, len(rows), micro)]
+
+
+class _Rows:
+    """One array of a :class:`ConcatSplit`: ``rows`` of the whole -> the rows of each part."""
+
+    def __init__(self, parts: list, offsets: np.ndarray):
+        self.parts, self.offsets = parts, offsets
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows)
+        src = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows),) + self.parts[0].shape[1:], dtype=self.parts[0].dtype)
+        for s in np.unique(src):
+            sel = src == s
+            out[sel] = self.parts[s][rows[sel] - self.offsets[s]]
+        return out
+
+
+class ConcatSplit:
+    """The same split of several sources read as one: row ``r`` is row ``r - offsets[s]`` of source ``s``
+    (``make_batch`` reads it like a :class:`~data_preprocess.shards.Split`)."""
+
+    def __init__(self, splits: list[Split]):
+        self.parts = splits
+        self.offsets = np.cumsum([0] + [len(x) for x in splits])
+        self.tokens, self.loss_mask, self.pos = (_Rows([getattr(x, a) for x in splits], self.offsets)
+                                                 for a in ("tokens", "loss_mask", "pos"))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def source_of(self, rows: np.ndarray) -> np.ndarray:
+        """The source index of each row (-1 fillers: -1)."""
+        rows = np.asarray(rows)
+        return np.where(rows < 0, -1, np.searchsorted(self.offsets, rows, side="right") - 1)
+
+
+class MixtureStream:
+    """Stream item ``k`` -> a row of a :class:`ConcatSplit`, sources drawn with ``weights``.
+
+    Items come in chunks of :attr:`CHUNK`: chunk ``c`` draws each item's source i.i.d. from the weights with
+    a generator seeded by ``(seed, c)``; the ``j``-th item of source ``s`` is item ``j`` of that source's own
+    :class:`BlockStream` (its epochs, its permutations). Item ``k`` is therefore a function of ``k`` alone:
+    the counts of each source before a chunk are summed once per chunk and kept."""
+
+    CHUNK = 4096
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+        w = np.asarray(weights, dtype=np.float64)
+        self.p = w / w.sum()
+        self.seed = seed
+        self.offsets = np.cumsum([0] + list(sizes))
+        self.streams = [BlockStream(n, seed + 7919 * (i + 1)) for i, n in enumerate(sizes)]
+        self._before = [np.zeros(len(sizes), dtype=np.int64)]  # items of each source before chunk c
+        self._c, self._src = -1, None
+
+    def _sources(self, c: int) -> np.ndarray:
+        if c != self._c:
+            rng = np.random.default_rng([self.seed, 0x6D6978, c])
+            self._c, self._src = c, rng.choice(len(self.p), self.CHUNK, p=self.p)
+        return self._src
+
+    def _counts_before(self, c: int) -> np.ndarray:
+        while len(self._before) <= c:
+            k = len(self._before) - 1
+            self._before.append(self._before[-1] + np.bincount(self._sources(k), minlength=len(self.p)))
+        return self._before[c]
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            c, o = divmod(start + i, self.CHUNK)
+            before = self._counts_before(c)
+            src = self._sources(c)
+            s = int(src[o])
+            j = int(before[s]) + int(np.count_nonzero(src[:o] == s))
+            out[i] = self.offsets[s] + self.streams[s].take(j, 1)[0]
+        return out
+
+
+def train_stream(sizes: list[int], weights: list[float] | None, seed: int) -> BlockStream | MixtureStream:
+    """The train order over sources of ``sizes`` blocks: one shuffled stream over all blocks (one source, or no
+    weights), else a :class:`MixtureStream`."""
+    if len(sizes) == 1 or not weights:
+        return BlockStream(int(sum(sizes)), seed)
+    return MixtureStream(sizes, weights, seed)

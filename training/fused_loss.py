@@ -42,10 +42,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     ``hidden`` ``[T, h]``, ``weight`` ``[V, h]``, ``targets`` ``[T]`` (``ignore_index`` = no loss).
     The returned scalar is a sum over valid tokens divided by ``divisor`` (the caller passes the number
     of valid tokens for a mean, or a global count for gradient-accumulation-correct normalisation).
+    ``token_out`` (optional, ``[T]`` float32): filled with each token's loss (0 where ignored), no gradient --
+    what per-source losses are summed from.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, targets, divisor, chunk_size, ignore_index, token_out=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 only for gradcheck
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -59,7 +61,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             safe_t = torch.where(valid, t, torch.zeros_like(t))
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - target_logit) * valid).sum()
+            per_token = (lse - target_logit) * valid
+            total += per_token.sum()
+            if token_out is not None:
+                token_out[start:start + chunk_size] = per_token
             if need_h or need_w:
                 # d(sum of losses)/d(logits) = softmax - onehot on valid rows, 0 on ignored rows
                 g = torch.exp(logits.sub_(lse[:, None]))             # softmax, reusing the logits' memory
@@ -86,27 +91,34 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 @torch.no_grad()
-def _chunked_ce_sum_nograd(hidden, weight, targets, chunk_size, ignore_index) -> torch.Tensor:
+def _chunked_ce_sum_nograd(hidden, weight, targets, chunk_size, ignore_index, token_out=None) -> torch.Tensor:
     """Forward only (eval): sum of token losses, one chunk of logits at a time."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         t = targets[start:start + chunk_size]
         logits = (hidden[start:start + chunk_size] @ weight.t()).float()
-        total += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+        if token_out is None:
+            total += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+        else:
+            per_token = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="none")
+            token_out[start:start + chunk_size] = per_token
+            total += per_token.sum()
     return total
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_size: int = 1024, ignore_index: int = -100,
-                          num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+                          num_items: int | torch.Tensor | None = None,
+                          token_out: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` over non-ignored tokens (or the sum
     divided by ``num_items``), equal to ``F.cross_entropy(logits.float(), targets)`` in value and gradient.
 
-    ``hidden`` may have any leading shape (``[..., h]``); ``targets`` the same leading shape.
+    ``hidden`` may have any leading shape (``[..., h]``); ``targets`` the same leading shape. ``token_out``: a
+    float32 tensor of ``targets``' size that receives each token's loss (0 where ignored).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -118,18 +130,20 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         num_items = (t != ignore_index).sum().clamp_min(1).item()
     elif isinstance(num_items, torch.Tensor):
         num_items = num_items.item()
+    out = None if token_out is None else token_out.view(-1)
     if not torch.is_grad_enabled():  # eval: autograd.Function would still compute the gradients in forward
-        return _chunked_ce_sum_nograd(h, weight, t, chunk_size, ignore_index) / float(num_items)
-    return ChunkedLinearCrossEntropy.apply(h, weight, t, num_items, chunk_size, ignore_index)
+        return _chunked_ce_sum_nograd(h, weight, t, chunk_size, ignore_index, out) / float(num_items)
+    return ChunkedLinearCrossEntropy.apply(h, weight, t, num_items, chunk_size, ignore_index, out)
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            chunk_size: int = 1024, ignore_index: int = -100,
-                           num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+                           num_items: int | torch.Tensor | None = None,
+                           token_out: torch.Tensor | None = None) -> torch.Tensor:
     """The HF causal-LM loss (``ForCausalLMLoss``: position i predicts label i+1, ``-100`` ignored) from the
     last hidden states ``[B, S, h]`` and the lm_head weight, without full logits."""
     shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return chunked_cross_entropy(hidden, weight, shift, chunk_size, ignore_index, num_items)
+    return chunked_cross_entropy(hidden, weight, shift, chunk_size, ignore_index, num_items, token_out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,13 +207,15 @@ class ChunkedLossHead:
         """True under ZeRO-3: the lm_head weight is a partitioned DeepSpeed parameter."""
         return hasattr(self.head.weight, "ds_id")
 
-    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor,
+                         token_out: torch.Tensor | None = None) -> torch.Tensor:
         if not self.partitioned:  # whole on every rank (ZeRO 0-2, no DeepSpeed)
-            return chunked_causal_lm_loss(hidden, self.head.weight, labels, self.chunk_size, num_items=1)
+            return chunked_causal_lm_loss(hidden, self.head.weight, labels, self.chunk_size, num_items=1,
+                                          token_out=token_out)
         owner = self._owner()
 
         def forward(h):  # runs between DeepSpeed's gather and release hooks of `owner`
-            return chunked_causal_lm_loss(h, owner.weight, labels, self.chunk_size, num_items=1)
+            return chunked_causal_lm_loss(h, owner.weight, labels, self.chunk_size, num_items=1, token_out=token_out)
 
         owner.forward = forward  # an instance attribute shadows the class's forward for this one call
         try:
@@ -207,7 +223,8 @@ class ChunkedLossHead:
         finally:
             del owner.forward
 
-    def __call__(self, engine, labels: torch.Tensor, **inputs) -> torch.Tensor:
+    def __call__(self, engine, labels: torch.Tensor, token_out: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+        """``token_out``: a float32 tensor shaped like ``labels`` that receives each position's loss."""
         captured = {}
 
         def grab(_module, _args, output):
@@ -218,4 +235,4 @@ class ChunkedLossHead:
             engine(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=labels.device), use_cache=False)
         finally:
             handle.remove()
-        return self.loss_from_hidden(captured.pop("h"), labels)
+        return self.loss_from_hidden(captured.pop("h"), labels, token_out)

@@ -78,6 +78,9 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     steps = sorted(train)
     ax.plot(steps, [train[s]["loss"] for s in steps], label="train loss", lw=1.2)
+    for key in sorted({k for r in train.values() for k in r if k.startswith("loss/")}):  # a mixture's sources
+        ss = [s for s in steps if key in train[s]]
+        ax.plot(ss, [train[s][key] for s in ss], label=f"train {key}", lw=0.8, alpha=0.7)
     if val:
         vs = sorted(val)
         ax.plot(vs, [val[s]["val_loss"] for s in vs], "o-", label="val loss", lw=1.2)
@@ -96,7 +99,8 @@ def format_line(step: int, max_steps: int, rec: dict) -> str:
     gn = rec.get("grad_norm")
     return (f"step {step:>6}/{max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
             f"tok/s {rec['tokens_per_s']:,.0f} | grad_norm {gn if gn is None else f'{gn:.3f}'} | "
-            f"mem {rec['mem_gb']:.2f} GB")
+            f"mem {rec['mem_gb']:.2f} GB"
+            + "".join(f" | {k} {v:.4f}" for k, v in rec.items() if k.startswith("loss/")))
 
 
 def safe_exp(x: float) -> float:

@@ -98,20 +98,26 @@ def all_sum(values: list[float] | torch.Tensor, device) -> list[float]:
     return t.tolist()
 
 
-def token_losses(engine, batch, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_losses(engine, batch, head=None, token_out: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum of next-token cross-entropies over the batch's targets, logits). Loss in fp32.
 
     With ``head`` (a :class:`training.fused_loss.ChunkedLossHead`) the loss is computed chunk by chunk from the
     last hidden state and no logits are returned; otherwise from the model's logits, shifting the *labels*
-    (position i predicts label i+1), so the logits are never sliced into a non-contiguous copy."""
+    (position i predicts label i+1), so the logits are never sliced into a non-contiguous copy.
+    ``token_out`` (float32, shaped like the labels) receives each position's loss: a mixture's per-source
+    losses are its rows' sums."""
     inputs = batch.model_inputs()
     if head is not None:
-        return head(engine, batch.labels, **inputs), None
+        return head(engine, batch.labels, token_out=token_out, **inputs), None
     logits = engine(**inputs, use_cache=False).logits
     targets = F.pad(batch.labels, (0, 1), value=-100)[:, 1:]
-    loss_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=-100, reduction="sum")
-    return loss_sum, logits
+    flat = logits.float().view(-1, logits.shape[-1])
+    if token_out is None:
+        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum"), logits
+    per_token = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="none")
+    token_out.view(-1).copy_(per_token.detach())
+    return per_token.sum(), logits
 
 
 def make_loss_head(engine, loss: str, chunk_size: int):
@@ -131,30 +137,45 @@ def make_loss_head(engine, loss: str, chunk_size: int):
 
 
 @torch.no_grad()
-def evaluate(engine, split, cfg: TrainConfig, tok, rank: int, world: int, device, mask_dtype,
+def evaluate(engine, val_splits: dict, cfg: TrainConfig, tok, rank: int, world: int, device, mask_dtype,
              byte_cache: dict, head=None) -> dict:
-    """Val loss (nats/target token), perplexity and bits per character (UTF-8 byte of decoded target text)."""
+    """Val loss (nats/target token), perplexity and bits per character (UTF-8 byte of decoded target text)
+    over the val split of every source (``val_splits``: {name: split}; ``eval_max_batches`` caps each); with
+    several sources also ``val_loss/NAME`` and ``val_bpc/NAME``, the overall figures over all their tokens."""
     from training.data import make_batch, val_batches
     from training.metrics import safe_exp
 
     engine.eval()
-    loss_sum, n_targets, n_bytes = 0.0, 0, 0
-    for rows in val_batches(len(split), cfg.micro_batch_size, rank, world, cfg.eval_max_batches):
-        batch = make_batch(split, rows, cfg.batch_attention, mask_dtype, device)
-        key = tuple(rows.tolist())
-        if key not in byte_cache:  # bytes of the decoded target text: computed once per val batch
-            tgt = batch.labels[:, 1:]
-            byte_cache[key] = sum(len(tok.decode(r[r != -100].tolist(), skip_special_tokens=True).encode("utf-8"))
-                                  for r in tgt)
-        ls = token_losses(engine, batch, head)[0]
-        loss_sum += ls.item()
-        n_targets += batch.num_targets
-        n_bytes += byte_cache[key]
+    sums = []
+    for name, split in val_splits.items():
+        cache = byte_cache.setdefault(name, {})
+        loss_sum, n_targets, n_bytes = 0.0, 0, 0
+        for rows in val_batches(len(split), cfg.micro_batch_size, rank, world, cfg.eval_max_batches):
+            batch = make_batch(split, rows, cfg.batch_attention, mask_dtype, device)
+            key = tuple(rows.tolist())
+            if key not in cache:  # bytes of the decoded target text: computed once per val batch
+                tgt = batch.labels[:, 1:]
+                cache[key] = sum(len(tok.decode(r[r != -100].tolist(), skip_special_tokens=True).encode("utf-8"))
+                                 for r in tgt)
+            ls = token_losses(engine, batch, head)[0]
+            loss_sum += ls.item()
+            n_targets += batch.num_targets
+            n_bytes += cache[key]
+        sums += [loss_sum, n_targets, n_bytes]
     engine.train()
-    loss_sum, n_targets, n_bytes = all_sum([loss_sum, n_targets, n_bytes], device)
-    loss = loss_sum / max(n_targets, 1)
-    return {"val_loss": loss, "val_ppl": safe_exp(loss),
-            "val_bpc": (loss_sum / math.log(2) / n_bytes) if n_bytes else None, "val_tokens": int(n_targets)}
+    sums = all_sum(sums, device)
+    per = {name: sums[3 * i:3 * i + 3] for i, name in enumerate(val_splits)}
+
+    def figures(loss_sum, n_targets, n_bytes):
+        return loss_sum / max(n_targets, 1), (loss_sum / math.log(2) / n_bytes) if n_bytes else None
+
+    total = [sum(v[j] for v in per.values()) for j in range(3)]
+    loss, bpc = figures(*total)
+    out = {"val_loss": loss, "val_ppl": safe_exp(loss), "val_bpc": bpc, "val_tokens": int(total[1])}
+    if len(per) > 1:
+        for name, v in per.items():
+            out[f"val_loss/{name}"], out[f"val_bpc/{name}"] = figures(*v)
+    return out
 
 
 def main(argv=None) -> int:
@@ -212,7 +233,7 @@ def run(argv, progress: dict) -> int:
 
     from data_preprocess.shards import open_split
     from training import checkpoint as ckpt
-    from training.data import BlockStream, make_batch, step_micro_batches
+    from training.data import ConcatSplit, make_batch, step_micro_batches, train_stream
     from training.metrics import MetricsLogger, format_line, plot_loss_curve
     from training.model import DTYPES, build_model, estimate_memory, param_groups
     from training.schedule import lr_at
@@ -228,8 +249,13 @@ def run(argv, progress: dict) -> int:
 
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
-    train_split = open_split(cfg.data_dir, "train", meta)
-    val_split = open_split(cfg.data_dir, "val", meta)
+    # the data: one source, or a mixture read as one split (training/data.py); val stays per source
+    sources = facts["sources"]
+    names = [src["name"] for src in sources]
+    parts = [open_split(src["dir"], "train", src["meta"]) for src in sources]
+    train_split = parts[0] if len(parts) == 1 else ConcatSplit(parts)
+    val_splits = {src["name"]: open_split(src["dir"], "val", src["meta"]) for src in sources}
+    mixture = len(sources) > 1
     G, L = cfg.global_batch_size, int(meta["max_len"])
     gas = G // (cfg.micro_batch_size * world)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(train_split) / G))
@@ -243,12 +269,20 @@ def run(argv, progress: dict) -> int:
         ckpt_root.mkdir(exist_ok=True)
         job = {"config": cfg.to_dict(), "model_source": facts["model_source"], "ds_config": ds, "world_size": world,
                "precision": precision, "device": env.device, "max_steps": max_steps, "gradient_accumulation_steps": gas,
-               "data": {"max_len": L, "train_blocks": len(train_split), "val_blocks": len(val_split),
-                        "tokenizer": facts["tokenizer_identity"]}}
+               "data": {"max_len": L, "train_blocks": len(train_split),
+                        "val_blocks": sum(len(v) for v in val_splits.values()),
+                        "tokenizer": facts["tokenizer_identity"],
+                        "sources": [{k: src[k] for k in ("name", "dir", "train_blocks", "val_blocks", "weight")}
+                                    for src in sources]}}
         (out / "job.json").write_text(json.dumps(job, indent=2) + "\n")
         log.info("job: %s %s, %s, ZeRO-%d, %s, world %d, global batch %d = micro %d x gas %d x ranks %d, "
                  "%d steps of %d tokens", cfg.mode, cfg.train_type, cfg.model, stage, precision, world, G,
                  cfg.micro_batch_size, gas, world, max_steps, G * L)
+        if mixture:
+            log.info("data: a mixture of %d sources: %s", len(sources), ", ".join(
+                f"{src['name']} ({src['train_blocks']} blocks, "
+                f"{'share ' + format(src['weight'], '.3g') if src['weight'] is not None else 'by size'})"
+                for src in sources))
 
     # ---- 3. memory estimate, model, engine --------------------------------------------------------
     if rank == 0:
@@ -310,6 +344,7 @@ def run(argv, progress: dict) -> int:
 
     # ---- 4. resume -------------------------------------------------------------------------------
     step, position = 0, 0
+    data_sources = [[src["name"], src["train_blocks"], src["weight"]] for src in sources]
     found = ckpt.find_resume(cfg.resume, cfg.output_dir)
     if found:
         try:
@@ -321,6 +356,9 @@ def run(argv, progress: dict) -> int:
         step, position = int(client["global_step"]), int(client["data_position"])
         if client.get("global_batch_size") != G and rank == 0:
             log.warning("global batch changed %s -> %d since the checkpoint", client.get("global_batch_size"), G)
+        if client.get("data_sources", data_sources) != data_sources and rank == 0:
+            log.warning("data sources changed since the checkpoint (%s -> %s): the data order from here on is "
+                        "the new mixture's", client.get("data_sources"), data_sources)
         if "_rng" in client:
             ckpt.set_rng_state(client["_rng"])
         if rank == 0:
@@ -331,7 +369,7 @@ def run(argv, progress: dict) -> int:
     # ---- 5. the loop -----------------------------------------------------------------------------
     metrics = MetricsLogger(out, [r for r in cfg.report_to if r != "none"], cfg.run_name, cfg.wandb_project,
                             cfg.to_dict(), enabled=rank == 0)
-    stream = BlockStream(len(train_split), cfg.seed)
+    stream = train_stream([src["train_blocks"] for src in sources], cfg.data_weights, cfg.seed)
     byte_cache: dict = {}
     engine.train()
     t_last, tokens_since = time.time(), 0
@@ -349,36 +387,49 @@ def run(argv, progress: dict) -> int:
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for batch in batches:
-            ls = token_losses(engine, batch, head)[0]  # no name keeps the logits alive through backward
+        # a mixture: per-source (loss sum, targets) from each row's token losses, summed with the step's loss
+        per_src = torch.zeros(2 * len(sources), dtype=torch.float64, device=device) if mixture else None
+        for batch, rows in zip(batches, micro_rows):
+            tok_loss = torch.zeros(batch.labels.shape, dtype=torch.float32, device=device) if mixture else None
+            ls = token_losses(engine, batch, head, tok_loss)[0]  # no name keeps the logits alive through backward
             engine.backward(ls * (world / max(n_targets, 1.0)), scale_wrt_gas=False)
             engine.step()  # DeepSpeed applies the update (clip, optimizer) at the accumulation boundary only
             loss_sum += ls.detach()  # stays on the device: one host sync per step (the all-reduce below)
+            if mixture:
+                src = torch.from_numpy(train_split.source_of(rows)).to(device)
+                n_row = (batch.labels[:, 1:] != -100).sum(1).double()
+                per_src.index_add_(0, src, tok_loss.sum(1).double())
+                per_src.index_add_(0, src + len(sources), n_row)
         step += 1
         position += G
         tokens_since += G * L
-        loss = all_sum(loss_sum, device)[0] / max(n_targets, 1.0)
+        sums = all_sum(loss_sum if per_src is None else torch.cat([loss_sum.view(1), per_src]), device)
+        loss = sums[0] / max(n_targets, 1.0)
+        src_losses = {f"loss/{name}": sums[1 + i] / sums[1 + len(names) + i]
+                      for i, name in enumerate(names) if mixture and sums[1 + len(names) + i] > 0}
         bar.update(1)
         if step % cfg.log_every == 0 or step == max_steps or step == 1:
             gn = engine.get_global_grad_norm()
             dt = time.time() - t_last
             rec = {"loss": loss, "lr": lr, "grad_norm": None if gn is None else float(gn),
-                   "tokens_per_s": tokens_since / dt, "mem_gb": memory_gb(device), "targets": int(n_targets)}
+                   "tokens_per_s": tokens_since / dt, "mem_gb": memory_gb(device), "targets": int(n_targets),
+                   **src_losses}
             if rank == 0:
                 (print if bar.disable else tqdm.write)(format_line(step, max_steps, rec))
             t_last, tokens_since = time.time(), 0
         else:
-            rec = {"loss": loss, "lr": lr}
+            rec = {"loss": loss, "lr": lr, **src_losses}
         metrics.log(rec, step)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == max_steps:
             progress["at"] = f"in the evaluation after step {step}"
-            ev = evaluate(engine, val_split, cfg, tok, rank, world, device, mask_dtype, byte_cache, head)
+            ev = evaluate(engine, val_splits, cfg, tok, rank, world, device, mask_dtype, byte_cache, head)
             metrics.log(ev, step)
             if rank == 0:
                 log.info("eval step %d: val_loss %.4f ppl %.2f bpc %s", step, ev["val_loss"], ev["val_ppl"],
                          "n/a" if ev["val_bpc"] is None else f"{ev['val_bpc']:.4f}")
         if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
-            client = {"global_step": step, "data_position": position, "global_batch_size": G, "seed": cfg.seed}
+            client = {"global_step": step, "data_position": position, "global_batch_size": G, "seed": cfg.seed,
+                      "data_sources": data_sources}
             d = ckpt.save_checkpoint(engine, ckpt_root, step, client, ck_info, tok, lora, base_model_dir,
                                      cfg.keep_last, rank)
             if rank == 0:
@@ -394,7 +445,7 @@ def run(argv, progress: dict) -> int:
         shutil.rmtree(out / "final", ignore_errors=True)
         shutil.copytree(final_hf, out / "final")
     if cfg.verify_export:
-        diff = verify_export(engine, val_split, cfg, out / "final", base_model_dir, lora, rank, device, mask_dtype)
+        diff = verify_export(engine, next(iter(val_splits.values())), cfg, out / "final", base_model_dir, lora, rank, device, mask_dtype)
         metrics.log({"export_max_abs_logit_diff": diff}, step)
     if rank == 0:
         png = plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png", f"{cfg.mode} {cfg.train_type} {cfg.model}")
