@@ -1429,6 +1429,8 @@ class AbcState:
         if c == ":" and not b.endswith("]") and len(b) < 5:
             if self.rep_open and ":" not in b:
                 return False  # a second "|:" before the first is closed (abc2midi: "found another |:")
+            if "::" in b and "|" in b:
+                return False  # "::|:" opens the repeat twice (abc2midi reads "::" then "|:")
             self.buf += c
             return True
         if c == "]" and b in ("|", ":|"):  # ("||]" is an abc2midi error)

@@ -176,7 +176,8 @@ ABC2MIDI_RULES = [
     ("A4-^A4|", True), ("[AC]4-[CA]4|", False), ("[AC]4-A4|", True), ("A4-[AC]4|", False),
     ("[AC]4-[AE]4|", True), ("[A-C]4 [AC]4|", False), ("[A-C]4 [CE]4|", True), ("A4-{g}A4|", True),
     ("A4-&A4|", True), ('A4-"C"A4|', False), ("A4-|1A4:|2A4|]", False), ("A4-(3ABc B2|", False),
-    ("A4 B4-|\nB8|]", False), ("A2B2c2d2-|]", True), ("A4-A4-|]", True),
+    ("A4 B4-|\nB8|]", False), ("A2B2c2d2-|]", True), ("A4-A4-|]", True), ("A8 ::|: B8 :|", True),
+    ("A8 ::| B8 :|", False),
 ]
 
 

@@ -156,3 +156,11 @@ def test_a_mixture_trains_logs_each_source_and_resumes_exactly(mix, tmp_path):
     assert sorted(b) == [1, 2, 3, 4, 5, 6] and (resumed / "checkpoints" / "step-00000003").is_dir()
     for s in a:
         assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
+
+    # two ranks (ZeRO-2, one micro-batch each per step): the same global batches, so the same losses per source
+    ranks = tmp_path / "two_ranks"
+    run_train([data, f"output_dir={ranks}", *ARGS, "ds_config=ds_configs/zero2.json"], launcher="torchrun", nproc=2)
+    two = read_metrics(ranks / "metrics.jsonl", "loss/abc")
+    for s, r in recs.items():
+        for k in ("loss", "loss/abc", "loss/text"):
+            assert abs(two[s][k] - r[k]) < 1e-4, (s, k, two[s][k], r[k])
