@@ -447,7 +447,8 @@ def _capped_lines(f, cap: int) -> Iterator[tuple[int, bytes | None, int]]:
         yield lineno, None, size
 
 
-def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats, max_line_len: int) -> Iterator[Tune | Reject]:
+def _jsonl_texts(path: Path, text_field: str, stats: CorpusStats) -> Iterator[tuple[str, str] | Reject]:
+    """``(text, where)`` of each JSONL record's ``text_field``, or a Reject for a record without one."""
     for where, _, rec in iter_jsonl(path, stats):
         if isinstance(rec, Reject):
             yield rec
@@ -456,7 +457,15 @@ def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats, max_line_len: i
         if not isinstance(text, str):
             yield Reject(where, 0, "no_text_field", f"no string field '{text_field}' (use --text_field)")
             continue
-        yield from _iter_texts(text, where, max_line_len)
+        yield text, where
+
+
+def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats, max_line_len: int) -> Iterator[Tune | Reject]:
+    for r in _jsonl_texts(path, text_field, stats):
+        if isinstance(r, Reject):
+            yield r
+        else:
+            yield from _iter_texts(*r, max_line_len)
 
 
 def load_hf_dataset(source: str):
@@ -479,7 +488,8 @@ def load_hf_dataset(source: str):
     return ds
 
 
-def _iter_dataset(source: str, text_field: str, stats: CorpusStats, max_line_len: int) -> Iterator[Tune | Reject]:
+def _dataset_texts(source: str, text_field: str, stats: CorpusStats) -> Iterator[tuple[str, str] | Reject]:
+    """``(text, where)`` of each row's ``text_field`` of a datasets dataset, or a Reject for a non-string one."""
     ds = load_hf_dataset(source)
     if text_field not in ds.column_names:
         raise SystemExit(f"{source}: no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
@@ -495,7 +505,15 @@ def _iter_dataset(source: str, text_field: str, stats: CorpusStats, max_line_len
                 yield Reject(where, 0, "no_text_field", f"field '{text_field}' is {type(text).__name__}")
                 continue
             stats.bytes_read += len(text)
-            yield from _iter_texts(text, where, max_line_len)
+            yield text, where
+
+
+def _iter_dataset(source: str, text_field: str, stats: CorpusStats, max_line_len: int) -> Iterator[Tune | Reject]:
+    for r in _dataset_texts(source, text_field, stats):
+        if isinstance(r, Reject):
+            yield r
+        else:
+            yield from _iter_texts(*r, max_line_len)
 
 
 # ------------------------------------------------------------------------------------------ plain text
@@ -532,38 +550,21 @@ def _iter_documents(source: str, text_field: str, stats: CorpusStats) -> Iterato
         if not files:
             raise ArgumentError(f"input {p}: no {'/'.join(TEXT_SUFFIXES)} files below this directory. Fix: -i a dir "
                                 "of text files, a .jsonl or a datasets dir")
-    elif p.is_file() or p.is_dir() or "/" in src and not src.startswith((".", "/", "~")):
+    elif p.exists() or ("/" in src and not src.startswith((".", "/", "~"))):  # a file, datasets dir or hub id
         files = [p] if p.is_file() and p.suffix.lower() not in DATASET_SUFFIXES else None
     else:
         raise ArgumentError(f"input {src}: no such file or directory. Fix: -i a .jsonl, a dir of .txt files or a "
                             "datasets dir / hub id")
-    if files is None:  # a datasets dir, data file or hub id: one document per row
-        ds = load_hf_dataset(src)
-        if text_field not in ds.column_names:
-            raise SystemExit(f"{src}: no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
-                             "pass --text_field")
-        stats.files += 1
-        row = 0
-        for batch in ds.select_columns([text_field]).iter(batch_size=1000):
-            for text in batch[text_field]:
-                where, row = f"{src}[{row}]", row + 1
-                if not isinstance(text, str):
-                    yield Reject(where, 0, "no_text_field", f"field '{text_field}' is {type(text).__name__}")
-                    continue
-                stats.bytes_read += len(text)
-                yield check_document(text, where, 0, text.count("\ufffd"))
+    def documents(records):  # one document per record
+        for r in records:
+            yield r if isinstance(r, Reject) else check_document(r[0], r[1], 0, r[0].count("\ufffd"))
+
+    if files is None:  # a datasets dir, data file or hub id
+        yield from documents(_dataset_texts(src, text_field, stats))
         return
     for path in files:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
-            for where, _, rec in iter_jsonl(path, stats):
-                if isinstance(rec, Reject):
-                    yield rec
-                    continue
-                text = rec.get(text_field) if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    yield Reject(where, 0, "no_text_field", f"no string field '{text_field}' (use --text_field)")
-                    continue
-                yield check_document(text, where, 0, text.count("\ufffd"))
+            yield from documents(_jsonl_texts(path, text_field, stats))
             continue
         stats.files += 1
         size = path.stat().st_size

@@ -61,6 +61,27 @@ def test_text_content_keeps_each_document_whole_and_unchanged(mix, tokenizer_dir
     assert got == {f"{t} ({i})" for i in range(12) for t in TEXT}
 
 
+def test_text_content_reads_datasets_rows_and_text_files(tmp_path, tokenizer_dir, capsys):
+    """A ``save_to_disk`` dir gives one document per row; a dir of .txt/.md files one per file (a JSONL in it, one
+    per record); a music21 request under ``--content text`` is refused in one line."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXT}).save_to_disk(str(tmp_path / "ds"))
+    assert read_meta(_preprocess(tokenizer_dir, str(tmp_path / "ds"), tmp_path / "o1", "--content", "text"))[
+        "counts"]["kept"] == len(TEXT)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, t in enumerate(TEXT[:3]):
+        (docs / f"{i}.md").write_text(f"# Note {i}\n\n{t}\n")
+    (docs / "more.jsonl").write_text(json.dumps({"text": TEXT[3]}) + "\n" + json.dumps({"text": TEXT[4]}) + "\n")
+    assert read_meta(_preprocess(tokenizer_dir, str(docs), tmp_path / "o2", "--content", "text"))[
+        "counts"]["kept"] == 5
+    with pytest.raises(SystemExit) as e:
+        preprocess.main(["-t", str(tokenizer_dir), "-o", str(tmp_path / "o3"), "--content", "text"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "music21 is an ABC corpus" in err[-1] and "Fix:" in err[-1]
+
+
 def test_a_mixture_draws_each_source_its_share_and_its_order_is_a_function_of_position():
     """The stream of a 0.8 / 0.2 / 0 mixture: shares within 1 % over 40k items, the zero-weight source never
     drawn, each source walking its own epochs (its first n items are a permutation of its n blocks), and any
