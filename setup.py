@@ -26,6 +26,7 @@ setup(
         "scipy>=1.10",
         "safetensors>=0.4",
         "pyyaml>=6.0",
+        "regex>=2023.0",
         "tqdm>=4.66",
         "wandb>=0.16",
         "tensorboard>=2.14",

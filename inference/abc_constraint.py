@@ -80,6 +80,7 @@ import re
 import time
 from fractions import Fraction
 
+import regex
 import torch
 from transformers import LogitsProcessor
 
@@ -111,11 +112,14 @@ _KNOWN_DECORATIONS = frozenset("HLMOPRSTuv.~")
 _DECORATIONS = frozenset("HIJKLMNOPQRSTUVWhijklmnopqrstuvw.~")
 _ROLLS = frozenset("RT~")
 _NEUTRAL = frozenset(" \t`\\$y*")
-_INLINE_FIELDS = frozenset("IKLMPQTVWrsw")  # [N:] [R:] [U:] [m:] are abc2midi errors
+_INLINE_FIELDS = frozenset("KLMPQTVWrsw")  # [N:] [R:] [U:] [m:] are abc2midi errors
 _AFTER_DECORATION = frozenset("ABCDEFGabcdefg^_=zx[")
 _AFTER_RESERVED = _AFTER_DECORATION | frozenset("ZX{(!\"+")
-_BODY_FIELDS = frozenset("IKLMPQTVWsw")  # what abc2midi takes in a tune body (N: R: U: Z: m: are its errors)
-_HEADER_LETTERS = frozenset("ABCDFGHIKLMNOPQRSTUVWXZmr")  # ABC 2.1's header fields
+_BODY_FIELDS = frozenset("KLMPQTVWsw")  # what abc2midi takes in a tune body (N: R: U: Z: m: are its errors)
+# ABC 2.1's header fields, less three abc2midi reads as commands: "I:" (any key but MIDI is its error, "I: ::
+# ::" in 1,118 music21 tunes among them; "I:MIDI ..." reprograms the player), "U:" (a letter redefined: "U:G"
+# is an error and "U:G=!trill!" would change what every G means) and "m:" (macros rewrite the music).
+_HEADER_LETTERS = frozenset("ABCDFGHKLMNOPQRSTVWXZr")
 _DECO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789<>()-.^_/")
 _MODE_WORDS = tuple(_MODES)
 _MAX_VALUE = 160                    # chars of a field value (music21's longest: 146)
@@ -172,6 +176,18 @@ def _spellings(want: Fraction) -> frozenset[str]:
     return frozenset(out)
 
 
+def _fill(note: str, units: Fraction, tie: bool = False) -> str | None:
+    """``note`` written to last ``units`` units of L: one note where a length spells it, else notes of 16
+    units and the rest (a bar of M:22/2 at L:1/2 is "D16 D6"; tied together when ``tie``)."""
+    sp = [x for x in _spellings(units) if "//" not in x]
+    if sp:
+        return note + min(sp, key=len)
+    if units <= 16:
+        return None
+    tail = _fill(note, units - 16, tie)
+    return None if tail is None else note + "16" + ("-" if tie else " ") + tail
+
+
 _QUOTE_FIRST = frozenset("ABCDEFGabcdefg(^_<>@0123456789")  # (digits: fingerings, "4")
 # the chord types abc2midi 4.84 plays (found by feeding it each type of music21's chord symbols and a standard
 # list: "Gmaj", "Gmin", "G13", "G2" are its errors)
@@ -210,13 +226,13 @@ def _meter_prefix_ok(v: str) -> bool:
     if s.rstrip(" ") != s:           # trailing spaces only after a complete value
         return _meter_ok(s)
     return ("none".startswith(s.lower()) or s in ("C", "C|", "c", "c|")
-            or _METER_PREFIX.fullmatch(s) is not None)
+            or _METER_WHOLE.fullmatch(s, partial=True) is not None)
 
 
 # numbers of up to 2 digits (music21: 12/8 at most), so a meter cannot run on, without a leading 0; the
 # denominator a power of two (abc2midi: "36 b is not a power of 2")
-_METER_WHOLE = re.compile(r"\(?([1-9][0-9]?\+){0,5}[1-9][0-9]?\)?/(1|2|4|8|16|32|64)")
-_METER_PREFIX = re.compile(r"\(?([1-9][0-9]?\+){0,5}([1-9][0-9]?)?\)?|\(?([1-9][0-9]?\+){0,5}[1-9][0-9]?\)?/(1|16?|2|32?|4|64?|8)?")
+_METER_WHOLE = regex.compile(r"(?:\((?:[1-9][0-9]?\+){0,5}[1-9][0-9]?\)|(?:[1-9][0-9]?\+){0,5}[1-9][0-9]?)"
+                             r"/(?:1|2|4|8|16|32|64)")
 
 
 def _unit_ok(v: str) -> bool:
@@ -233,6 +249,61 @@ def _unit_prefix_ok(v: str) -> bool:
                                                                 ("1", "2", "4", "8", "16", "32", "64")))
 
 
+# Q: as abc2midi reads it (music21 writes "1/4=120", "1/4=120 \"Slow\"" and "120"): a tempo number, after
+# an optional beat "1/4=", with an optional quoted word before or after ("Q:\"Slow\"" alone, "Q:0",
+# "Q:1/4=0", "Q:2/22=60" (a beat of no power of 2), "Q:1/4 3/8=120" and an unclosed quote are its errors).
+# A quoted tempo name of abc2midi's alone is a tempo too ("Q:\"Andantino\"").
+_TEMPO_NAMES = ("larghissimo", "adagissimo", "lentissimo", "largo", "adagio", "lento", "larghetto", "adagietto",
+                "andante", "andantino", "moderato", "allegretto", "allegro", "vivace", "vivo", "presto",
+                "allegrissimo", "vivacissimo", "prestissimo")
+_TEMPO = regex.compile(r' *(?:(?:"[^"\n]{0,40}" *)?(?:[1-9]/(?:1|2|4|8|16|32|64) *= *)?[1-9][0-9]{0,2}'
+                       r'(?: *"[^"\n]{0,40}")?|"(?i:' + "|".join(_TEMPO_NAMES) + r')") *')
+
+
+# a grace group as abc2midi reads it (music21: "{g}", "{ag}", "{^f}", "{g/a/}", "{[ce]}"): an optional "/",
+# then notes (the octave marks of a note outside one: "{c,}" is its error "Bad pitch specifier") and chords
+# with short lengths; "{c[1}" (an ending inside) is its error.
+_GRACE_NOTE = r"[_^=]{0,2}(?:[A-G],{0,3}|[a-g]'{0,3})(?:[1-9]|[1-9]?/{1,2}[248]?)?"
+_GRACE = regex.compile(rf" ?/? ?(?:(?:{_GRACE_NOTE}|\[(?:{_GRACE_NOTE}){{1,4}}\](?:[1-9]|/{{1,2}}[248]?)?) ?)+")
+
+
+# a header P: is abc2midi's part order: parts (capitals) and groups "(AB)", each may be followed by a repeat
+# count, "." and spaces between ("P:2" is its error "No part to repeat", "P:Verse" "illegal character").
+_PART = r"(?:[A-Z][0-9]?|\((?:[A-Z][0-9]?){1,6}\)[0-9]?)"
+_PART_ORDER = regex.compile(rf" {{0,2}}{_PART}(?:[ .]{{0,2}}{_PART}){{0,7}} *")
+
+
+def _tempo_ok(v: str) -> bool:
+    return _TEMPO.fullmatch(v) is not None
+
+
+def _tempo_prefix_ok(v: str) -> bool:
+    return _TEMPO.fullmatch(v, partial=True) is not None
+
+
+# abc2midi's default accompaniment for a meter (store.c setbeat; f, b, c sound, z is silent, each one slot
+# of the bar), used where a chord symbol plays: a note of it still sounding when the track ends is its error
+# "Sustained notes beyond end of track". A meter not listed plays none; "none" plays as 4/4.
+_GCHORD_PATTERNS = {(2, 2): "fzczfzcz", (4, 4): "fzczfzcz", (2, 4): "fzcz", (6, 4): "fzczfzczfzcz",
+                    (3, 8): "fzczcz", (5, 8): "fzbcz", (5, 4): "fzbcz", (7, 8): "fzbczcz", (7, 4): "fzbczcz",
+                    (3, 4): "fzczcz", (6, 8): "fzcfzc", (9, 8): "fzcfzcfzc", (12, 8): "fzcfzcfzcfzc"}
+
+
+def _gchord_sounding(meter_str: str | None, t: Fraction) -> bool:
+    """A chord-symbol note abc2midi plays is still sounding ``t`` (whole notes) into a bar of ``meter_str``."""
+    s = (meter_str or "none").strip()
+    num, den = {"C": (4, 4), "C|": (2, 2), "none": (4, 4)}.get(s, (0, 0))
+    m = re.fullmatch(r"([0-9]+)/([0-9]+)", s)
+    if m:
+        num, den = int(m.group(1)), int(m.group(2))
+    pat = _GCHORD_PATTERNS.get((num, den))
+    if pat is None:
+        return False
+    slot = Fraction(num, den) / len(pat)
+    k = (t % Fraction(num, den)) / slot
+    return k.denominator != 1 and pat[int(k)] != "z"
+
+
 def _key_mode(v: str) -> str | None:
     """The mode of a complete K: value ("maj", "min", "dor" ...); "none" for K:none / K:HP; None if unreadable."""
     s = v.strip()
@@ -240,6 +311,27 @@ def _key_mode(v: str) -> str | None:
         return "none"
     k = normalise_key(s)
     return k[1] if k else None
+
+
+# what may follow a K: value's key and mode, word by word, as abc2midi 4.84 reads it (music21 writes "bass",
+# "treble8"): a lower-case word ("bass", "exp"; an unknown one is only warned about), a clef with an octave
+# digit or "+8"/"-8", an accidental of "exp" ("^f"), or one of the "name=value" pairs it reads ("clef=bass",
+# "octave=-1", "middle=B"). A later word that starts with a note letter is read as another key ("K:D maj G:"
+# is its error "Unknown mode ':'"); "-8va", "x1", "stafflines=4", "middle=3", "m=1" are its microtone error.
+_KEY_WORD = regex.compile(
+    r"[a-z]+|(?:treble|bass|alto|tenor|baritone|soprano|mezzosoprano|perc)(?:[1-5]|[+-]?8)|[_^=]{1,2}[A-Ga-g]"
+    r"|clef=[a-z]+(?:[1-5]|[+-]?8)?|octave=[+-]?[0-9]|transpose=[+-]?[0-9]{1,2}|middle=[A-Ga-g][,']{0,2}"
+    r"|(?:name|sname|stem|gstem|cue)=[a-z]+")
+
+
+def _key_words_ok(after: str) -> bool:
+    """Whether ``after`` (what follows the key and its mode word, from a space on) is a valid run of
+    further words so far: each whole word in :data:`_KEY_WORD`, the last one a prefix of one."""
+    if not after.startswith(" "):
+        return False
+    *whole, last = after[1:].split(" ")
+    return all(not w or _KEY_WORD.fullmatch(w) for w in whole) and (
+        not last or _KEY_WORD.fullmatch(last, partial=True) is not None)
 
 
 def _key_prefix_ok(v: str, mode: str | None = None) -> bool:
@@ -255,15 +347,15 @@ def _key_prefix_ok(v: str, mode: str | None = None) -> bool:
     rest = m.group(3)
     word_m = re.match(r"\s?([A-Za-z]*)", rest)
     word, after = word_m.group(1), rest[word_m.end():]
-    if after:                                  # "D clef=bass", "Dm exp ...": the mode word is complete
-        if not after.startswith(" "):
-            return False
-        if mode is None:
-            return word == "" or word.lower()[:3] in _MODES or word.lower() in _MODES or "=" in after
-        return _MODES.get(word.lower(), _MODES.get(word.lower()[:3])) == mode
     w = word.lower()
+    if after:                                  # "Dm exp ^f", "E phr -8va": the mode word is complete
+        if word and not (w in _MODES or w[:3] in _MODES):
+            return False
+        if mode is not None and _MODES.get(w, _MODES.get(w[:3])) != mode:
+            return False
+        return _key_words_ok(after)
     if mode is None:
-        return any(x.startswith(w) for x in _MODE_WORDS) or "=" in w or w[:3] in _MODES or word == ""
+        return any(x.startswith(w) for x in _MODE_WORDS) or w[:3] in _MODES or word == ""
     return any(x.startswith(w) and _MODES[x] == mode for x in _MODE_WORDS) or _MODES.get(w[:3]) == mode
 
 
@@ -469,6 +561,7 @@ class AbcState:
         "chord_pitches",
         "chord_tied",
         "closed",
+        "colon_closed",
         "deco",
         "done",
         "dur",
@@ -476,6 +569,7 @@ class AbcState:
         "fctx",
         "fletter",
         "fval",
+        "gch",
         "hseen",
         "hurry",
         "idle",
@@ -501,6 +595,7 @@ class AbcState:
         "need_boundary",
         "owe_boundary",
         "paired",
+        "parts",
         "phase",
         "pickup",
         "pitch",
@@ -568,10 +663,18 @@ class AbcState:
         self.paired = False                 # the last note was the second of a broken pair
         self.rep_open = False
         self.rep_closed = False             # a ":|" closed a repeat and no "|:" / "||" came since
+        self.colon_closed = False           # a ":|" (or ":|:") came and no "|:" since: "::" is abc2midi's
+        #                                     error "found :: before |:" (even after "||")
         # numbered endings: 0 none open; 1 a first ending, closed by ":|" before the tune may end; 2 it was
         # closed (a later ending may follow that ":|"); 3 in a later ending (a section barline ends the set).
         # An ending starts right after "|" or ":|" ("||1" "::1" "|]1" are abc2midi errors) or as "[2".
         self.var = 0
+        # a header "P:" is a part order for abc2midi ("P:ABA": play part A, B, A): capitals, digits, "().-"
+        # and spaces only ("P:Verse" is its error: illegal character 'e'), and every part it names must be
+        # labelled in the body ("P:A" line or "[P:A]": the label's first letter) before the end ("Part not
+        # defined"). ``parts`` holds the named parts not yet labelled.
+        self.parts: frozenset = frozenset()
+        self.gch = False                    # a chord symbol was written: abc2midi plays an accompaniment
         self.tonic = "z"                    # the key's tonic letter (a steered ending closes on it), else a rest
         # ties (abc2midi: "Could not find note to be tied" unless the next note, or chord, holds the tied pitch;
         # a rest, a grace note, "&" or the end after a tie are its errors; an accidental carries over the tie,
@@ -652,7 +755,7 @@ class AbcState:
             return False  # (a lone ":" is no barline)
         return (self.phase == "body" and self.mode in ("music", "b_start", "bar", "comment") and self.n == 0
                 and not self.multi and self.after_bar and self.nbars > 0 and self.last_full and self.slur == 0
-                and self.pitched and not self.tied
+                and self.pitched and not self.tied and not self.parts
                 and self.tup_left == 0 and self.broken_next is None and not self.owe_boundary
                 and not self._repeat_open())
 
@@ -672,8 +775,21 @@ class AbcState:
 
     def finish_text(self, final: str = "|]") -> str | None:
         """The shortest plain ending from here, where nothing is open: the bar filled with one note on the
-        tonic (a rest in a key without one), then ":|" if a repeat waits for it, else ``final``; None
-        where that cannot be written (a tuplet or a broken pair pending, a length no ABC note has)."""
+        tonic (a rest in a key without one), then ":|" if a repeat waits for it, else ``final``; then, for
+        each part the header's P: names and the body has not labelled, "[P:X]" and one such bar (abc2midi:
+        "Part not defined"). None where that cannot be written (a tuplet or a broken pair pending, a length
+        no ABC note has)."""
+        f = self._finish_bar(final)
+        if f is None or not self.parts:
+            return f
+        note = self.tonic if self.pitched or self.tonic != "z" else "C"
+        bar = note if self.meter is None else _fill(note, self.meter / self.unit)
+        if bar is None:
+            return None
+        return f + "".join(f"[P:{p}]{bar}{final}" for p in sorted(self.parts))
+
+    def _finish_bar(self, final: str) -> str | None:
+        """finish_text's first part: the bar filled, then ":|" or ``final``."""
         if (self.phase != "body" or self.mode not in ("music", "b_start", "bar") or self.tup_left or self.deco
                 or self.broken_next is not None or self.in_chord or self.layers or self.owe_boundary or self.multi):
             return None
@@ -688,8 +804,8 @@ class AbcState:
                 pre += "|"  # the bar is full: the tie goes over a barline into a bar of its note
                 if self.meter is None:
                     return None
-                sp = [x for x in _spellings(self.meter / self.unit) if "//" not in x]
-                return pre + note + min(sp, key=len) + close if sp else None
+                bar = _fill(note, self.meter / self.unit, tie=True)
+                return pre + bar + close if bar else None
         if self.mode == "bar":
             if not self.buf.endswith("|") or self.meter is None:
                 return None
@@ -705,10 +821,8 @@ class AbcState:
             return pre + close
         if rest < 0:
             return None
-        sp = [x for x in _spellings(rest / self.unit) if "//" not in x]
-        if not sp:
-            return None
-        return pre + note + min(sp, key=len) + close
+        bar = _fill(note, rest / self.unit, tie=bool(self.tied))
+        return pre + bar + close if bar else None
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, c: str) -> bool:
@@ -775,8 +889,8 @@ class AbcState:
             return False
         if self.x_seen and (self.nbars >= _MAX_HEADER_LINES or self.hurry) and c != "K" and c not in missing:
             return False  # a header that goes on and on: only the asked fields and K: may come now
-        if self.hseen.count(c) >= (16 if c == "N" else 6):
-            return False
+        if self.hseen.count(c) >= (16 if c == "N" else 1 if c == "P" else 6):
+            return False  # (one part order)
         self.hseen += c
         self.nbars += 1  # (counts header lines until the body starts)
         self.mode, self.fletter = "h_letter", c
@@ -798,8 +912,8 @@ class AbcState:
             return False  # (a comment cannot start inside [K:...]: the field would never close)
         L = self.fletter
         cap = _MAX_HURRIED_VALUE if (self.hurry and self.fctx == "h" and L not in self.spec) else _MAX_VALUE
-        if len(self.fval) >= cap and not "\x80" <= c <= "\xbf":
-            return False
+        if len(self.fval) >= cap and not "\x80" <= c <= "\xbf" and self.clone()._field_done():
+            return False  # (past the cap only what completes the value: a quote, group or word left open)
         v = self.fval + c
         if c == "%" and L in "MLK" and "%" not in self.fval:  # a comment only after a whole value
             head = self.fval.strip()
@@ -812,6 +926,14 @@ class AbcState:
                 return False
         elif L == "X":
             if re.fullmatch(r" ?[0-9]{0,6}", v) is None:
+                return False
+        elif L == "P" and self.fctx == "h":
+            head, pct, _ = v.partition("%")
+            if _PART_ORDER.fullmatch(head, partial=not pct) is None:
+                return False
+        elif L == "Q":
+            head, pct, _ = v.partition("%")
+            if not (_tempo_ok(head) if pct else _tempo_prefix_ok(head)):
                 return False
         elif L in "MLK" and "%" not in v:
             if L == "M" and not _meter_prefix_ok(v):
@@ -831,6 +953,10 @@ class AbcState:
             return False
         if L == "X" and not re.fullmatch(r"[0-9]+", v):
             return False
+        if L == "Q" and not _tempo_ok(raw.split("%", 1)[0]):
+            return False
+        if L == "P" and ctx == "h" and _PART_ORDER.fullmatch(raw.split("%", 1)[0]) is None:
+            return False
         if L == "M":
             if not _meter_ok(v):
                 return False
@@ -847,6 +973,11 @@ class AbcState:
             self.tonic = v[0].upper() if v[:1] and v[0].upper() in "ABCDEFG" else "z"
         elif L == "V" and ctx != "h" and not self._voice_change():
             return False
+        elif L == "P":
+            if ctx == "h":
+                self.parts = frozenset(re.findall(r"[A-Z]", v))
+            elif v:
+                self.parts = self.parts - {v[0]}
         if ctx == "h":
             self.done = self.done | {L}
             if L == "X":
@@ -979,6 +1110,8 @@ class AbcState:
         just, self.just = self.just, False
         if self.deco:  # a one-letter decoration (~ . T u ...) decorates the note, rest or chord that follows
             if c in _DECORATIONS:  # (deco: how many, and _deco_bits's flags)
+                if c in _ROLLS and len(self.tied) > 1:
+                    return False  # (a roll takes no chord, and only a chord holds the tied pitches)
                 if self.deco & 32 and c not in _KNOWN_DECORATIONS:
                     return False  # ("OV": a letter abc2midi ignores cannot follow one it plays)
                 self.deco = ((self.deco & 7) + 1) | (self.deco & 56) | _deco_bits(c)
@@ -990,6 +1123,9 @@ class AbcState:
             elif (c not in _AFTER_DECORATION and not (c == "(" and self.deco == 33)) or (c == "[" and self.deco & 8):
                 return False  # (abc2midi takes ".(" -- a staccato, then a slur -- but no other decoration there)
             self.deco = 0
+            if c == "[":  # a chord, never "[|", "[1" or "[L:...]" ("T[L:1/16]": "Malformed note")
+                self.mode, self.buf = "lbrack", "d"
+                return True
         if self.owe_boundary and c not in " \t\n|:[]%":
             return False  # a short bar closed by a plain barline: only a section barline may come now
         if c in _NOTE_LETTERS or c in "^_=":
@@ -1015,18 +1151,21 @@ class AbcState:
                     return False
             self.nl_note = False
             return self._idle("blank")
+        if c in "\\*":  # abc2midi: "'\\' in middle of line ignored", "*'s in middle of line ignored" (errors):
+            self.mode, self.buf = "eol", c  # after either, only a run of '*', blanks, and the line end
+            return self._idle("blank")
         if c in _NEUTRAL:
             return self._idle("blank")
         if c in _DECORATIONS:
-            if not self._room():
-                return False  # (a decoration needs a note after it)
+            if not self._room() or (c in _ROLLS and len(self.tied) > 1):
+                return False  # (a decoration needs a note after it; a roll takes no chord a tie may wait for)
             self.after_bar = False
             self.deco = 1 | _deco_bits(c)
             return self._idle()
         if c in "|:":
             return self._bar_open(c)
         if c == "[":
-            self.mode = "lbrack"
+            self.mode, self.buf = "lbrack", ""
             return True
         if c in '"!+':
             if not self._idle():
@@ -1036,7 +1175,7 @@ class AbcState:
         if c == "{":
             if self.tied:
                 return False  # (the grace note would take the tie)
-            self.mode, self.after_bar, self.plen = "grace", False, 0
+            self.mode, self.after_bar, self.plen, self.buf = "grace", False, 0, ""
             return self._idle()
         if c == "(":
             if self.slur >= _MAX_SLURS:  # (decided at the "(", so "(" never leads to a dead end)
@@ -1075,6 +1214,16 @@ class AbcState:
             return True
         return False
 
+    def _eol(self, c):
+        """After a '\\' or '*' in a music line: '*' right after '*', spaces, tabs, then the line end."""
+        if c == "\n":
+            self.mode = "music"
+            return None
+        if c in " \t" or (c == "*" and self.buf == "*"):
+            self.buf = "*" if c == "*" else " "
+            return self._idle("blank")
+        return False
+
     def _idle(self, kind: str = "idle") -> bool:
         """Counts one idle char (see ``__init__``) of ``kind`` (idle | blank); False past its cap."""
         if kind == "blank":
@@ -1083,29 +1232,42 @@ class AbcState:
         self.idle += 1
         return self.idle <= _MAX_IDLE
 
+    def _tie_targets(self) -> frozenset | None:
+        """The tied pitches the note being written must be one of (None: any note will do): the one a single
+        note's tie waits for (none fits when a chord was tied), or, in a chord, the tied pitches it does not
+        hold yet once they need every slot left of its 8."""
+        if not self.tied:
+            return None
+        if not self.in_chord:
+            return self.tied if len(self.tied) == 1 else frozenset()
+        missing = frozenset(t for t in self.tied
+                            if not any(sp == t[1] and a in ("", t[0]) for a, sp in self.chord_pitches))
+        return missing if len(missing) >= 8 - self.chord_n else None
+
     def _tie_target(self, acc: str, spelled: str, whole: bool) -> bool:
-        """Whether a single note written ``acc`` + ``spelled`` (so far, or ``whole``) can be the note a tie
-        waits for: the same letter and octave marks, the tied note's accidental or none (it carries)."""
-        if len(self.tied) != 1:
-            return False  # (a tied chord needs a chord)
-        (tacc, tl), = self.tied
-        if acc and not tacc.startswith(acc):
-            return False
-        if not whole:
-            return tl.startswith(spelled)
-        return tl == spelled and acc in ("", tacc)
+        """Whether a note written ``acc`` + ``spelled`` (so far, or ``whole``) can be a note a tie waits for
+        (see _tie_targets): the same letter and octave marks, the tied note's accidental or none (it carries)."""
+        targets = self._tie_targets()
+        if targets is None:
+            return True
+        for tacc, tl in targets:
+            if acc and not tacc.startswith(acc):
+                continue
+            if (tl.startswith(spelled) if not whole else (tl == spelled and acc in ("", tacc))):
+                return True
+        return False
 
     def _note(self, c):
         # accidentals, then the letter, then octave marks, then the length
         if c in "^_=":
             if self.acc and (self.acc[-1] != c or c == "=" or len(self.acc) >= 2):
                 return False
-            if self.tied and not self.in_chord and not self._tie_target(self.acc + c, "", False):
+            if not self._tie_target(self.acc + c, "", False):
                 return False
             self.acc += c
             return True
         if c in _NOTE_LETTERS:
-            if self.tied and not self.in_chord and not self._tie_target(self.acc, c, False):
+            if not self._tie_target(self.acc, c, False):
                 return False
             self.mode, self.buf, self.pitched = "octave", c, True
             return True
@@ -1115,11 +1277,11 @@ class AbcState:
         if c in "',":  # (abc2midi: "A'" and "c," are bad pitch specifiers: ' raises a-g, "," lowers A-G)
             if (c == "'") != self.buf[0].islower():
                 return False
-            if self.tied and not self.in_chord and not self._tie_target(self.acc, self.buf + c, False):
+            if not self._tie_target(self.acc, self.buf + c, False):
                 return False
             self.buf += c
             return True
-        if self.tied and not self.in_chord and not self._tie_target(self.acc, self.buf, True):
+        if not self._tie_target(self.acc, self.buf, True):
             return False
         self.pitch = (self.acc, self.buf)
         if self.in_chord:
@@ -1252,12 +1414,14 @@ class AbcState:
         return None
 
     def _lbrack(self, c):
+        if self.buf == "d" and not (c in _NOTE_LETTERS or c in "^_="):
+            return False  # (after a decoration: a chord)
         if c == "|":
             return self._bar_open("[|")
         if self.owe_boundary:
             return False
-        if c in _DIGITS:
-            if c == "0" or not self._start_ending(c):
+        if c in _DIGITS:  # ("g[1&" -- an ending inside a bar, then "&" -- is an abc2midi error: at a bar's start)
+            if c == "0" or self.n > 0 or not self._start_ending(c):
                 return False
             self.mode, self.buf = "ending", c
             return True
@@ -1266,7 +1430,7 @@ class AbcState:
                 return False
             self.mode, self.buf = "ifield", c
             return True
-        if c in _NOTE_LETTERS or c in "^_=":
+        if c in _NOTE_LETTERS or c in "^_=.":
             if not self._room():
                 return False
             self.mode, self.in_chord, self.chord_first, self.chord_n = "chord", True, None, 0
@@ -1291,7 +1455,12 @@ class AbcState:
                 return False
             self.chord_tied = self.chord_tied | {self.pitch}
             return True
-        if c in " .~":
+        if c == " ":
+            return True
+        if c == ".":  # a staccato right before a chord note ("[f.]", "[. f]", "[~f]" are abc2midi errors)
+            if self.chord_n >= 8:
+                return False
+            self.mode = "cdot"
             return True
         if c == "]":
             if self.chord_n == 0:
@@ -1304,13 +1473,22 @@ class AbcState:
             return True
         return False
 
+    def _cdot(self, c):
+        if c in _NOTE_LETTERS or c in "^_=":
+            self.mode = "chord"
+            return None
+        return False
+
     def _grace(self, c):
         if c == "}":
             self.mode = "music"
-            return self.plen > 0  # "{}" graces nothing
+            return self.plen > 0 and _GRACE.fullmatch(self.buf) is not None  # ("{}" graces nothing)
         if c in _NOTE_LETTERS:
             self.plen += 1
-        return (c in _NOTE_LETTERS or c in "^_=',/0123456789 []") and self.plen <= 16
+        elif c in "^_=[" and self.plen >= 16:
+            return False  # (it would wait for a 17th note)
+        self.buf += c
+        return self.plen <= 16 and _GRACE.fullmatch(self.buf, partial=True) is not None
 
     def _quote(self, c):
         """A chord symbol (``"Am7/G"``: a chord name abc2midi knows) or an annotation (``"^Fine"``: it
@@ -1319,8 +1497,11 @@ class AbcState:
         if c == '"':
             if chord and not _gchord_ok(self.buf, True):
                 return False
+            self.gch = self.gch or chord
             self.mode = "music"
             return True
+        if c == "%":
+            return False  # (abc2midi reads a comment there and the quote never closes)
         if self.plen == 0:
             if c not in _QUOTE_FIRST:
                 return False
@@ -1389,8 +1570,8 @@ class AbcState:
         total = max(self.dur, self.layers)
         self.need_boundary = False
         if self.n > 0 or self.multi:
-            if self.multi or self.bar_exp is None:
-                self.last_full = True
+            if self.multi or self.bar_exp is None:  # (a free meter's bar: abc2midi accompanies it as 4/4)
+                self.last_full = self.multi or not (self.gch and _gchord_sounding(self.meter_str, total))
             else:
                 full = total == self.bar_exp
                 self.shorts = 0 if full else self.shorts + 1
@@ -1400,8 +1581,11 @@ class AbcState:
                     if self.nbars == 0 and self.pickup is None:
                         self.pickup = total
                     self.need_boundary = self.left not in ("start", "repeat", "section")
+                # (a bar completing the pickup may end the tune, unless an accompaniment note is
+                # still sounding where it stops: "Sustained notes beyond end of track")
                 self.last_full = full or (self.nbars > 0 and self.pickup is not None
-                                          and total + self.pickup == self.bar_exp)
+                                          and total + self.pickup == self.bar_exp
+                                          and not (self.gch and _gchord_sounding(self.meter_str, total)))
             self.nbars += 1
             self.closed = True
         else:
@@ -1431,6 +1615,8 @@ class AbcState:
                 return False  # a second "|:" before the first is closed (abc2midi: "found another |:")
             if "::" in b and "|" in b:
                 return False  # "::|:" opens the repeat twice (abc2midi reads "::" then "|:")
+            if b == ":" and self.colon_closed:
+                return False  # (see colon_closed)
             self.buf += c
             return True
         if c == "]" and b in ("|", ":|"):  # ("||]" is an abc2midi error)
@@ -1451,6 +1637,10 @@ class AbcState:
             self.rep_open = True  # ("|:|" and "::|" open a repeat for abc2midi too)
         if self.rep_open or kind == "section":
             self.rep_closed = False
+        if b.startswith(":|"):
+            self.colon_closed = True
+        elif "|:" in b and not b.startswith(":"):
+            self.colon_closed = False
         self.lastbar = b
         if c in _DIGITS and c != "0":
             if b not in ("|", ":|") or not self._start_ending(c):
@@ -1517,9 +1707,11 @@ _STEP = {"pre": AbcState._pre, "h_start": AbcState._h_start, "h_letter": AbcStat
          "b_letter": AbcState._b_letter, "b_colon": AbcState._b_colon, "end": AbcState._end,
          "music": AbcState._music, "note": AbcState._note, "octave": AbcState._octave, "len": AbcState._len,
          "broken": AbcState._broken, "mrest": AbcState._mrest, "lbrack": AbcState._lbrack,
+         "cdot": AbcState._cdot,
          "ifield": AbcState._ifield, "chord": AbcState._chord, "grace": AbcState._grace,
          "quote": AbcState._quote, "deco": AbcState._deco, "pdeco": AbcState._pdeco, "paren": AbcState._paren,
-         "tuplet": AbcState._tuplet, "bar": AbcState._bar, "ending": AbcState._ending}
+         "tuplet": AbcState._tuplet, "bar": AbcState._bar, "ending": AbcState._ending,
+         "eol": AbcState._eol}
 
 
 def _requested_prefix_ok(v: str, want: str) -> bool:
@@ -1707,6 +1899,33 @@ def _opens_with(current: str, piece: str, opening: str) -> bool:
     t = current + piece
     m = BARLINE.search(_QUOTED.sub(lambda m: "_" * len(m.group(0)), t))
     return re.sub(r"\s+", "", t[:m.start()] if m else t).startswith(opening)
+
+
+def steered_ending(st: AbcState, final: str = "|]") -> str | None:
+    """The text a steered row ends with (``final``: the closing barline where no repeat waits):
+    :meth:`AbcState.finish_text` where nothing is open, else the shortest run of closing chars (a
+    breadth-first search of at most 6 chars over the state machine: the quote's '"', a length's digit, a line
+    end ...) that reaches such a point, then its finish."""
+    f = st.finish_text(final)
+    if f is not None or st.phase != "body":
+        return f
+    alphabet = ['"', "!", "+", "}", "]", " ", "\n", ")", st.tonic, "2", "1", "4", "8", "/", "|", ":"]
+    alphabet += sorted({tl[0] for _, tl in st.tied} - {st.tonic}) + ["'", ","] * bool(st.tied)  # (a tied chord)
+    frontier, seen = [(st, "")], {st.key()}
+    for _ in range(6):
+        nxt = []
+        for s0, path in frontier:
+            for ch in alphabet:
+                s2 = s0.after(ch)
+                if s2 is None or s2.key() in seen:
+                    continue
+                seen.add(s2.key())
+                f = s2.finish_text(final)
+                if f is not None:
+                    return path + ch + f
+                nxt.append((s2, path + ch))
+        frontier = nxt[:64]
+    return None
 
 
 class ABCConstraintProcessor(LogitsProcessor):
@@ -1920,7 +2139,7 @@ class ABCConstraintProcessor(LogitsProcessor):
             return [self.eos]
         V = row_scores.shape[0]
         if not self.plan[r]:
-            self.plan[r] = self._plan_for(st)
+            self.plan[r] = steered_ending(st, self.final)
         plan = self.plan[r]
         if plan:
             ids = [t for t in self.vocab.prefixes(plan) if t < V and self._next(st, t) is not None]
@@ -1961,30 +2180,6 @@ class ABCConstraintProcessor(LogitsProcessor):
             if keep:
                 return [max(keep)[1]] if self.greedy else [t for _, t in keep]
         return []
-
-    def _plan_for(self, st: AbcState) -> str | None:
-        """The text a steered row ends with: :meth:`AbcState.finish_text` where nothing is open, else the
-        shortest run of closing chars (a breadth-first search of at most 6 chars over the state machine:
-        the quote's '"', a length's digit, a line end ...) that reaches such a point, then its finish."""
-        f = st.finish_text(self.final)
-        if f is not None or st.phase != "body":
-            return f
-        alphabet = ['"', "!", "+", "}", "]", ")", "\n", " ", st.tonic, "2", "1", "4", "8", "/", "|", ":"]
-        frontier, seen = [(st, "")], {st.key()}
-        for _ in range(6):
-            nxt = []
-            for s0, path in frontier:
-                for ch in alphabet:
-                    s2 = s0.after(ch)
-                    if s2 is None or s2.key() in seen:
-                        continue
-                    seen.add(s2.key())
-                    f = s2.finish_text(self.final)
-                    if f is not None:
-                        return path + ch + f
-                    nxt.append((s2, path + ch))
-            frontier = nxt[:64]
-        return None
 
     # results ----------------------------------------------------------------------------------
     def report(self, row: int, text: str | None = None, ended_at_eos: bool = False) -> dict:

@@ -25,6 +25,7 @@ from inference.abc_constraint import (
     corpus_property,
     extract_fields,
     own_fields,
+    steered_ending,
     to_machine_text,
     token_texts,
     validate_fields,
@@ -55,7 +56,7 @@ CONSTRUCTS = {
     "grace notes": H.format(m="3/4", l="1/8", k="D") + "{g}A2 {ag}B2 {/c}d2|{AB}c6|]\n",
     "ties and slurs": H.format(m="3/4", l="1/4", k="F") + "(A B c-|c) d2|]\n",
     "rests z and x": H.format(m="4/4", l="1/8", k="C") + "z2 A2 x2 B2|z8|Z2|]\n",
-    "repeats": H.format(m="2/4", l="1/8", k="A") + "|:A2 B2|c4:|:d2 e2|f4::g2 a2|b4:|\n",
+    "repeats": H.format(m="2/4", l="1/8", k="A") + "|:A2 B2|c4:|:d2 e2|f4:|:g2 a2|b4:|\n",
     "first and second endings": H.format(m="4/4", l="1/8", k="G") + "|:G8|[1 A8:|[2 B8|]\n"
                                 + "|:c8|1 d8:|2 e8|]\n",
     "inline meter, length and key": H.format(m="4/4", l="1/8", k="D") + "A8|[M:3/4] A6|[L:1/16] A12|[K:G] G12|]\n",
@@ -178,6 +179,22 @@ ABC2MIDI_RULES = [
     ("A4-&A4|", True), ('A4-"C"A4|', False), ("A4-|1A4:|2A4|]", False), ("A4-(3ABc B2|", False),
     ("A4 B4-|\nB8|]", False), ("A2B2c2d2-|]", True), ("A4-A4-|]", True), ("A8 ::|: B8 :|", True),
     ("A8 ::| B8 :|", False),
+    # a one-letter decoration is followed by a chord, never an inline field or barline ("Malformed note")
+    ("A8| T[K:G] B8|", True), ("A8| [K:G] B8|", False), ("A8 .[| B8|]", True), ("A2 .[CE]B5|", False),
+    ("A.[L:1/16]B14|", True), ("A[L:1/16]B14|", False),
+    # "\\" and "*" only at a line's end (abc2midi: "'\\' in middle of line ignored")
+    ("A4 \\ B4|", True), ("A4 B4|\\\n", False), ("A4 * B4|", True), ("A4 B4| **\n", False),
+    # a chord symbol starts abc2midi's accompaniment (4/4: "fzczfzcz", one slot an eighth): a last bar that
+    # stops inside a sounding slot is its error "Sustained notes beyond end of track"
+    ('A3/2|"C"A8|A6A/|]', True), ("A3/2|A8|A6A/|]", False), ('A/|"C"A8|A7A/|]', False),
+    ('A|"C"A8|A7|]', False),
+    # grace groups: notes (with a note's own octave marks) and chords; no ending or barline inside
+    ("{[ce]}A8|", False), ("{/c}A8|", False), ("{g/a/}A8|", False), ("{c,}A8|", True), ("{c[1}A8|", True),
+    # a staccato in a chord goes right before its note; no roll there
+    ("[.fe]A7|", False), ("[f .e]A7|", False), ("[f.]A7|", True), ("[. f]A7|", True), ("[~f]A7|", True),
+    # once a ":|" came, "::" waits for a "|:" (even after "||"); an ending inside a bar takes no "&" next
+    ("A8:|B8::c8:|", True), ("A8:|B8||c8::d8:|", True), ("|:A8:|:B8::c8:|", True), ("A8:|B8|:c8::d8:|", False),
+    ("|:A8::B8::c8:|", False), ("A7g[1&B8:|", True), ('A4"^a%b"B4|', True),
 ]
 
 
@@ -191,6 +208,37 @@ def test_what_abc2midi_refuses_the_constraint_refuses(body, errs):
     assert bool(r.errors) == errs, (body, r.errors)   # the table is abc2midi's verdict, checked each run
     st = _accepts(tune)
     assert (st is not None and st.can_end()) == (not errs), (body, _refused_at(tune), st and st.describe())
+
+
+# header lines abc2midi reads as commands, each fed to the real binary: (line, abc2midi errs)
+ABC2MIDI_HEADER_RULES = [
+    ("Q:1/4=120", False), ('Q:1/4=120 "Slow"', False), ("Q:96", False), ('Q:"Slow" 1/4=60', False),
+    ("Q:1/4=120 % brisk", False), ('Q:"Slow"', True), ("Q:0", True), ("Q:1/4=0", True), ("Q:xyz", True),
+    ("Q:1/4 3/8=120", True), ('Q:1/4=120 "Slow', True), ("Q:2/22=60", True), ("Q:3/8=60", False), ('Q:"Andantino"', False),
+    ("P:2", True), ("P:(AB)2", True), ("P:A(AB)2", True),
+    ("I: :: ::", True), ("I:abc-version 2.1", True), ("U:G", True), ("U:T=", True),
+    ("P:ABA", True), ("P:Verse", True), ("K:Daeo", False), ("K:E phr -8va", True), ("K:E phr treble8", False),
+    ("K:Dm exp ^f _b", False), ("K:D maj x1", True), ("K:D maj clef=bass8", False), ("K:D maj G:", True),
+]
+
+
+@pytest.mark.parametrize("line,errs", ABC2MIDI_HEADER_RULES)
+def test_header_lines_abc2midi_reads_as_commands(line, errs):
+    """Q: (a tempo abc2midi can read), I: U: m: (commands and macros: refused), P: (a part order of capitals,
+    each part labelled in the body) and K: (key, mode, then clef words only): what abc2midi errs on is refused
+    and the rest stays allowed. "P:ABA" errs because the body labels no part; with the labels it is allowed."""
+    if line.startswith("K:"):
+        tune = "X:1\nT:Fixture\nM:4/4\nL:1/8\n" + line + "\nA8|]\n"
+    else:
+        tune = "X:1\nT:Fixture\n" + line + "\nM:4/4\nL:1/8\nK:C\nA8|]\n"
+    r = abc_to_midi(tune)
+    assert bool(r.errors) == errs, (line, r.errors)
+    st = _accepts(tune, {})
+    assert (st is not None and st.can_end()) == (not errs), (line, _refused_at(tune, {}))
+    assert _refused_at("X:1\nK:D bass", {}).endswith("b")  # (abc2midi plays it; normalise_key refuses it)
+    for order in ("ABA", "(AB)2", "A.B2 A % da capo"):
+        parts = f"X:1\nP:{order}\nM:4/4\nL:1/8\nK:C\nP:A\nA8|]\nP:B\nB8|]\n"
+        assert not abc_to_midi(parts).errors and _accepts(parts, {}).can_end(), order
 
 
 def test_a_steered_ending_ends_the_tie_it_is_in():
@@ -368,7 +416,7 @@ def test_random_model_under_the_constraint_keeps_time(tiny):
     for r, prompt in zip(recs, prompts):
         prefix = prompt if prompt.startswith("X:") else ""
         c = r["constraint"]
-        assert not c["stop"].startswith("no token"), c
+        assert not c["stop"].startswith("no token"), (c, r["output"][-60:])
         full = prefix + r["output"]
         whole = _barred_prefix(full.lstrip(), c["fields"])
         if whole:
@@ -395,7 +443,7 @@ def test_a_tune_is_steered_to_its_end_before_the_budget_runs_out(tiny):
     recs = generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, constrain="abc")
     for r, prompt in zip(recs, prompts):
         c = r["constraint"]
-        assert c["stop"] == "eos" and c["satisfied"], c
+        assert c["stop"] == "eos" and c["satisfied"], (c, r["output"][-80:])
         full = prompt + r["output"]
         bc = check_bars(full)
         assert bc.n_bars > 0 and bc.n_match == bc.n_bars, (bc.mismatches, full)
@@ -597,3 +645,43 @@ def test_the_processor_refuses_a_fifth_copy_of_a_bar(tiny):
 
     assert top_after(head + "G2G2G2|" * 3 + "G") in two
     assert top_after(head + "G2G2G2|" * 4 + "G") not in two
+
+
+def test_random_walks_the_constraint_lets_end_are_ones_abc2midi_converts():
+    """The property check's other direction: a text the constraint lets end is one abc2midi converts without
+    an error. Seeded random walks through the state machine from "X:1" (weighted to music, but any printable
+    character may come), wound down to closing characters after 300 chars and closed by ``steered_ending``
+    (what the processor writes near the budget), are fed to the real binary. Each abc2midi rule in the tables above was once such a
+    finding; a walk that cannot end within 4x the length fails too (a dead end or a trap)."""
+    pool = sorted(set([chr(i) for i in range(32, 127)] + ["\n"] + [
+        "|:", ":|", "::", "|]", "||", "[1", "[2", ":|2", "|1", "(3", '"A"', '"Am"', "P:A", "[M:3/4]", "[K:G]",
+        "[L:1/16]", "V:2\n", "Z2", "x2", "!trill!", "A2", "B/", "c>d", "d3/2", "[ceg]", "{g}", "-A", "Q:1/4=120",
+        "K:D\n", "M:6/8\n", "L:1/8\n"]))
+    weight = {**{c: 12 for c in "abcdefgABCDEFGz"}, **{c: 6 for c in "234/"},
+              **{c: 4 for c in ["|", " ", "|:", ":|", "|]", "||", "[1", ":|2", "\n"]}}
+    closers = {"|", "|]", ":|", "]", '"', "!", "}", ")", "\n", "A", "z", "2", "/", "+", ":"}
+    rng = random.Random(0)
+    ended, bad = 0, []
+    for walk in range(6):
+        st = AbcState(validate_fields({})).after("X:1\n")
+        text = "X:1\n"
+        while len(text) < 1200:
+            if len(text) > 300 and st.mode in ("music", "len", "bar", "quote", "b_start"):
+                fin = steered_ending(st)
+                done = fin is not None and st.after(to_machine_text(fin))
+                if done and done.can_end():
+                    text += fin
+                    break
+            opts = [(p, n) for p in pool if (n := st.after(to_machine_text(p))) is not None]
+            assert opts, (walk, text[-80:], st.describe())
+            if len(text) > 300:
+                opts = [o for o in opts if o[0] in closers] or opts
+            p, st = rng.choices(opts, weights=[weight.get(o[0], 1) for o in opts])[0]
+            text += p
+        else:
+            pytest.fail(f"walk {walk} never ended: {text[-80:]!r} ({st.describe()})")
+        ended += 1
+        r = abc_to_midi(text + "\n")
+        if r.errors:
+            bad.append((text, r.errors[:3]))
+    assert ended == 6 and not bad, bad
