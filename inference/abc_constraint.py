@@ -263,8 +263,8 @@ _TEMPO = regex.compile(r' *(?:(?:"[^"\n]{0,40}" *)?(?:[1-9]/(?:1|2|4|8|16|32|64)
 # a grace group as abc2midi reads it (music21: "{g}", "{ag}", "{^f}", "{g/a/}", "{[ce]}"): an optional "/",
 # then notes (the octave marks of a note outside one: "{c,}" is its error "Bad pitch specifier") and chords
 # with short lengths; "{c[1}" (an ending inside) is its error.
-_GRACE_NOTE = r"[_^=]{0,2}(?:[A-G],{0,3}|[a-g]'{0,3})(?:[1-9]|[1-9]?/{1,2}[248]?)?"
-_GRACE = regex.compile(rf" ?/? ?(?:(?:{_GRACE_NOTE}|\[(?:{_GRACE_NOTE}){{1,4}}\](?:[1-9]|/{{1,2}}[248]?)?) ?)+")
+_GRACE_NOTE = r"[_^=]{0,2}(?:[A-G],{0,3}|[a-g]'{0,3})(?:[1-9]|[1-9]?/[248]?|//)?"
+_GRACE = regex.compile(rf" ?/? ?(?:(?:{_GRACE_NOTE}|\[(?:{_GRACE_NOTE}){{1,4}}\](?:[1-9]|/[248]?|//)?) ?)+")
 
 
 # a header P: is abc2midi's part order: parts (capitals) and groups "(AB)", each may be followed by a repeat

@@ -189,7 +189,7 @@ ABC2MIDI_RULES = [
     ('A3/2|"C"A8|A6A/|]', True), ("A3/2|A8|A6A/|]", False), ('A/|"C"A8|A7A/|]', False),
     ('A|"C"A8|A7|]', False),
     # grace groups: notes (with a note's own octave marks) and chords; no ending or barline inside
-    ("{[ce]}A8|", False), ("{/c}A8|", False), ("{g/a/}A8|", False), ("{c,}A8|", True), ("{c[1}A8|", True),
+    ("{[ce]}A8|", False), ("{/c}A8|", False), ("{g/a/}A8|", False), ("{c,}A8|", True), ("{c[1}A8|", True), ("{c//2}A8|", True),
     # a staccato in a chord goes right before its note; no roll there
     ("[.fe]A7|", False), ("[f .e]A7|", False), ("[f.]A7|", True), ("[. f]A7|", True), ("[~f]A7|", True),
     # once a ":|" came, "::" waits for a "|:" (even after "||"); an ending inside a bar takes no "&" next
