@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import training.attention as attention
 from training.attention import hf_attn_implementation, varlen_attention_forward
-from training.data import block_diagonal_mask, cu_seqlens
+from training.masks import block_diagonal_mask, cu_seqlens
 
 
 def _config(**kw) -> LlamaConfig:

@@ -24,10 +24,10 @@ from training.config import (
 )
 from training.data import (
     BlockStream,
-    block_diagonal_mask,
     step_micro_batches,
     val_batches,
 )
+from training.masks import block_diagonal_mask
 from training.schedule import lr_at
 
 CPU1 = Environment(world_size=1, device="cpu")

@@ -29,7 +29,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from training.data import block_causal, cu_seqlens
+from training.masks import block_causal, cu_seqlens
 
 VARLEN = "tunesmith_varlen"     # the name registered with transformers (config value: attn_implementation=varlen)
 
