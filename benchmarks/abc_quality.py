@@ -53,6 +53,11 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
+from data_preprocess.abctools import abc_to_midi
+from data_preprocess.chat_format import ChatFormat
+from data_preprocess.corpus import iter_tunes
+from inference.abc_constraint import extract_fields
+from inference.abc_extract import extract_abc
 from training.hf_io import exit_on_model_path_error
 
 KEYS = ["C", "G", "D", "A", "F", "Bb", "Eb", "Em", "Am", "Dm", "Bm", "Gm"]
@@ -114,11 +119,6 @@ def read_abc_source(source: str) -> list[str]:
         for f in sorted(p.rglob("*.abc")):
             tunes += am.split_tunes(f.read_text(encoding="utf-8", errors="replace"))
         return tunes
-    try:
-        from data_preprocess.corpus import iter_tunes
-    except ImportError:
-        raise SystemExit(f"{source}: not an ABC file or a dir of .abc files (data_preprocess.corpus is not "
-                         f"available to read other sources)") from None
     return [t.text for t in iter_tunes(source)]
 
 
@@ -156,8 +156,6 @@ def music21_parses(abc: str, timeout: int = 30) -> tuple[bool, str | None]:
 def score_tunes(entries: list[dict], memo: am.MemorisationIndex | None, threshold: float,
                 use_music21: bool = True) -> list[dict]:
     """Adds the per-tune checks to each entry (``abc`` None = no tune could be extracted)."""
-    from data_preprocess.abctools import abc_to_midi
-
     for e in tqdm(entries, desc="checking tunes", unit="tune"):
         abc = e.get("abc")
         if not abc:
@@ -259,10 +257,6 @@ class ABCQualityConfig(ModelArgs):
 def generate_entries(cfg: ABCQualityConfig, loaded, constrain: bool = False, stats: dict | None = None) -> list[dict]:
     """Generated tunes (see the module doc); ``constrain``: under the ABC constraint, each prompt's fields
     from :func:`inference.abc_constraint.extract_fields`; ``stats`` gets tokens, seconds and reports."""
-    from data_preprocess.chat_format import ChatFormat
-    from inference.abc_constraint import extract_fields
-    from inference.abc_extract import extract_abc
-
     n_cond = round(cfg.n * cfg.conditioned_share)
     n_unc = cfg.n - n_cond
     gen_kw = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "do_sample": cfg.temperature > 0,

@@ -35,8 +35,12 @@ from data_preprocess.audio_codec import (
     make_random_codec,
     random_codec_geometry,
 )
-from data_preprocess.audio_layout import LAYOUTS, AudioVocab, make_layout
+from data_preprocess.audio_layout import LAYOUTS, AudioVocab, extend_tokenizer, make_layout
+from data_preprocess.train_tokenizer import train_tokenizer
+from inference.audio import audio_spec, check_codec, codec_dir_of, generate_codes
+from inference.loading import auto_device, load_model
 from training.hf_io import exit_on_model_path_error
+from training.presets import preset_config
 
 log = logging.getLogger("tunesmith.bench")
 
@@ -88,10 +92,6 @@ def _random_model(preset: str, codec: Codec, device: torch.device, workdir: Path
     """A random ``preset`` LLaMA over a 400-piece text tokenizer extended with this codec's tokens."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from data_preprocess.audio_layout import extend_tokenizer
-    from data_preprocess.train_tokenizer import train_tokenizer
-    from training.presets import preset_config
-
     def abc_texts(n=20):
         from music21 import corpus
 
@@ -110,8 +110,6 @@ def _random_model(preset: str, codec: Codec, device: torch.device, workdir: Path
 
 
 def bench_generation(model, tok, codec: Codec, layout: str, seconds: float, batch: int, cfg_scale: float) -> dict:
-    from inference.audio import generate_codes
-
     spec = tok.init_kwargs["tunesmith_audio"]
     spec["layout"] = layout
     prompts = ["jig in D major, 6/8 time, played on violin"] * batch
@@ -153,18 +151,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="outputs/bench/audio_speed.json")
     a = ap.parse_args(argv)
 
-    from inference.loading import auto_device
-
     return _run(a, auto_device(a.device))
 
 
 def _run(a: argparse.Namespace, device: torch.device) -> int:
-    from inference.audio import audio_spec, check_codec, codec_dir_of
-
     loaded = spec = None
     if a.model:   # first: the model decides the codec (a codec it was not trained on fails in EnCodec's decode)
-        from inference.loading import load_model
-
         loaded = load_model(a.model, device=str(device))
         spec = audio_spec(loaded.tokenizer, a.model)
     with tempfile.TemporaryDirectory(prefix="ts_bench_audio_") as tmp:

@@ -38,6 +38,7 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
+from data_preprocess.shards import open_split, read_meta
 from training.hf_io import exit_on_model_path_error
 
 LN2 = math.log(2)
@@ -114,8 +115,6 @@ def _text_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
 def _shard_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
     import numpy as np
 
-    from data_preprocess.shards import open_split, read_meta
-
     meta = read_meta(cfg.data)
     split = open_split(cfg.data, cfg.split, meta)
     special = {meta.get("bos_id"), meta.get("eos_id"), meta.get("pad_id")} - {None}
@@ -165,8 +164,6 @@ def run(cfg: BPCConfig, loaded=None) -> dict:
     ``n_chars`` and ``text`` next to it (what the ``bits_per_char`` evaluate module takes)."""
     is_shards = (Path(cfg.data) / "meta.json").is_file()
     if is_shards and not cfg.tokenizer:
-        from data_preprocess.shards import read_meta
-
         tok_dir = Path(cfg.data) / "tokenizer"
         meta_tok = read_meta(cfg.data).get("tokenizer", {}).get("path")
         cfg.tokenizer = str(tok_dir) if tok_dir.is_dir() else meta_tok

@@ -34,6 +34,8 @@ from data_preprocess.config import _bool as _parse_bool
 from data_preprocess.config import _field_types
 from data_preprocess.config import convert as _convert
 from data_preprocess.config import load_file as load_config_file
+from inference.abc_constraint import constraint_processor
+from inference.loading import load_model
 
 
 def _bool(s: str | bool) -> bool:
@@ -126,8 +128,6 @@ class ModelArgs:
 
 def load(cfg: ModelArgs):
     """Loads the model of ``cfg`` via inference.loading (base + adapter or merged dir)."""
-    from inference.loading import load_model
-
     if not cfg.model:
         raise SystemExit("--model is required (an HF model dir, or the base model for --lora_model)")
     loaded = load_model(cfg.model, cfg.lora_model, tokenizer_path=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype)
@@ -303,8 +303,6 @@ def generate(loaded, prompts: list[str] | list[list[int]], max_new_tokens: int =
         proc = None
         if constrain_fields is not None:
             from transformers import LogitsProcessorList
-
-            from inference.abc_constraint import constraint_processor
 
             texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts[b:b + batch_size]]  # chat: ids
             proc = constraint_processor(tok, texts, constrain_fields[b:b + batch_size],

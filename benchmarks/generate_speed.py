@@ -47,7 +47,10 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.flops import Shape, decode_bytes_per_step, device_peak
+from inference.generation import SamplingConfig, constraint_kwargs
+from inference.loading import auto_device, auto_dtype, load_model
 from training.hf_io import exit_on_model_path_error
+from training.presets import is_preset, preset_config
 
 PATHS = ("hf_default", "tunesmith", "static")
 
@@ -85,8 +88,6 @@ class GenerateSpeedConfig:
         if self.constrain not in ("none", "abc"):
             raise SystemExit(f"--constrain must be none or abc, got {self.constrain!r}")
         if self.constrain == "abc":
-            from training.presets import is_preset
-
             if is_preset(self.model):
                 raise SystemExit("--constrain abc needs a model dir with a tokenizer (a preset has none)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -100,9 +101,6 @@ class GenerateSpeedConfig:
 def build_model(cfg: GenerateSpeedConfig):
     """(model, device, dtype, eos_id, pad_id) for a preset (random init) or an HF dir (whose tokenizer
     is kept as ``cfg._tokenizer`` for the constrained path)."""
-    from inference.loading import auto_device, auto_dtype
-    from training.presets import is_preset, preset_config
-
     if is_preset(cfg.model):
         from transformers import LlamaForCausalLM
 
@@ -114,8 +112,6 @@ def build_model(cfg: GenerateSpeedConfig):
             model = LlamaForCausalLM(mcfg).to(dtype)
         model.eval()
         return model, device, dtype, mcfg.eos_token_id, 3
-    from inference.loading import load_model
-
     loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     cfg._tokenizer = loaded.tokenizer
     return loaded.model, loaded.device, loaded.dtype, loaded.tokenizer.eos_token_id, loaded.tokenizer.pad_token_id
@@ -126,8 +122,6 @@ def path_kwargs(path: str, eos_id: int, pad_id: int, n: int) -> dict:
     if path == "hf_default":
         kw = {"max_new_tokens": n}
     elif path == "tunesmith":
-        from inference.generation import SamplingConfig
-
         kw = SamplingConfig(max_new_tokens=n).generate_kwargs(SimpleNamespace(eos_token_id=eos_id,
                                                                               pad_token_id=pad_id))
     elif path == "static":
@@ -157,8 +151,6 @@ def time_generate(model, input_ids, kwargs: dict, device, tokenizer=None, top_k:
     _sync(device)
     t = time.perf_counter()
     if constrain:
-        from inference.generation import SamplingConfig, constraint_kwargs
-
         prompts = tokenizer.batch_decode(input_ids.tolist())
         extra, _ = constraint_kwargs(tokenizer, prompts, SamplingConfig(), "abc")
         kwargs.update(extra)

@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_preprocess.corpus import split_text
+
 REPO = Path(__file__).resolve().parents[1]
 _FIELD = re.compile(r"^(?:[A-Za-z]:|%)")
 _NOTES = "CDEFGAB"
@@ -66,8 +68,6 @@ def variant(tune: str, v: int) -> str:
 def build_corpus(work: Path, variants: int) -> tuple[Path, Path, dict]:
     """(dir of .abc files, JSONL of the same raw tunes, info); cached in ``work``."""
     from music21 import corpus as m21
-
-    from data_preprocess.corpus import split_text
 
     d = work / f"corpus_v{variants}"
     abc_dir, jsonl = d / "abc", d / "tunes.jsonl"
@@ -158,7 +158,7 @@ class Config:
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import environment, markdown_table, parse_config, write_json
+    from benchmarks.common import environment, markdown_table, parse_config, write_json  # (here: torch)
 
     cfg = parse_config(Config, argv, description=__doc__)
     work = (REPO / cfg.work_dir) if not Path(cfg.work_dir).is_absolute() else Path(cfg.work_dir)

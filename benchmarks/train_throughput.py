@@ -60,6 +60,25 @@ from benchmarks.common import (
     parse_config,
     write_json,
 )
+from benchmarks.flops import Shape, device_peak, document_attention_span, train_flops_per_token
+from data_preprocess.model_source import resolve_source
+from data_preprocess.shards import Split, open_split, read_meta
+from training.config import (
+    ConfigError,
+    TrainConfig,
+    detect_environment,
+    fill_ds_config,
+    offloads,
+    read_ds_config,
+    resolve_precision,
+    zero_stage,
+)
+from training.data import BlockStream, make_batch
+from training.hf_io import ModelPathError, resolve_model_path
+from training.model import DTYPES, build_model, compile_decoder_layers, estimate_memory, param_groups
+from training.oom import host_memory_bytes, is_out_of_memory, out_of_memory_summary
+from training.presets import is_preset
+from training.train import all_sum, make_loss_head, token_losses
 
 
 @dataclass
@@ -143,10 +162,6 @@ class ThroughputConfig:
         if self.train_type == "lora" and self.lora_r < 1:
             raise SystemExit(f"--lora_r must be >= 1 for --train_type lora, got {self.lora_r}")
         # checked here, before any runner process starts, rather than as a traceback from inside one
-        from training.config import ConfigError, TrainConfig, read_ds_config
-        from training.hf_io import ModelPathError, resolve_model_path
-        from training.presets import is_preset
-
         try:
             read_ds_config(TrainConfig(ds_config=self.ds_path()))
             if not is_preset(self.model):
@@ -184,8 +199,6 @@ def synthetic_split(n_blocks: int, seq_len: int, vocab: int, seed: int):
     """``n_blocks`` packed blocks in the shard layout: BOS doc EOS back to back, positions reset per doc."""
     import numpy as np
 
-    from data_preprocess.shards import Split
-
     rng = np.random.default_rng(seed)
     tokens = rng.integers(4, vocab, size=(n_blocks, seq_len), dtype=np.int64)
     pos = np.zeros((n_blocks, seq_len), dtype=np.int64)
@@ -205,8 +218,6 @@ def load_data(cfg: ThroughputConfig, n_blocks: int):
     if cfg.data_dir:
         from transformers import AutoTokenizer
 
-        from data_preprocess.shards import open_split, read_meta
-
         meta = read_meta(cfg.data_dir)
         if meta["max_len"] != cfg.seq_len:
             raise SystemExit(f"--data_dir {cfg.data_dir} has max_len {meta['max_len']}, not --seq_len {cfg.seq_len}")
@@ -217,8 +228,6 @@ def load_data(cfg: ThroughputConfig, n_blocks: int):
 
 def step_rows(n_blocks: int, steps: int, micro: int, seed: int) -> list:
     """Block indices of every step, identical for both runners (the engine's shuffled stream)."""
-    from training.data import BlockStream
-
     stream = BlockStream(n_blocks, seed)
     return [stream.take(s * micro, micro) for s in range(steps)]
 
@@ -238,9 +247,6 @@ def memory_cap_fraction(cfg: ThroughputConfig, total_bytes: int) -> float:
 
 
 def _train_config(cfg: ThroughputConfig, mode: str):
-    from data_preprocess.model_source import resolve_source
-    from training.config import TrainConfig
-
     mts = [m for m in cfg.lora_modules_to_save.split(",") if m.strip()]
     # smollm2-135m / X.gguf: its imported dir (imported by check()'s resolve_model_path; a cache hit here)
     return TrainConfig(mode=mode, model=resolve_source(cfg.model), train_type=cfg.train_type, lora_r=cfg.lora_r,
@@ -256,14 +262,6 @@ def _train_config(cfg: ThroughputConfig, mode: str):
 def _setup(cfg: ThroughputConfig):
     """Everything both runners share: device, typed engine config, filled ds config, model, data."""
     import torch
-
-    from training.config import (
-        detect_environment,
-        fill_ds_config,
-        read_ds_config,
-        resolve_precision,
-    )
-    from training.model import build_model
 
     env = detect_environment()
     if env.device == "cuda" and (cfg.memory_fraction or cfg.memory_gb):
@@ -287,8 +285,6 @@ def attention_span(tcfg, split, rows) -> float | None:
     if tcfg.doc_attention != "block":
         return None
     import numpy as np
-
-    from benchmarks.flops import document_attention_span
 
     return document_attention_span(np.concatenate([split.pos[np.asarray(r)] for r in rows]))
 
@@ -316,15 +312,10 @@ def memory_estimate(cfg: ThroughputConfig, tcfg, tok, ds: dict, precision: str, 
     probe's own allocations are taken out of the CUDA peak afterwards."""
     import torch
 
-    from training.config import offloads, zero_stage
-    from training.model import estimate_memory
-
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         dev_mem = int((memory_cap_fraction(cfg, total) or 1.0) * total)
     else:  # the host's memory, as the engine does
-        from training.oom import host_memory_bytes
-
         dev_mem = host_memory_bytes()
     est = estimate_memory(tcfg, tok, zero_stage(ds), *offloads(ds), 1, 1, dev_mem, seq_len=cfg.seq_len,
                           precision=precision, device=device.type)
@@ -341,10 +332,6 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     import deepspeed
     import torch
 
-    from training.data import make_batch
-    from training.model import DTYPES, param_groups
-    from training.train import all_sum, token_losses
-
     tcfg, precision, split, tok, model, info, ds, device, rows = _setup(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -352,15 +339,11 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     estimate = _PROGRESS["memory_estimate_gb"] = memory_estimate(cfg, tcfg, tok, ds, precision, device)
     _PROGRESS["at"] = "while building the DeepSpeed engine"
     if tcfg.compile:
-        from training.model import compile_decoder_layers
-
         compile_decoder_layers(model)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tcfg.weight_decay),
                                            config=ds)
     mask_dtype = DTYPES[precision]
-    from training.train import make_loss_head
-
     head, loss_desc = make_loss_head(engine, tcfg.loss, tcfg.loss_chunk_size)
 
     def loss_fn(batch):
@@ -411,9 +394,6 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
 def run_hf_trainer(cfg: ThroughputConfig) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from training.data import make_batch
-    from training.model import DTYPES
 
     if cfg.attn_implementation == "varlen":  # plain transformers: block attention is SDPA with the 4D mask
         cfg = replace(cfg, attn_implementation="sdpa")
@@ -526,8 +506,6 @@ def recompute_fraction(cfg: ThroughputConfig, n_layers: int) -> float:
 
 def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
     """tokens/s, MFU, HFU of one runner's raw step times."""
-    from benchmarks.flops import Shape, train_flops_per_token
-
     mc = res["model_config"]
     shape = Shape(mc["num_hidden_layers"], mc["hidden_size"], mc["intermediate_size"], mc["num_attention_heads"],
                   mc["num_key_value_heads"], mc["vocab_size"], bool(mc["tie_word_embeddings"]))
@@ -551,8 +529,6 @@ def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
 
 def run(cfg: ThroughputConfig) -> dict:
     import torch
-
-    from benchmarks.flops import device_peak
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the peak is measured before any runner starts (on CPU: a big fp32 matmul on an idle process)
@@ -658,8 +634,6 @@ def worker(runner: str, cfg_path: str, out_path: str) -> None:
     try:
         res = {"tunesmith": run_tunesmith, "hf_trainer": run_hf_trainer}[runner](cfg)
     except Exception as e:
-        from training.oom import is_out_of_memory, out_of_memory_summary
-
         if not is_out_of_memory(e):
             raise
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from data_preprocess.model_source import resolve_source
+from training.config import TrainConfig, detect_environment, fill_ds_config, read_ds_config
+
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("zero_init", "plain")
 
@@ -29,7 +32,7 @@ def _mem_gb(device) -> tuple[float, float]:
     """(peak, current) memory of this process in GiB (CPU: RSS; GPU: allocated)."""
     import torch
 
-    from benchmarks.train_throughput import peak_memory
+    from benchmarks.train_throughput import peak_memory  # (here: torch only in the ranks; the launcher stays light)
 
     if device.type == "cuda":
         return peak_memory(device), torch.cuda.memory_allocated(device) / 2**30
@@ -43,11 +46,9 @@ def worker(mode: str, model: str, train_type: str, precision: str, out: str) -> 
     import torch
     import torch.distributed as dist
 
-    from benchmarks.train_throughput import SyntheticVocab
-    from data_preprocess.model_source import resolve_source
-    from training.config import TrainConfig, detect_environment, fill_ds_config, read_ds_config
-    from training.model import build_model, param_groups
-    from training.presets import PRESETS
+    from benchmarks.train_throughput import SyntheticVocab  # (here: torch only in the ranks)
+    from training.model import build_model, param_groups  # (here: torch only in the ranks)
+    from training.presets import PRESETS  # (here: transformers only in the ranks)
 
     env = detect_environment()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if env.device == "cuda" else torch.device("cpu")
@@ -89,17 +90,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--worker_out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        from training.config import detect_environment
-
         precision = a.precision if a.precision != "auto" else ("bf16" if detect_environment().device == "cuda" else "fp32")
         worker(a.worker, a.model, a.train_type, precision, a.worker_out)
         return {}
     if a.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
-    from training.presets import is_preset
+    from training.presets import is_preset  # (here: transformers; the launcher stays light)
 
     if not is_preset(a.model):  # checked once here, not as a traceback from every rank
-        from training.hf_io import ModelPathError, resolve_model_path
+        from training.hf_io import ModelPathError, resolve_model_path  # (here: torch; the launcher stays light)
 
         try:
             resolve_model_path(a.model)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_preprocess.abctools import abc_to_midi, midi_to_wav
 from data_preprocess.audio_codec import (
     AUDIO_EXTS,
     AudioInputError,
@@ -54,9 +55,11 @@ from data_preprocess.audio_codec import (
     read_audio,
 )
 from data_preprocess.audio_layout import LAYOUTS, extend_tokenizer, make_layout
+from data_preprocess.corpus import iter_tunes
 from data_preprocess.hub import could_be_hub_id, exit_on_argument_error, offline
 from data_preprocess.model_source import resolve_source
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
+from data_preprocess.train_tokenizer import tokenizer_identity
 
 log = logging.getLogger("tunesmith.audio")
 
@@ -149,31 +152,12 @@ def _abc_header(text: str) -> dict:
 
 
 def _iter_abc(source: str) -> Iterator[tuple[str, str, dict]]:
-    """(key, tune text, metadata) from the DATA helper's corpus reader, or music21's ABC files directly."""
-    try:
-        from data_preprocess.corpus import iter_tunes
-    except ImportError:
-        iter_tunes = None
-    if iter_tunes is not None:
-        for t in iter_tunes(source):
-            meta = dict(t.meta or {})
-            for k, v in _abc_header(t.text).items():
-                meta.setdefault(k, v)
-            yield f"{t.file}#{t.index}", t.text, meta
-        return
-    if source == "music21":
-        from music21 import corpus
-
-        files = sorted(str(p) for p in corpus.getPaths(fileExtensions=("abc",)))
-    else:
-        p = Path(source)
-        files = sorted(str(f) for f in p.rglob("*.abc")) if p.is_dir() else [str(p)]
-    for f in files:
-        text = Path(f).read_text(encoding="utf-8", errors="replace")
-        tunes = re.split(r"(?m)^(?=X:)", text)
-        header = tunes[0] if tunes and not tunes[0].startswith("X:") else ""
-        for i, tune in enumerate(t for t in tunes if t.startswith("X:")):
-            yield f"{f}#{i}", header + tune, _abc_header(tune)
+    """(key, tune text, metadata) from the corpus reader (a file, a dir, JSONL, a datasets dir or ``music21``)."""
+    for t in iter_tunes(source):
+        meta = dict(t.meta or {})
+        for k, v in _abc_header(t.text).items():
+            meta.setdefault(k, v)
+        yield f"{t.file}#{t.index}", t.text, meta
 
 
 def with_instrument(abc: str, program: int) -> str:
@@ -195,8 +179,6 @@ def trim_silence(audio: np.ndarray, sample_rate: int, threshold: float = 1e-3, k
 
 def render_abc(abc: str, sample_rate: int, workdir: str | Path) -> tuple[np.ndarray, int]:
     """ABC -> MIDI (abc2midi) -> WAV (fluidsynth, GM soundfont) -> float audio ``[C, N]``."""
-    from data_preprocess.abctools import abc_to_midi, midi_to_wav
-
     wd = Path(tempfile.mkdtemp(prefix="ts_render_", dir=workdir))
     try:
         r = abc_to_midi(abc, wd / "t.mid")
@@ -422,8 +404,6 @@ def _write(cfg: AudioPrepConfig, out: Path, codec: Codec, codec_dir: str, geomet
     """Encodes ``items`` into the (empty) ``out``: codec copy, extended tokenizer, shards, meta.json."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
-
-    from data_preprocess.train_tokenizer import tokenizer_identity
 
     if geometry is not None:   # the random codec is kept with the data (inference decodes with it)
         codec_dir = str(shutil.copytree(codec_dir, out / "codec"))

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_preprocess.abctools import abc_to_midi
 from data_preprocess.hub import ArgumentError
 
 MUSIC21 = "music21"
@@ -625,8 +626,6 @@ def iter_tunes(source: str, text_field: str = "text", *, stats: CorpusStats | No
 def abc2midi_problem(text: str, timeout: float = 20.0) -> str | None:
     """Runs the real ``abc2midi`` on one tune; returns why it fails (no MIDI written, or errors), or None.
     Warnings are tolerated: most real-world tunes produce some."""
-    from data_preprocess.abctools import abc_to_midi
-
     r = abc_to_midi(text, timeout=timeout)
     if r.timed_out:
         return f"abc2midi timed out after {timeout:g} s"

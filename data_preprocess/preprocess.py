@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from data_preprocess import config as cfgmod
+from data_preprocess.abctools import require
+from data_preprocess.audio import maybe_run_from_preprocess
 from data_preprocess.chat_format import ChatFormat, ensure_chat_template
 from data_preprocess.corpus import (
     CorpusStats,
@@ -345,8 +347,6 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
 
     check = cfg.check == "abc2midi"
     if check:
-        from data_preprocess.abctools import require
-
         require("abc2midi")
     part = (cfg.shard_index, cfg.num_shards)
     lim = {"stats": stats, "on_reject": on_reject, "dedup": cfg.dedup, "limit": cfg.limit, "part": part}
@@ -525,8 +525,6 @@ def parser() -> argparse.ArgumentParser:
 
 @exit_on_argument_error
 def main(argv=None) -> int:
-    from data_preprocess.audio import maybe_run_from_preprocess
-
     if (rc := maybe_run_from_preprocess(argv)) is not None:  # --mode audio -> data_preprocess/audio.py
         return rc
     cfg = cfgmod.build(PreprocessConfig, parser(), argv)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from data_preprocess.chat_format import CHAT_TEMPLATE
+from data_preprocess.corpus import iter_tunes  # the ingest readers (directory, JSONL, datasets, music21)
 
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 
@@ -103,10 +104,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 
 def main(argv=None) -> int:
-    from data_preprocess.corpus import (
-        iter_tunes,  # the ingest readers (directory, JSONL, datasets, music21)
-    )
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-i", "--input", default="music21", help="corpus: dir of .abc/.txt, JSONL, datasets dir/id, or 'music21'")
     ap.add_argument("-o", "--output_dir", required=True)

@@ -34,9 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_preprocess.audio import config_from_args
 from data_preprocess.audio_codec import Codec, write_wav
 from data_preprocess.audio_layout import AudioVocab, LayoutConstraint, make_layout
-from training.hf_io import ModelPathError, exit_on_model_path_error
+from inference.loading import auto_device, load_model
+from training.hf_io import ModelPathError, exit_on_model_path_error, load_tokenizer, resolve_model_path
 
 log = logging.getLogger("tunesmith.audio")
 
@@ -225,8 +227,6 @@ def _out_cache(out):
 
 def run(cfg: AudioGenConfig) -> list[dict]:
     """Loads model + codec, generates every prompt, writes WAV/NPY/JSON; returns the per-prompt records."""
-    from inference.loading import load_model
-
     if not cfg.model:
         raise SystemExit("--model is required (an HF model dir, e.g. OUTPUT_DIR/final)")
     if bool(cfg.prompt) == bool(cfg.prompts_file):
@@ -295,8 +295,6 @@ def decode_file(cfg: AudioGenConfig) -> dict:
     if cfg.codec:
         codec = Codec(cfg.codec, _device(cfg.device))
     elif cfg.model:
-        from training.hf_io import load_tokenizer, resolve_model_path
-
         model = resolve_model_path(cfg.model, "model")
         spec = audio_spec(load_tokenizer(cfg.tokenizer or model), cfg.model)
         codec = check_codec(Codec(codec_dir_of(spec, cfg.model), _device(cfg.device)), spec, cfg.model)
@@ -312,8 +310,6 @@ def decode_file(cfg: AudioGenConfig) -> dict:
 
 
 def _device(device: str) -> str:
-    from inference.loading import auto_device
-
     return str(auto_device(device))
 
 
@@ -348,8 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_model_path_error
 def main(argv=None) -> int:
-    from data_preprocess.audio import config_from_args
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ns = build_parser().parse_args(argv)
     cfg = config_from_args(ns, AudioGenConfig)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from data_preprocess.config import load_file
+
 
 def load_mapping(path: str | Path) -> dict:
     """A YAML/JSON mapping of option -> value (one clear line on a missing or malformed file)."""
-    from data_preprocess.config import load_file
-
     return load_file(str(path))
 
 

@@ -60,8 +60,10 @@ if __package__ in (None, ""):  # `python inference/demo.py`: make the repo root 
 
 from data_preprocess import abctools
 from data_preprocess.chat_format import ChatFormat
+from inference.abc_constraint import extract_fields, validate_fields
 from inference.cli_config import parse_with_config
 from inference.generation import SamplingConfig, generate, trim_history
+from inference.loading import load_model
 from inference.predict import (
     add_constrain_arg,
     add_model_args,
@@ -154,8 +156,6 @@ class DemoApp:
         notes = []
         fields = None
         if constrain == "abc":
-            from inference.abc_constraint import extract_fields, validate_fields
-
             fields = extract_fields(messages[-1]["content"])
             validate_fields(fields)
         reserve = min(sampling.max_new_tokens, self.max_pos * 3 // 4)
@@ -535,8 +535,6 @@ def main(argv=None) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: binding {a.host}: anyone who can reach this machine can use the model (no authentication)",
               file=sys.stderr)
-    from inference.loading import load_model
-
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the demo the way Ctrl-C does, at any point
     tmp = server = app = None
     try:

@@ -17,6 +17,7 @@ from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from data_preprocess.chat_format import ChatFormat
+from inference.abc_constraint import constraint_processor
 
 CONSTRAIN_CHOICES = ("none", "abc")
 
@@ -134,8 +135,6 @@ def constraint_kwargs(tokenizer, prompts: list[str], cfg: SamplingConfig, constr
         return {}, None
     if constrain != "abc":
         raise ValueError(f"constrain={constrain!r}: choose one of {CONSTRAIN_CHOICES}")
-    from inference.abc_constraint import constraint_processor
-
     greedy = not (cfg.temperature and cfg.temperature > 0)
     proc = constraint_processor(tokenizer, prompts, fields, greedy=greedy, temperature=cfg.temperature,
                                 top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=eos_token_id,

@@ -32,7 +32,9 @@ if __package__ in (None, ""):  # `python inference/predict.py`: make the repo ro
 
 from data_preprocess.chat_format import ChatFormat
 from data_preprocess.hub import ArgumentError
+from inference.abc_constraint import ConstraintError, extract_fields, validate_fields
 from inference.abc_extract import extract_abc
+from inference.audio import main as audio_main
 from inference.cli_config import parse_with_config
 from inference.generation import (
     CONSTRAIN_CHOICES,
@@ -41,6 +43,8 @@ from inference.generation import (
     generate_batch,
     trim_history,
 )
+from inference.loading import load_model
+from inference.render import render_text
 from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
 from training.oom import is_out_of_memory, out_of_memory_summary
 
@@ -80,8 +84,6 @@ def prompt_fields(a, text: str) -> dict | None:
     """The header fields a user message asks for, when ``--constrain abc`` (None otherwise)."""
     if getattr(a, "constrain", "none") != "abc":
         return None
-    from inference.abc_constraint import extract_fields
-
     return extract_fields(text)
 
 
@@ -90,8 +92,6 @@ def request_fields(a, items: list[dict]) -> list[dict | None]:
     ConstraintError naming its file and line."""
     fields = [prompt_fields(a, it["input"]) for it in items]
     if a.constrain == "abc":
-        from inference.abc_constraint import ConstraintError, validate_fields
-
         for it, f in zip(items, fields):
             try:
                 validate_fields(f)
@@ -184,8 +184,6 @@ def read_instructions(path: str, input_field: str | None = None) -> list[dict]:
 def render_reply(text: str, out_dir: str | None, stem: str, wav: bool = True) -> dict | None:
     if not out_dir:
         return None
-    from inference.render import render_text
-
     return render_text(text, out_dir, stem, wav=wav)
 
 
@@ -308,8 +306,6 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
                 r = generate(model, tok, prompt_in, cfg, on_text=lambda s: print(s, end="", file=stdout, flush=True),
                              device=loaded.device, constrain=a.constrain, fields=prompt_fields(a, text))
             except Exception as e:  # the session survives a reply that does not fit; the turn is dropped
-                from inference.abc_constraint import ConstraintError
-
                 if isinstance(e, ConstraintError):
                     history.pop()
                     print(f"\n[error: {e} -- this turn is dropped]", file=stdout, flush=True)
@@ -358,8 +354,6 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--audio" in argv:  # text-to-audio with a codec-token model (inference/audio.py)
-        from inference.audio import main as audio_main
-
         return audio_main([x for x in argv if x != "--audio"])
     ap = build_parser()
     a = parse_with_config(ap, argv)
@@ -376,15 +370,11 @@ def main(argv=None) -> int:
         items = read_instructions(a.data_file, a.input_field)
         check_predictions_file(a.predictions_file, a.data_file)
         if a.constrain == "abc":  # an impossible request is refused before the model loads
-            from inference.abc_constraint import ConstraintError
-
             try:
                 request_fields(a, items)
             except ConstraintError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
-    from inference.loading import load_model
-
     loaded = load_model(a.base_model, a.lora_model, a.tokenizer_path, device=a.device, dtype=a.dtype,
                         trust_remote_code=a.trust_remote_code)
     if getattr(loaded.tokenizer, "init_kwargs", {}).get("tunesmith_audio"):
@@ -394,8 +384,6 @@ def main(argv=None) -> int:
     print(f"loaded {a.base_model}{' + ' + a.lora_model if a.lora_model else ''} on {loaded.device} "
           f"({str(loaded.dtype).replace('torch.', '')})", file=sys.stderr)
     if a.data_file:
-        from inference.abc_constraint import ConstraintError
-
         try:
             run_batch(a, loaded, cfg, items)
         except ConstraintError as e:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training.config import ConfigError
+
 log = logging.getLogger("tunesmith.train")
 TAG_RE = re.compile(r"^step-(\d{8})$")
 FAULT_ENV = "TUNESMITH_FAULT_INJECT"  # "STEP:PHASE", PHASE in {mid_save, after_step}: SIGKILL self (tests)
@@ -193,8 +195,6 @@ def find_resume(resume: str, output_dir: str) -> tuple[Path, str] | None:
 def _check_partitions(ckpt_dir: Path, world: int) -> None:
     """Under ZeRO-1/2/3 each data-parallel rank saved its own slice of the optimizer state, and DeepSpeed cannot
     re-slice it for another number of ranks: one line saying so (ZeRO-0 checkpoints resume on any)."""
-    from training.config import ConfigError
-
     parts = {m.group(1) for f in ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")
              if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
     if parts and len(parts) != world:
@@ -209,7 +209,7 @@ def load_checkpoint(engine, root: Path, tag: str, rank: int) -> dict:
     DeepSpeed's loader unpickles with ``weights_only=False``, so every ``*.pt`` of the tag is first proven to
     load with ``weights_only=True`` (:func:`training.merge.refuse_unsafe_torch_files`): a checkpoint someone
     handed you cannot run code on resume."""
-    from training.merge import refuse_unsafe_torch_files
+    from training.merge import refuse_unsafe_torch_files  # (here: merge imports model, which imports this)
 
     refuse_unsafe_torch_files(root / tag)
     _check_partitions(root / tag, engine.dp_world_size)

@@ -18,6 +18,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_preprocess.hub import ArgumentError
+from data_preprocess.model_source import is_model_source, read_record, resolve_source
+from data_preprocess.shards import open_split, read_meta
+from data_preprocess.train_tokenizer import tokenizer_identity
+
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -368,13 +373,7 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
 
     A ``model`` given as a named source or ``PATH.gguf`` is imported here and ``cfg.model`` is set to the
     imported HF dir (``facts["model_source"]`` keeps what was asked for, for job.json)."""
-    from data_preprocess.hub import ArgumentError
-    from data_preprocess.model_source import (
-        is_model_source,
-        read_record,
-        resolve_source,
-    )
-    from training.presets import PRESETS
+    from training.presets import PRESETS  # (here: transformers; config stays torch-free)
 
     def bad(msg: str):
         raise ConfigError(msg)
@@ -458,8 +457,6 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tdir))
-    from data_preprocess.train_tokenizer import tokenizer_identity
-
     ident = tokenizer_identity(tdir, tok)
     mtok = meta.get("tokenizer", {})
     if ident["vocab_size"] != meta["vocab_size"] or (mtok.get("hash") and mtok["hash"] != ident["hash"]):
@@ -525,8 +522,6 @@ def check_data(cfg: TrainConfig) -> list[dict]:
     ConfigError naming the directory or the weight to change: every dir a preprocess output of ``cfg.mode`` with
     train and val blocks; several dirs (a mixture) made with one tokenizer and one max_len; weights one per dir,
     >= 0, not all 0."""
-    from data_preprocess.shards import open_split, read_meta
-
     def bad(msg: str):
         raise ConfigError(msg)
 

@@ -16,6 +16,8 @@ from transformers import AutoTokenizer
 from data_preprocess.hub import ArgumentError, could_be_hub_id, offline
 from data_preprocess.hub import exit_on_argument_error as exit_on_model_path_error  # noqa: F401 (the CLIs' decorator)
 from data_preprocess.model_source import ModelSourceError, resolve_source
+from training.model import resize_embeddings
+from training.oom import is_out_of_memory
 
 # kind of argument -> (the file that marks such a dir, the fix shown when the argument is wrong)
 _KINDS = {
@@ -119,8 +121,6 @@ def adapter_vocab_size(lora_model: str | os.PathLike) -> int | None:
 def resize_for_adapter(model, tokenizer, lora_model: str | None = None) -> int:
     """Grows the base's embeddings to what the adapter (or else the tokenizer) needs; new rows are the
     mean of the old ones (training's rule, deterministic). Returns the final number of rows."""
-    from training.model import resize_embeddings
-
     need = len(tokenizer)
     if lora_model:
         need = adapter_vocab_size(lora_model) or need
@@ -133,8 +133,6 @@ def unloadable_is_a_path_error(kind: str, path: str):
     """A dir that passed :func:`resolve_model_path` but cannot be loaded (a config.json alone, a truncated
     model.safetensors, an invalid config.json, no tokenizer): one-line :class:`ModelPathError` instead of the
     loader's traceback. Running out of memory is not the dir's fault and propagates."""
-    from training.oom import is_out_of_memory
-
     try:
         yield
     except Exception as e:  # transformers/safetensors raise many types for a broken dir

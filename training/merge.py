@@ -36,8 +36,18 @@ if __package__ in (None, ""):  # `python training/merge.py`: make the repo root 
 
 import torch
 
-from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
-from training.model import embeddings_tied
+from data_preprocess.chat_format import ensure_chat_template
+from training.hf_io import (
+    ModelPathError,
+    exit_on_model_path_error,
+    has_tokenizer,
+    load_tokenizer,
+    resize_for_adapter,
+    resolve_model_path,
+    unloadable_is_a_path_error,
+)
+from training.model import embeddings_tied, resize_embeddings
+from training.presets import is_preset, preset_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # max |logit difference| allowed, relative to max(1, max |reference logit|): the merge is W + s*B@A
@@ -162,13 +172,6 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     :func:`training.hf_io.resolve_model_path` first)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from training.hf_io import (
-        has_tokenizer,
-        load_tokenizer,
-        resize_for_adapter,
-        unloadable_is_a_path_error,
-    )
 
     tok_src = tokenizer_path or (lora_model if has_tokenizer(lora_model) else base_model)
     with unloadable_is_a_path_error("tokenizer" if tokenizer_path else "model", tok_src):
@@ -332,10 +335,6 @@ def load_deepspeed_model(path: str, tokenizer_path: str | None, dtype: torch.dty
     Returns (model, tokenizer, base_rows, meta) where model is a PeftModel for LoRA runs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from training.hf_io import has_tokenizer, load_tokenizer
-    from training.model import resize_embeddings
-    from training.presets import is_preset, preset_config
-
     checkpoints_dir, tag, ckpt_dir = resolve_checkpoint(path)
     meta = json.loads((ckpt_dir / "tunesmith.json").read_text())
     where = ckpt_dir / "tunesmith.json"
@@ -399,8 +398,6 @@ def load_deepspeed_model(path: str, tokenizer_path: str | None, dtype: torch.dty
 def save_hf(model, tok, out: Path, dtype: torch.dtype, max_shard_size: str):
     """Sharded safetensors + tokenizer (with chat template) + generation config."""
     from transformers import GenerationConfig
-
-    from data_preprocess.chat_format import ensure_chat_template
 
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise SystemExit("the tokenizer's pad token equals eos (or is missing): generation would stop on padding; "

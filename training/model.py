@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from training.activations import estimate_activations, probe_layer
 from training.attention import hf_attn_implementation
+from training.checkpoint import gathered_state_dict
 from training.config import TrainConfig, zero_stage
+from training.fused_loss import unwrap_causal_lm
 from training.presets import PRESETS, count_params, preset_config
 
 log = logging.getLogger("tunesmith.train")
@@ -157,8 +160,6 @@ def _build(cfg: TrainConfig, tok, dtype, zero3: bool, save_base_to, rank: int):
         enable_checkpointing(model, cfg.gradient_checkpointing_every)
     if save_base_to is not None:
         if zero3:
-            from training.checkpoint import gathered_state_dict
-
             sd = gathered_state_dict(model, rank=rank)  # collective: every rank gathers, rank 0 keeps
             if rank == 0:
                 model.save_pretrained(str(save_base_to), state_dict=sd, safe_serialization=True)
@@ -217,8 +218,6 @@ def enable_checkpointing(model, every: int = 1) -> list[int]:
     """Gradient (activation) checkpointing of 1 in every ``every`` decoder layers (layer i is recomputed in
     backward iff ``i % every == 0``); the other layers keep their activations. Non-reentrant, so frozen bases
     (LoRA) need no input-grad hooks. Returns the indices of the checkpointed layers."""
-    from training.fused_loss import unwrap_causal_lm
-
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name is deprecated)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -235,8 +234,6 @@ def enable_checkpointing(model, every: int = 1) -> list[int]:
 def compile_decoder_layers(model) -> int:
     """``torch.compile`` every decoder layer in place (parameter names, checkpoints and PEFT are unchanged; the
     layers share one compiled graph). The embedding, final norm, lm_head and loss stay eager. Returns the count."""
-    from training.fused_loss import unwrap_causal_lm
-
     layers = unwrap_causal_lm(model).get_decoder().layers
     for layer in layers:
         layer.compile()
@@ -271,8 +268,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _estimate_activations(cfg: TrainConfig, mcfg, seq_len: int, precision: str, device: str) -> dict:
-    from training.activations import estimate_activations, probe_layer
-
     dtype = DTYPES[precision]
     lora = None
     if cfg.train_type == "lora":

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_preprocess.shards import open_split
+from training import checkpoint as ckpt
 from training.config import (
     ConfigError,
     TrainConfig,
@@ -45,6 +47,13 @@ from training.config import (
     validate,
     zero_stage,
 )
+from training.data import ConcatSplit, make_batch, step_micro_batches, train_stream, val_batches
+from training.fused_loss import ChunkedLossHead, chunked_unsupported
+from training.metrics import MetricsLogger, format_line, plot_loss_curve, safe_exp
+from training.model import DTYPES, build_model, compile_decoder_layers, estimate_memory, memory_fixes, param_groups
+from training.oom import host_memory_bytes, is_out_of_memory, out_of_memory_summary
+from training.presets import PRESETS
+from training.schedule import lr_at
 
 log = logging.getLogger("tunesmith.train")
 
@@ -122,8 +131,6 @@ def token_losses(engine, batch, head=None, token_out: torch.Tensor | None = None
 
 def make_loss_head(engine, loss: str, chunk_size: int):
     """The :class:`ChunkedLossHead` for ``loss`` = chunked | auto (None = the HF logits path), with the reason."""
-    from training.fused_loss import ChunkedLossHead, chunked_unsupported
-
     if loss == "hf":
         return None, "loss=hf"
     why = chunked_unsupported(engine)
@@ -142,9 +149,6 @@ def evaluate(engine, val_splits: dict, cfg: TrainConfig, tok, rank: int, world: 
     """Val loss (nats/target token), perplexity and bits per character (UTF-8 byte of decoded target text)
     over the val split of every source (``val_splits``: {name: split}; ``eval_max_batches`` caps each); with
     several sources also ``val_loss/NAME`` and ``val_bpc/NAME``, the overall figures over all their tokens."""
-    from training.data import make_batch, val_batches
-    from training.metrics import safe_exp
-
     engine.eval()
     sums = []
     for name, split in val_splits.items():
@@ -185,9 +189,6 @@ def main(argv=None) -> int:
     try:
         return run(argv, progress)
     except Exception as e:
-        from training.model import memory_fixes
-        from training.oom import is_out_of_memory, out_of_memory_summary
-
         if not is_out_of_memory(e):
             raise
         device, est = progress["device"], progress["estimate"] or {}
@@ -230,13 +231,6 @@ def run(argv, progress: dict) -> int:
     # ---- 2. distributed ----------------------------------------------------------------------------
     import deepspeed
     import torch.distributed as dist
-
-    from data_preprocess.shards import open_split
-    from training import checkpoint as ckpt
-    from training.data import ConcatSplit, make_batch, step_micro_batches, train_stream
-    from training.metrics import MetricsLogger, format_line, plot_loss_curve
-    from training.model import DTYPES, build_model, estimate_memory, param_groups
-    from training.schedule import lr_at
 
     if env.device == "cuda":
         torch.cuda.set_device(local_rank)
@@ -290,15 +284,11 @@ def run(argv, progress: dict) -> int:
         if env.device == "cuda":
             dev_mem = torch.cuda.get_device_properties(device).total_memory
         else:  # CPU ranks share the host's memory
-            from training.oom import host_memory_bytes
-
             dev_mem = host_memory_bytes() // max(1, local_world)
         progress["estimate"] = estimate_memory(cfg, tok, stage, *offloads(ds), world, local_world, dev_mem,
                                                seq_len=L, precision=precision, device=env.device)
     progress["at"] = "while building the model and the DeepSpeed engine"
     # an adapter on a random-init preset needs its base: saved once (rank 0) to OUTPUT_DIR/base_model
-    from training.presets import PRESETS
-
     base_dir = out / "base_model"
     base_model_dir = (str(base_dir.resolve()) if cfg.model in PRESETS else cfg.model) if lora else None
     # decided on every rank (ZeRO-3 gathers the base for saving, a collective); rank 0 writes it
@@ -313,8 +303,6 @@ def run(argv, progress: dict) -> int:
             log.info("ZeRO-3: the model was built inside deepspeed.zero.Init -- each of the %d ranks created and "
                      "keeps 1/%d of every parameter", world, world)
     if cfg.compile:
-        from training.model import compile_decoder_layers
-
         n = compile_decoder_layers(model)
         if rank == 0:
             log.info("torch.compile: %d decoder layers (compiled on the first forward)", n)
@@ -461,8 +449,6 @@ def verify_export(engine, val_split, cfg: TrainConfig, export_dir: Path, base_mo
     """Reloads the HF export with plain transformers (+ peft) and compares its logits with the engine's on
     one val batch (all ranks run the engine forward; ZeRO-3 needs them). Raises if they disagree."""
     import torch.distributed as dist
-
-    from training.data import make_batch
 
     rows = np.arange(min(cfg.micro_batch_size, len(val_split)))
     batch = make_batch(val_split, rows, cfg.batch_attention, mask_dtype)
