@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from data_preprocess.abc_meter import (  # noqa: F401 - re-exported: the checker's public names
-    _FIELD_LINE,
-    _INLINE_FIELD,
     _MODES,
     BARLINE,
+    FIELD_LINE,
+    INLINE_FIELD,
     meter_numerator,
     meter_value,
     normalise_key,
@@ -53,7 +53,7 @@ def split_tunes(text: str) -> list[str]:
 def has_repeats(abc: str) -> bool:
     """True when the tune body has a repeat sign (``|:``, ``:|`` or ``::``)."""
     _, body = split_header_body(abc)
-    text = "\n".join(ln.split("%", 1)[0] for ln in body if not _FIELD_LINE.match(ln.strip()))
+    text = "\n".join(ln.split("%", 1)[0] for ln in body if not FIELD_LINE.match(ln.strip()))
     text = re.sub(r'"[^"]*"', "", text)
     return bool(re.search(r"\|:|:\||::", text))
 
@@ -150,7 +150,7 @@ def bars_of(abc: str) -> list[Bar]:
         s = line.strip()
         if not s:
             continue
-        fm = _FIELD_LINE.match(s)
+        fm = FIELD_LINE.match(s)
         if fm:
             if fm.group(1) in "MLV":
                 set_field(fm.group(1), fm.group(2).strip())
@@ -170,7 +170,7 @@ def bars_of(abc: str) -> list[Bar]:
                 j = line.find("}", i + 1)
                 i = n if j < 0 else j + 1
             elif c == "[":
-                fmi = _INLINE_FIELD.match(line, i)
+                fmi = INLINE_FIELD.match(line, i)
                 if fmi:
                     if fmi.group(1) in "MLV":
                         set_field(fmi.group(1), fmi.group(2).strip())

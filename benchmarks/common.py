@@ -28,20 +28,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data_preprocess.config import _bool as _parse_bool
-
-# --------------------------------------------------------------------------------------------- config
-from data_preprocess.config import _field_types
 from data_preprocess.config import convert as _convert
+from data_preprocess.config import field_types, parse_bool
 from data_preprocess.config import load_file as load_config_file
 from inference.abc_constraint import constraint_processor
 from inference.loading import load_model
+
+# --------------------------------------------------------------------------------------------- config
 
 
 def _bool(s: str | bool) -> bool:
     """argparse ``type=`` for booleans: true/false/yes/no/1/0/on/off."""
     try:
-        return _parse_bool(s)
+        return parse_bool(s)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -51,7 +50,7 @@ _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no", "y", "n", "on", "off"}
 
 def _expand_bool_flags(cls, argv: list[str]) -> list[str]:
     """``--x`` alone -> ``--x=true``, ``--no-x`` -> ``--x=false``; ``--x false`` is left as is."""
-    bools = {name for name, t in _field_types(cls).items() if t is bool}
+    bools = {name for name, t in field_types(cls).items() if t is bool}
     out = []
     for i, a in enumerate(argv):
         name = a[2:] if a.startswith("--") and "=" not in a else None
@@ -68,7 +67,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str = ""):
     """CLI for dataclass ``cls``: ``--name value`` per field, ``--config FILE`` and ``key=value``."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML or JSON file with any of the options below")
-    types = _field_types(cls)
+    types = field_types(cls)
     for f in dataclasses.fields(cls):
         t = types[f.name]
         helptext = f.metadata.get("help", "")

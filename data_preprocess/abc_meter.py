@@ -8,8 +8,9 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_FIELD_LINE = re.compile(r"^([A-Za-z]):(?!\|)(.*)$")
-_INLINE_FIELD = re.compile(r"\[([A-Za-z]):([^\]]*)\]")
+# a header field line ("K: D", not the "|:" that starts a repeat) -> (letter, value); an inline field "[K:D]"
+FIELD_LINE = re.compile(r"^([A-Za-z]):(?!\|)(.*)$")
+INLINE_FIELD = re.compile(r"\[([A-Za-z]):([^\]]*)\]")
 # a barline as plain text ("|", "||", "|]", "[|", "|:", ":|", "::", "|1", ":|2" ...): what splits a body into
 # bar texts, for the constraint's repeated-bar cap and the benchmarks' bar-variety measure alike
 BARLINE = re.compile(r"[:\[]*\|[|:\]0-9]*|::")
@@ -20,7 +21,7 @@ def split_header_body(abc: str) -> tuple[dict[str, str], list[str]]:
     header: dict[str, str] = {}
     lines = abc.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for i, line in enumerate(lines):
-        m = _FIELD_LINE.match(line.strip())
+        m = FIELD_LINE.match(line.strip())
         if m:
             header.setdefault(m.group(1), m.group(2).split("%", 1)[0].strip())
             if m.group(1) == "K":

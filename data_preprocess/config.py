@@ -13,7 +13,8 @@ import typing
 from pathlib import Path
 
 
-def _field_types(cls) -> dict[str, type]:
+def field_types(cls) -> dict[str, type]:
+    """``{field name: type}`` of dataclass ``cls``, with ``X | None`` (and ``Optional[X]``) read as ``X``."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -23,7 +24,8 @@ def _field_types(cls) -> dict[str, type]:
     return out
 
 
-def _bool(v) -> bool:
+def parse_bool(v) -> bool:
+    """``v`` as a bool: a bool as is, else true/false, yes/no, y/n, on/off, 1/0 (any case); a ValueError otherwise."""
     if isinstance(v, bool):
         return v
     s = str(v).strip().lower()
@@ -36,14 +38,14 @@ def _bool(v) -> bool:
 
 def convert(cls, name: str, value, where: str):
     """Converts ``value`` to the type of field ``name`` of ``cls``; a clear SystemExit when it cannot."""
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     if name not in types_:
         raise SystemExit(f"{where}: unknown option '{name}'; valid: {', '.join(sorted(types_))}")
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and types_[name] is not str):
         return None
     t = types_[name]
     try:
-        return _bool(value) if t is bool else t(value)
+        return parse_bool(value) if t is bool else t(value)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"{where}: option '{name}' expects {t.__name__}, got {value!r} ({e})") from None
 
