@@ -293,9 +293,9 @@ def _gchord_sounding(meter_str: str | None, t: Fraction) -> bool:
     """A chord-symbol note abc2midi plays is still sounding ``t`` (whole notes) into a bar of ``meter_str``."""
     s = (meter_str or "none").strip()
     num, den = {"C": (4, 4), "C|": (2, 2), "none": (4, 4)}.get(s, (0, 0))
-    m = re.fullmatch(r"([0-9]+)/([0-9]+)", s)
-    if m:
-        num, den = int(m.group(1)), int(m.group(2))
+    m = re.fullmatch(r"\(?([0-9+]+)\)?/([0-9]+)", s)
+    if m:  # ("2+3/8" is abc2midi's 5/8)
+        num, den = sum(int(x) for x in m.group(1).split("+")), int(m.group(2))
     pat = _GCHORD_PATTERNS.get((num, den))
     if pat is None:
         return False
@@ -669,10 +669,9 @@ class AbcState:
         # closed (a later ending may follow that ":|"); 3 in a later ending (a section barline ends the set).
         # An ending starts right after "|" or ":|" ("||1" "::1" "|]1" are abc2midi errors) or as "[2".
         self.var = 0
-        # a header "P:" is a part order for abc2midi ("P:ABA": play part A, B, A): capitals, digits, "().-"
-        # and spaces only ("P:Verse" is its error: illegal character 'e'), and every part it names must be
-        # labelled in the body ("P:A" line or "[P:A]": the label's first letter) before the end ("Part not
-        # defined"). ``parts`` holds the named parts not yet labelled.
+        # a header "P:" is a part order for abc2midi ("P:ABA": play part A, B, A; see _PART_ORDER), and every
+        # part it names must be labelled in the body ("P:A" line or "[P:A]": the label's first letter) before
+        # the end ("Part not defined"). ``parts`` holds the named parts not yet labelled.
         self.parts: frozenset = frozenset()
         self.gch = False                    # a chord symbol was written: abc2midi plays an accompaniment
         self.tonic = "z"                    # the key's tonic letter (a steered ending closes on it), else a rest
