@@ -28,6 +28,7 @@ Outputs in OUT: ``{train,val}.{tokens,loss_mask,pos}.bin`` + ``meta.json`` (:mod
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -52,7 +53,6 @@ from data_preprocess.corpus import (
     abc2midi_problem,
     iter_tunes,
     split_hash,
-    split_of,
 )
 from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from data_preprocess.model_source import resolve_source
@@ -146,7 +146,8 @@ def load_tokenizer(path: str):
         else:
             tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - many loader errors; add what to do
-        raise SystemExit(f"{path}: cannot load a tokenizer ({type(e).__name__}: {str(e)[:300]}); pass an HF "
+        why = " ".join(str(e).split())[:300]  # one line, whatever the loader wrote
+        raise SystemExit(f"{path}: cannot load a tokenizer ({type(e).__name__}: {why}); pass an HF "
                          "tokenizer dir or a SentencePiece .model") from None
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise SystemExit(f"{path}: tokenizer needs BOS and EOS tokens")
@@ -171,43 +172,86 @@ def save_tokenizer_copy(tok, src: str, dst: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ workers
 
-_TOK = None
+
+class TokenizerPrepError(Exception):
+    """A tokenizer that cannot be used, raised in the worker that prepared it (a worker must not raise
+    SystemExit: the pool would replace it and never answer); the main process turns it into SystemExit."""
 
 
-def _init_worker(tok_dir: str) -> None:
+def prepare_tokenizer(src: str, dst: str | Path, keep: bool = False):
+    """Loads the -t tokenizer (:func:`load_tokenizer`), writes its copy to ``dst`` (OUT/tokenizer) and returns
+    what the job needs of it: ``{vocab, bos_id, eos_id, pad_id, is_fast, identity}`` (``keep``: ``(tok, info)``).
+    In a pt job with workers this runs in one of them, so the main process never imports transformers (and
+    torch, ~2.5 s) and reads the corpus meanwhile."""
+    try:
+        tok = load_tokenizer(src)
+    except SystemExit as e:
+        if keep:
+            raise
+        raise TokenizerPrepError(str(e)) from None
+    save_tokenizer_copy(tok, src, Path(dst))
+    info = {"vocab": len(tok), "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
+            "is_fast": bool(getattr(tok, "is_fast", False)), "identity": tokenizer_identity(dst, tok)}
+    return (tok, info) if keep else info
+
+
+_TOK = None                      # sft: the HF tokenizer (chat template) of this process
+_ENCODERS: dict[str, object] = {}  # pt: tokenizer dir -> its encoder, loaded once per process
+
+
+def _init_worker(sft_tok_dir: str | None) -> None:
     global _TOK
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core already
-    from transformers import AutoTokenizer
+    if sft_tok_dir is not None:
+        from transformers import AutoTokenizer
 
-    _TOK = AutoTokenizer.from_pretrained(tok_dir)
+        _TOK = AutoTokenizer.from_pretrained(sft_tok_dir)
+
+
+def pt_encoder(tok_dir: str):
+    """The encoder of a pt job: the ``tokenizers`` library's ``Tokenizer`` of ``tok_dir/tokenizer.json`` (the
+    copy :func:`prepare_tokenizer` wrote, i.e. the HF tokenizer's own backend: the same ids without importing
+    transformers), or for a slow tokenizer without one the HF tokenizer itself."""
+    enc = _ENCODERS.get(tok_dir)
+    if enc is None:
+        f = Path(tok_dir) / "tokenizer.json"
+        if f.is_file():
+            from tokenizers import Tokenizer
+
+            enc = Tokenizer.from_file(str(f))
+        else:
+            from transformers import AutoTokenizer
+
+            enc = AutoTokenizer.from_pretrained(tok_dir)
+        _ENCODERS[tok_dir] = enc
+    return enc
 
 
 def _job(job):
     """One chunk: optional abc2midi check, then batch tokenisation. Runs in a worker or in-process.
 
-    pt:   items are tune texts -> [(problem, ids int32 array incl. BOS/EOS)]
+    pt:   items are tune texts, ``spec`` is (tokenizer dir, BOS, EOS) -> (problems, ids, lengths): one problem
+          (or None) per item; the kept tunes' ``BOS tune EOS`` ids concatenated (int32) and their lengths, so a
+          chunk crosses the process boundary as two arrays and goes to :meth:`ShardWriter.add_docs` as is
     sft:  items are Conversations, or (tune text, [Conversation]) pairs when built from metadata
           -> [(problem, [(kind, ids, mask)])]
     """
-    mode, items, check = job
-    tok = _TOK
+    mode, items, check, spec = job
     if mode == "pt":
+        tok_dir, bos, eos = spec
         problems = [abc2midi_problem(t) for t in items] if check else [None] * len(items)
         ok = [t for t, p in zip(items, problems) if p is None]
-        enc = iter(batch_encode(tok, ok) if ok else [])
-        bos, eos = tok.bos_token_id, tok.eos_token_id
-        out = []
-        for p in problems:
-            if p is not None:
-                out.append((p, None))
-            else:
-                ids = next(enc)
-                a = np.empty(len(ids) + 2, dtype=np.int32)
-                a[0], a[-1] = bos, eos
-                a[1:-1] = ids
-                out.append((None, a))
-        return out
+        enc = batch_encode(pt_encoder(tok_dir), ok) if ok else []
+        lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)) + 2
+        ends = np.cumsum(lengths)
+        ids = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+        body = np.ones(len(ids), dtype=bool)
+        body[ends - lengths] = body[ends - 1] = False
+        ids[ends - lengths], ids[ends - 1] = bos, eos
+        ids[body] = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32, count=len(ids) - 2 * len(enc))
+        return problems, ids, lengths
     # sft
+    tok = _TOK
     if items and isinstance(items[0], tuple):
         problems = [abc2midi_problem(text) if check else None for text, _ in items]
         groups = [convs if p is None else [] for (_, convs), p in zip(items, problems)]
@@ -223,6 +267,35 @@ def _job(job):
             docs.append((c.kind, np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)))
         out.append((p, docs))
     return out
+
+
+def _read_ahead(items: Iterable, ready, cap: int) -> Iterator:
+    """``items``, of which up to ``cap`` are taken at once while ``ready()`` is false: the corpus is read, split
+    and checked while a worker prepares the tokenizer (memory: ``cap`` chunks, whatever the corpus size)."""
+    it, buf = iter(items), []
+    while len(buf) < cap and not ready():
+        x = next(it, _END)
+        if x is _END:
+            break
+        buf.append(x)
+    yield from buf
+    yield from it
+
+
+_END = object()
+
+
+class _Ready:
+    """The result of work done in-process, with the ``ready()`` / ``get()`` of a pool's AsyncResult."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self):
+        return self.value
 
 
 def _ordered(jobs: Iterable, pool, inflight: int) -> Iterator:
@@ -328,13 +401,31 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
     t0 = time.time()
     out = Path(cfg.output_dir)
     _prepare_out(out, cfg.overwrite)
-    tok = load_tokenizer(cfg.tokenizer)
-    fmt = ChatFormat(tok) if cfg.mode == "sft" else None  # an unusable chat template fails here, before any work
+    check = cfg.check == "abc2midi"
+    if check:
+        require("abc2midi")
     tok_dir = out / "tokenizer"
-    save_tokenizer_copy(tok, cfg.tokenizer, tok_dir)
-    if not getattr(tok, "is_fast", False):
-        print(f"warning: {cfg.tokenizer} is a slow (python) tokenizer; preprocessing will be slow", file=sys.stderr)
-    vocab = len(tok)
+    pool, fmt = None, None
+    if cfg.mode == "pt" and cfg.workers > 1:
+        # fork the workers first, while this process is light, and let one of them load the tokenizer (it
+        # imports transformers and torch, ~2.5 s) while this process reads the corpus ahead (_read_ahead)
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            cfg.workers, initializer=_init_worker, initargs=(None,))
+        prep = pool.apply_async(prepare_tokenizer, (cfg.tokenizer, str(tok_dir)))
+    else:
+        tok, tok_info = prepare_tokenizer(cfg.tokenizer, tok_dir, keep=True)
+        prep = _Ready(tok_info)
+        if cfg.mode == "sft":
+            fmt = ChatFormat(tok)  # an unusable chat template fails here, before any work
+        global _TOK
+        _TOK = tok
+        if cfg.workers > 1:
+            import multiprocessing as mp
+
+            pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+                cfg.workers, initializer=_init_worker, initargs=(str(tok_dir),))
 
     stats = CorpusStats()
     rejects_f = open(out / "rejects.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
@@ -345,9 +436,6 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
         if len(first_rejects) < 50:
             first_rejects.append(r)
 
-    check = cfg.check == "abc2midi"
-    if check:
-        require("abc2midi")
     part = (cfg.shard_index, cfg.num_shards)
     lim = {"stats": stats, "on_reject": on_reject, "dedup": cfg.dedup, "limit": cfg.limit, "part": part}
     from_records = cfg.mode == "sft" and not cfg.make_sft_from_metadata
@@ -358,32 +446,30 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
                             content=cfg.content, **lim)
 
     def jobs() -> Iterator:
-        for chunk in _chunks(source, cfg.chunk_size):
+        for chunk in _read_ahead(_chunks(source, cfg.chunk_size), prep.ready, cap=64):
             if cfg.mode == "pt":
                 payload = [t.text for t in chunk]
+                spec = (str(tok_dir), info()["bos_id"], info()["eos_id"])
             elif from_records:
-                payload = chunk
+                payload, spec = chunk, None
             else:
-                payload = [(t.text, metadata_conversations(t, cfg.music2text_fraction)) for t in chunk]
+                payload, spec = [(t.text, metadata_conversations(t, cfg.music2text_fraction)) for t in chunk], None
             keys = [c.key for c in chunk] if from_records else [t.body_hash for t in chunk]
             locs = [(c.file, c.index) for c in chunk]
-            yield (cfg.mode, payload, check), keys, locs
+            yield (cfg.mode, payload, check, spec), keys, locs
 
-    writers = {s: ShardWriter(out, s, cfg.max_len, vocab, tok.pad_token_id) for s in SPLITS}
+    def info() -> dict:
+        try:
+            return prep.get()
+        except TokenizerPrepError as e:
+            raise SystemExit(str(e)) from None
+
+    writers: dict[str, ShardWriter] = {}
     sft_counts = {"conversations": 0, "text2music": 0, "music2text": 0, "truncated": 0, "truncated_tokens": 0,
                   "dropped_no_target": 0}
     longest = 0
     lowest_train: tuple[float, str] | None = None  # (split hash, key) of the val fallback candidate
     train_keys: set[str] = set()                   # distinct train units, counted up to 2
-    pool = None
-    if cfg.workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            cfg.workers, initializer=_init_worker, initargs=(str(tok_dir),))
-    else:
-        global _TOK
-        _TOK = tok
     bar = tqdm(unit=" tunes" if not from_records else " records", disable=not cfg.progress, dynamic_ncols=True,
                desc=f"preprocess {cfg.mode}")
     job_meta: deque = deque()
@@ -393,46 +479,76 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
             job_meta.append((keys, locs))
             yield job
 
+    def split_for(key: str) -> str:
+        """The rule of :func:`split_of`, with the val fallback candidate tracked from the same hash."""
+        nonlocal lowest_train
+        h = split_hash(key, cfg.seed)
+        if key == force_val or h < cfg.val_ratio:   # (h is in [0, 1): val_ratio 0 sends nothing to val)
+            return "val"
+        lowest_train = (h, key) if lowest_train is None else min(lowest_train, (h, key))
+        if len(train_keys) < 2:
+            train_keys.add(key)
+        return "train"
+
     try:
         for job, result in _ordered(job_iter(), pool, inflight=2 * cfg.workers + 1):
             keys, locs = job_meta.popleft()
-            for key, (file, index), (problem, docs) in zip(keys, locs, result):
-                if problem is not None:
-                    stats.kept -= 1
-                    stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
-                    continue
-                split = "val" if key == force_val else split_of(key, cfg.val_ratio, cfg.seed)
-                if split == "train":
-                    item = (split_hash(key, cfg.seed), key)
-                    lowest_train = item if lowest_train is None else min(lowest_train, item)
-                    if len(train_keys) < 2:
-                        train_keys.add(key)
-                w = writers[split]
-                if cfg.mode == "pt":
-                    longest = max(longest, len(docs))
-                    w.add(docs)
-                    continue
-                for kind, ids, mask in docs:
-                    longest = max(longest, len(ids))
-                    if len(ids) > cfg.max_len:
-                        sft_counts["truncated"] += 1
-                        sft_counts["truncated_tokens"] += len(ids) - cfg.max_len
-                        ids, mask = ids[:cfg.max_len], mask[:cfg.max_len]
-                        if not mask.any():
-                            sft_counts["dropped_no_target"] += 1
-                            continue
-                    sft_counts["conversations"] += 1
-                    sft_counts[kind] = sft_counts.get(kind, 0) + 1
-                    w.add_whole(ids, mask)
-            bar.update(len(result))
+            if not writers:
+                meta_tok = info()
+                writers.update({s: ShardWriter(out, s, cfg.max_len, meta_tok["vocab"], meta_tok["pad_id"])
+                                for s in SPLITS})
+            if cfg.mode == "pt":
+                problems, ids, lengths = result
+                val = np.zeros(len(lengths), dtype=bool)
+                j = 0
+                for key, (file, index), problem in zip(keys, locs, problems):
+                    if problem is not None:
+                        stats.kept -= 1
+                        stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
+                        continue
+                    val[j] = split_for(key) == "val"
+                    j += 1
+                for split, sel in (("train", ~val), ("val", val)):
+                    if sel.any():
+                        writers[split].add_docs(ids[np.repeat(sel, lengths)], lengths[sel])
+                longest = max(longest, int(lengths.max(initial=0)))
+            else:
+                for key, (file, index), (problem, docs) in zip(keys, locs, result):
+                    if problem is not None:
+                        stats.kept -= 1
+                        stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
+                        continue
+                    w = writers[split_for(key)]
+                    for kind, ids, mask in docs:
+                        longest = max(longest, len(ids))
+                        if len(ids) > cfg.max_len:
+                            sft_counts["truncated"] += 1
+                            sft_counts["truncated_tokens"] += len(ids) - cfg.max_len
+                            ids, mask = ids[:cfg.max_len], mask[:cfg.max_len]
+                            if not mask.any():
+                                sft_counts["dropped_no_target"] += 1
+                                continue
+                        sft_counts["conversations"] += 1
+                        sft_counts[kind] = sft_counts.get(kind, 0) + 1
+                        w.add_whole(ids, mask)
+            bar.update(len(keys))
             bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), dup=stats.duplicates,
                             refresh=False)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()   # (a worker may still be loading the tokenizer: do not wait for it)
+        raise
     finally:
         bar.close()
         rejects_f.close()
         if pool is not None:
             pool.close()
             pool.join()
+    meta_tok = info()
+    if not writers:   # an input with no tunes: empty splits
+        writers.update({s: ShardWriter(out, s, cfg.max_len, meta_tok["vocab"], meta_tok["pad_id"]) for s in SPLITS})
+    if not meta_tok["is_fast"]:
+        print(f"warning: {cfg.tokenizer} is a slow (python) tokenizer; preprocessing was slow", file=sys.stderr)
     split_stats = {s: w.close() for s, w in writers.items()}
 
     tokens = sum(s["num_tokens"] for s in split_stats.values())
@@ -450,9 +566,9 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
               "dropped because no answer token was left)", file=sys.stderr)
     elapsed = time.time() - t0
     meta = {
-        "mode": cfg.mode, "content": cfg.content, "max_len": cfg.max_len, "vocab_size": vocab, "pad_id": tok.pad_token_id,
-        "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "splits": split_stats,
-        "tokenizer": {**tokenizer_identity(tok_dir, tok), "source": str(cfg.tokenizer)},
+        "mode": cfg.mode, "content": cfg.content, "max_len": cfg.max_len, "vocab_size": meta_tok["vocab"],
+        "pad_id": meta_tok["pad_id"], "bos_id": meta_tok["bos_id"], "eos_id": meta_tok["eos_id"], "splits": split_stats,
+        "tokenizer": {**meta_tok["identity"], "source": str(cfg.tokenizer)},
         "input": str(cfg.input), "counts": counts,
         "part": {"index": cfg.shard_index, "of": cfg.num_shards} if cfg.num_shards > 1 else None,
         "sft_format": fmt.name if fmt else None,

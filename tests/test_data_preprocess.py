@@ -325,3 +325,81 @@ def test_bad_parts_are_one_line(tmp_path, tokenizer_dir, capsys):
         merge_parts([str(p) for p in parts], str(parts[0]))
     with pytest.raises(SystemExit, match="--shard_index 2 must be in 0..--num_shards-1"):
         PreprocessConfig(output_dir=str(tmp_path / "x"), num_shards=2, shard_index=2, **kw)
+
+
+def test_add_docs_writes_what_add_writes(tmp_path):
+    """The vectorised ``ShardWriter.add_docs`` (a chunk of documents as one array) writes the same bytes and
+    statistics as one ``add`` per document, with documents that straddle blocks, exact fits, empty documents,
+    masks and ``add_whole`` in between."""
+    from data_preprocess.shards import ShardWriter
+
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        L, vocab = int(rng.integers(2, 24)), (70_000 if trial % 2 else 900)
+        docs = [rng.integers(0, vocab, size=int(rng.integers(0, 3 * L))) for _ in range(int(rng.integers(1, 25)))]
+        masks = [rng.integers(0, 2, size=len(d)) for d in docs] if trial % 3 == 0 else None
+        a, b = ShardWriter(tmp_path / f"a{trial}", "train", L, vocab, 3), ShardWriter(tmp_path / f"b{trial}", "train", L, vocab, 3)
+        i = 0
+        while i < len(docs):
+            k = int(rng.integers(1, 6))
+            for j in range(i, min(i + k, len(docs))):
+                a.add(docs[j], None if masks is None else masks[j])
+            b.add_docs(np.concatenate(docs[i:i + k]), [len(d) for d in docs[i:i + k]],
+                       None if masks is None else np.concatenate(masks[i:i + k]))
+            if rng.random() < 0.25:
+                whole = rng.integers(0, vocab, size=int(rng.integers(1, L + 1)))
+                a.add_whole(whole)
+                b.add_whole(whole)
+            i += k
+        assert a.close() == b.close()
+        for kind in ("tokens", "loss_mask", "pos"):
+            assert ((tmp_path / f"a{trial}" / f"train.{kind}.bin").read_bytes()
+                    == (tmp_path / f"b{trial}" / f"train.{kind}.bin").read_bytes()), (trial, kind)
+    with pytest.raises(ValueError, match="lengths sum to 3"):
+        ShardWriter(tmp_path / "c", "train", 8, 900, 3).add_docs(np.arange(4), [1, 2])
+
+
+_LIGHT_MAIN = r"""
+import sys
+from data_preprocess.preprocess import main
+rc = main(sys.argv[1:])
+print("HEAVY:", sorted(m for m in ("transformers", "torch") if m in sys.modules))
+raise SystemExit(rc)
+"""
+
+
+def test_pt_with_workers_keeps_the_main_process_light(tmp_path, tokenizer_dir):
+    """With -w 2 a worker loads the tokenizer (transformers imports torch, ~2.5 s) while the main process reads
+    the corpus: the main process never imports either, and the shards are byte-identical to -w 1's."""
+    src = _tunes_dir(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    outs = {}
+    for w in (1, 2):
+        outs[w] = tmp_path / f"cli_w{w}"
+        p = subprocess.run([sys.executable, "-c", _LIGHT_MAIN, "-t", str(tokenizer_dir), "-i", str(src), "-o",
+                            str(outs[w]), "--max_len", "64", "--chunk_size", "4", "-w", str(w), "--no_progress"],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
+        assert p.returncode == 0, p.stderr[-2000:]
+        heavy = p.stdout.strip().splitlines()[-1]
+        assert heavy == ("HEAVY: []" if w == 2 else "HEAVY: ['torch', 'transformers']"), heavy
+    for s in SPLITS:
+        for kind in ("tokens", "loss_mask", "pos"):
+            assert (outs[1] / f"{s}.{kind}.bin").read_bytes() == (outs[2] / f"{s}.{kind}.bin").read_bytes()
+    m1, m2 = read_meta(outs[1]), read_meta(outs[2])
+    assert m1["tokenizer"]["hash"] == m2["tokenizer"]["hash"] and m1["counts"] == m2["counts"]
+    assert AutoTokenizer.from_pretrained(outs[2] / "tokenizer").pad_token_id == m2["pad_id"]
+
+
+def test_bad_tokenizer_with_workers_is_one_line(tmp_path):
+    """The tokenizer is loaded in a worker with -w 2: a bad -t still ends the run with the loader's one line
+    (a worker that raised SystemExit would hang the pool instead)."""
+    src = _tunes_dir(tmp_path)
+    bad = tmp_path / "no_tokenizer_here"
+    bad.mkdir()
+    p = subprocess.run([sys.executable, "-m", "data_preprocess.preprocess", "-t", str(bad), "-i", str(src), "-o",
+                        str(tmp_path / "out"), "-w", "2", "--no_progress"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120, check=False)
+    assert p.returncode == 1, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert "cannot load a tokenizer" in last and str(bad) in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
