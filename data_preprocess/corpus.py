@@ -34,7 +34,6 @@ memory stays flat while the corpus streams through.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -72,17 +71,9 @@ _HAS_KEY_B = re.compile(rb"(?m)^K:")
 _HAS_KEY_S = re.compile(r"(?m)^K:")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _COMMENT_LINE = re.compile(r"(?m)^%(?!%)[^\n]*(?:\n|$)")
-_TRAILING = re.compile(r"[ \t]+(?=\n)")
-_BLANK_RUNS = re.compile(r"\n{3,}")
 _KEY_LINE = re.compile(r"(?m)^K:[^\n]*(?:\n|$)")
 _FIELD_LINE = re.compile(r"(?m)^([A-Za-z]):[ \t]*([^\n%]*)")
 _MUSIC_LINE = re.compile(r"(?m)^(?![A-Za-z]:|%)[^\n]*[A-Ga-gzx]")   # a non-field line with a note/rest
-
-
-@functools.lru_cache(maxsize=8)
-def _long_line(n: int) -> re.Pattern:
-    """Matches a line longer than ``n`` characters."""
-    return re.compile(r"[^\n]{" + str(n + 1) + ",}")
 
 
 @dataclass
@@ -165,9 +156,13 @@ def normalise(text: str) -> tuple[str, int]:
     n_ctrl = 0
     if _CONTROL.search(text):
         text, n_ctrl = _CONTROL.subn("", text)
-    text = _COMMENT_LINE.sub("", text)
-    text = _TRAILING.sub("", text + "\n")
-    text = _BLANK_RUNS.sub("\n\n", text).strip("\n")
+    if "%" in text:
+        text = _COMMENT_LINE.sub("", text)
+    # (str methods, not regexes: this runs on every byte of the corpus, and they are ~5x faster here)
+    text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
+    while "\n\n\n" in text:                # runs of blank lines -> one blank line
+        text = text.replace("\n\n\n", "\n\n")
+    text = text.strip("\n")
     return (text + "\n" if text else ""), n_ctrl
 
 
@@ -369,7 +364,7 @@ def _iter_files(files: Iterable[Path], stats: CorpusStats, max_line_len: int) ->
                 fast = False
             if fast:
                 text, _ = normalise(text)
-                long_lines = _long_line(max_line_len).search(text) is not None
+                long_lines = max(map(len, text.split("\n"))) > max_line_len
                 for part in split_text(text, at_start, whole):
                     part = part.strip("\n")
                     if part:
