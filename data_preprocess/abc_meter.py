@@ -74,10 +74,12 @@ def normalise_meter(m: str | None) -> str | None:
     return {"C": "4/4", "C|": "2/2"}.get(s, s) or None
 
 
-_MODES = {"": "maj", "maj": "maj", "major": "maj", "ion": "maj", "ionian": "maj", "m": "min", "min": "min",
+MODES = {"": "maj", "maj": "maj", "major": "maj", "ion": "maj", "ionian": "maj", "m": "min", "min": "min",
           "minor": "min", "aeo": "min", "aeolian": "min", "dor": "dor", "dorian": "dor", "phr": "phr",
           "phrygian": "phr", "lyd": "lyd", "lydian": "lyd", "mix": "mix", "mixolydian": "mix", "loc": "loc",
           "locrian": "loc"}
+MODE_NAMES = {"maj": "major", "min": "minor", "dor": "dorian", "phr": "phrygian", "lyd": "lydian", "mix": "mixolydian",
+              "loc": "locrian"}   # a mode of MODES -> the word a caption or an instruction uses
 
 
 def normalise_key(k: str | None) -> tuple[str, str] | None:
@@ -93,7 +95,7 @@ def normalise_key(k: str | None) -> tuple[str, str] | None:
     acc = (mm.group(2) or "").strip().lstrip("-")
     acc = acc.lower() if len(acc) > 1 else acc
     acc = {"♯": "#", "sharp": "#", "♭": "b", "flat": "b"}.get(acc, acc)
-    mode = _MODES.get(mm.group(3).lower()[:10], _MODES.get(mm.group(3).lower()[:3]))
+    mode = MODES.get(mm.group(3).lower()[:10], MODES.get(mm.group(3).lower()[:3]))
     if mode is None:
         return None
     return mm.group(1).upper() + acc, mode

@@ -58,6 +58,7 @@ from data_preprocess.audio_layout import LAYOUTS, extend_tokenizer, make_layout
 from data_preprocess.corpus import iter_tunes
 from data_preprocess.hub import could_be_hub_id, exit_on_argument_error, offline
 from data_preprocess.model_source import resolve_source
+from data_preprocess.sft import describe_key
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
 from data_preprocess.train_tokenizer import tokenizer_identity
 
@@ -107,31 +108,11 @@ class Item:
     load: Callable[[], tuple[np.ndarray, int]]
 
 
-_MODES = [("mixolydian", "mixolydian"), ("mix", "mixolydian"), ("dorian", "dorian"), ("dor", "dorian"),
-          ("lydian", "lydian"), ("lyd", "lydian"), ("phrygian", "phrygian"), ("phr", "phrygian"),
-          ("locrian", "locrian"), ("loc", "locrian"), ("aeolian", "minor"), ("aeo", "minor"),
-          ("ionian", "major"), ("ion", "major"), ("major", "major"), ("maj", "major"), ("minor", "minor"),
-          ("min", "minor"), ("m", "minor")]
-
-
-def key_name(k: str) -> str:
-    """ABC ``K:`` field -> words: ``D`` -> "D major", ``Em`` -> "E minor", ``Ador`` -> "A dorian"."""
-    m = re.match(r"\s*([A-Ga-g])([#b]?)\s*([A-Za-z]*)", k or "")
-    if not m:
-        return ""
-    note = m.group(1).upper() + {"#": " sharp", "b": " flat"}.get(m.group(2), "")
-    word = m.group(3).lower()
-    for prefix, mode in _MODES:
-        if word.startswith(prefix):
-            return f"{note} {mode}"
-    return f"{note} major"
-
-
 def abc_caption(meta: dict, instrument: str) -> str:
     """A caption in the words a user prompts with: "jig in D major, 6/8 time, played on violin: The Kesh"."""
     rhythm = (meta.get("rhythm") or "tune").strip().lower()
     parts = [rhythm]
-    key = key_name(meta.get("key", ""))
+    key = describe_key(meta.get("key", "")) or ""
     if key:
         parts[0] += f" in {key}"
     meter = {"C": "4/4", "C|": "2/2"}.get((meta.get("meter") or "").strip(), (meta.get("meter") or "").strip())

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_preprocess.abc_meter import MODE_NAMES, MODES
 from data_preprocess.corpus import (
     CorpusStats,
     Reject,
@@ -139,8 +140,6 @@ def iter_sft_records(source: str, stats: CorpusStats, on_reject=None, limit: int
 
 # ------------------------------------------------------------------------------------ from metadata
 
-_MODES = {"": "major", "maj": "major", "ion": "major", "m": "minor", "min": "minor", "aeo": "minor",
-          "mix": "mixolydian", "dor": "dorian", "phr": "phrygian", "lyd": "lydian", "loc": "locrian"}
 _KEY_RE = re.compile(r"^\s*([A-Ga-g])\s*([#b♯♭]?)\s*([A-Za-z]*)")
 
 
@@ -153,7 +152,7 @@ def describe_key(k: str | None) -> str | None:
         return None
     tonic = m.group(1).upper() + {"#": " sharp", "♯": " sharp", "b": " flat", "♭": " flat"}.get(m.group(2), "")
     word = m.group(3).lower()
-    mode = _MODES.get(word[:3] if word[:3] in _MODES else word, None)
+    mode = MODE_NAMES.get(MODES.get(word[:3] if word[:3] in MODES else word, ""))
     if mode is None:                  # "clef=bass", "treble" ... : not a mode word
         mode = "minor" if word in ("m",) else "major"
     return f"{tonic} {mode}"

@@ -85,8 +85,8 @@ import torch
 from transformers import LogitsProcessor
 
 from data_preprocess.abc_meter import (
-    _MODES,
     BARLINE,
+    MODES,
     meter_value,
     normalise_key,
     split_header_body,
@@ -121,7 +121,7 @@ _BODY_FIELDS = frozenset("KLMPQTVWsw")  # what abc2midi takes in a tune body (N:
 # is an error and "U:G=!trill!" would change what every G means) and "m:" (macros rewrite the music).
 _HEADER_LETTERS = frozenset("ABCDFGHKLMNOPQRSTVWXZr")
 _DECO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789<>()-.^_/")
-_MODE_WORDS = tuple(_MODES)
+_MODE_WORDS = tuple(MODES)
 _MAX_VALUE = 160                    # chars of a field value (music21's longest: 146)
 _MAX_HEADER_LINES = 24              # music21's longest header has 21 field lines
 _MAX_HURRIED_VALUE = 40             # chars of an unasked header value once the header is hurried
@@ -349,14 +349,14 @@ def _key_prefix_ok(v: str, mode: str | None = None) -> bool:
     word, after = word_m.group(1), rest[word_m.end():]
     w = word.lower()
     if after:                                  # "Dm exp ^f", "E phr -8va": the mode word is complete
-        if word and not (w in _MODES or w[:3] in _MODES):
+        if word and not (w in MODES or w[:3] in MODES):
             return False
-        if mode is not None and _MODES.get(w, _MODES.get(w[:3])) != mode:
+        if mode is not None and MODES.get(w, MODES.get(w[:3])) != mode:
             return False
         return _key_words_ok(after)
     if mode is None:
-        return any(x.startswith(w) for x in _MODE_WORDS) or w[:3] in _MODES or word == ""
-    return any(x.startswith(w) and _MODES[x] == mode for x in _MODE_WORDS) or _MODES.get(w[:3]) == mode
+        return any(x.startswith(w) for x in _MODE_WORDS) or w[:3] in MODES or word == ""
+    return any(x.startswith(w) and MODES[x] == mode for x in _MODE_WORDS) or MODES.get(w[:3]) == mode
 
 
 def validate_fields(fields: dict) -> dict:
@@ -379,8 +379,8 @@ def validate_fields(fields: dict) -> dict:
             if _key_mode(v) is None:
                 raise ConstraintError(f"field K:{v}: unknown key; use e.g. K:D, K:Em, K:Ador, K:F#m, K:Bb or K:none")
         elif k == "mode":
-            if v not in set(_MODES.values()):
-                raise ConstraintError(f"field mode={v}: unknown mode; use one of {sorted(set(_MODES.values()))}")
+            if v not in set(MODES.values()):
+                raise ConstraintError(f"field mode={v}: unknown mode; use one of {sorted(set(MODES.values()))}")
         elif k in CONSTRAINED_FIELDS:
             if "\n" in v or "%" in v:
                 raise ConstraintError(f"field {k}:{v!r}: a header value cannot hold a newline or '%'")

@@ -10,13 +10,13 @@ import pytest
 
 from data_preprocess.audio import (
     AudioPrepConfig,
-    key_name,
     maybe_run_from_preprocess,
     render_abc,
     run_audio,
 )
 from data_preprocess.audio_codec import Codec, make_random_codec, read_audio, write_wav
 from data_preprocess.audio_layout import AudioVocab, make_layout
+from data_preprocess.sft import describe_key
 from data_preprocess.shards import open_split, read_meta
 
 SCALE = "X:1\nT:Scale\nM:4/4\nL:1/4\nQ:1/4=120\nK:C\nCDEF|GABc|\n"   # 8 beats at 120 bpm = 4.0 s
@@ -149,7 +149,8 @@ def test_music21_default_via_preprocess_dispatch(tmp_path, tokenizer_dir, tiny_c
 
 
 def test_key_names_and_bad_config(tmp_path):
-    assert [key_name(k) for k in ("D", "Em", "Ador", "F#m", "Bbmix", "G major", "HP")] == [
+    # captions name the key as SFT instructions do (data_preprocess.sft.describe_key: one mode table)
+    assert [describe_key(k) or "" for k in ("D", "Em", "Ador", "F#m", "Bbmix", "G major", "HP")] == [
         "D major", "E minor", "A dorian", "F sharp minor", "B flat mixolydian", "G major", ""]
     from data_preprocess.audio import main
 
