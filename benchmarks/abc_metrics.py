@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from data_preprocess.abc_meter import (  # noqa: F401 - re-exported: the checker's public names
-    _MODES,
     BARLINE,
     FIELD_LINE,
     INLINE_FIELD,
+    MODES,
     meter_numerator,
     meter_value,
     normalise_key,
