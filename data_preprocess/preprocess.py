@@ -22,6 +22,14 @@ the fast tokenizer's batch encode on chunks of tunes; ``-w N`` spreads chunks (a
 ``--check abc2midi``) over N processes while results are written in input order, so the output is
 byte-identical for any N. Memory stays flat: tunes stream from disk to the shard files.
 
+Speed (pt, ``-w N > 1``): the workers are forked first and one of them loads the tokenizer (transformers
+imports torch: ~2.5 s) and writes ``OUT/tokenizer`` while the main process -- which never imports either --
+reads, checks and deduplicates the corpus ahead; the workers then encode with the ``tokenizers`` library's
+``Tokenizer`` of that copy (the HF tokenizer's own backend, so the same ids) and hand each chunk back as one
+int32 array, which :meth:`ShardWriter.add_docs` packs without Python per tune.
+``python -m benchmarks.preprocess_speed`` measures it against ChatMusician's ``datasets.map`` and the bare
+``tokenizers`` batch encode.
+
 Outputs in OUT: ``{train,val}.{tokens,loss_mask,pos}.bin`` + ``meta.json`` (:mod:`data_preprocess.shards`),
 ``rejects.jsonl`` (file, tune index, reason), ``tokenizer/`` (a copy, so training loads it from here).
 """
@@ -219,6 +227,8 @@ def pt_encoder(tok_dir: str):
             from tokenizers import Tokenizer
 
             enc = Tokenizer.from_file(str(f))
+            enc.no_truncation()   # whole tunes: a tokenizer.json may carry a training job's truncation / padding
+            enc.no_padding()
         else:
             from transformers import AutoTokenizer
 
@@ -227,27 +237,48 @@ def pt_encoder(tok_dir: str):
     return enc
 
 
+ENCODING_PARTS = ("normalizer", "pre_tokenizer", "model", "added_tokens")  # all an encode without special tokens reads
+
+
+def local_tokenizer_json(src: str) -> Path | None:
+    """``src/tokenizer.json`` when ``-t`` is a local HF tokenizer dir that has one (else None): pt workers start
+    encoding with it at once instead of waiting ~3 s for :func:`prepare_tokenizer`'s copy."""
+    p = Path(src).expanduser()
+    return p / "tokenizer.json" if p.is_dir() and (p / "tokenizer.json").is_file() else None
+
+
+def same_encoding(a: Path, b: Path) -> bool:
+    """Whether two tokenizer.json files give the same ids to an encode without special tokens: equal
+    normalizer, pre-tokenizer, model and added tokens (the post-processor and decoder do not touch those ids)."""
+    ja, jb = (json.loads(Path(f).read_text(encoding="utf-8")) for f in (a, b))
+    return all(ja.get(k) == jb.get(k) for k in ENCODING_PARTS)
+
+
+class _EncoderChanged(Exception):
+    """The HF tokenizer's copy encodes differently from the -t tokenizer.json the workers started with."""
+
+
 def _job(job):
     """One chunk: optional abc2midi check, then batch tokenisation. Runs in a worker or in-process.
 
-    pt:   items are tune texts, ``spec`` is (tokenizer dir, BOS, EOS) -> (problems, ids, lengths): one problem
-          (or None) per item; the kept tunes' ``BOS tune EOS`` ids concatenated (int32) and their lengths, so a
-          chunk crosses the process boundary as two arrays and goes to :meth:`ShardWriter.add_docs` as is
+    pt:   items are tune texts, ``spec`` the tokenizer dir -> (problems, ids, lengths): one problem (or None)
+          per item; the kept tunes' ``BOS tune EOS`` ids concatenated (int32; BOS and EOS are 0 here, the main
+          process writes them: it may learn them after this chunk is encoded) and their lengths, so a chunk
+          crosses the process boundary as two arrays and goes to :meth:`ShardWriter.add_docs` as is
     sft:  items are Conversations, or (tune text, [Conversation]) pairs when built from metadata
           -> [(problem, [(kind, ids, mask)])]
     """
     mode, items, check, spec = job
     if mode == "pt":
-        tok_dir, bos, eos = spec
+        tok_dir = spec
         problems = [abc2midi_problem(t) for t in items] if check else [None] * len(items)
         ok = [t for t, p in zip(items, problems) if p is None]
         enc = batch_encode(pt_encoder(tok_dir), ok) if ok else []
         lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)) + 2
         ends = np.cumsum(lengths)
-        ids = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+        ids = np.zeros(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
         body = np.ones(len(ids), dtype=bool)
         body[ends - lengths] = body[ends - 1] = False
-        ids[ends - lengths], ids[ends - 1] = bos, eos
         ids[body] = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32, count=len(ids) - 2 * len(enc))
         return problems, ids, lengths
     # sft
@@ -393,14 +424,30 @@ def run(cfg: PreprocessConfig) -> dict:
     return meta
 
 
+READ_AHEAD_CHUNKS = 64          # chunks of tunes read ahead while a worker prepares the tokenizer ...
+READ_AHEAD_TOKENS = 1 << 24     # ... or encoded tokens held (64 MiB) until BOS / EOS are known
+
+
 def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, str | None]:
     """One pass over the input (``force_val``: a unit key sent to val whatever its hash). Returns the meta
     dict and the key of the train unit of lowest split hash when at least 2 distinct units went to train."""
+    try:
+        return _write_pass(cfg, force_val, early=True)
+    except _EncoderChanged:
+        print(f"note: the HF tokenizer loaded from {cfg.tokenizer} encodes differently from its tokenizer.json; "
+              "encoding again with the loaded one", file=sys.stderr)
+        return _write_pass(cfg, force_val, early=False)
+
+
+def _write_pass(cfg: PreprocessConfig, force_val: str | None, early: bool) -> tuple[dict, str | None]:
+    """:func:`_write`'s pass. ``early``: pt workers may start encoding with the -t dir's tokenizer.json before the
+    HF tokenizer is loaded; the copy it writes is checked to encode the same (:func:`same_encoding`), else
+    :class:`_EncoderChanged` (and the pass is run again without)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     out = Path(cfg.output_dir)
-    _prepare_out(out, cfg.overwrite)
+    _prepare_out(out, cfg.overwrite or not early)  # (a second pass rewrites the first's partial output)
     check = cfg.check == "abc2midi"
     if check:
         require("abc2midi")
@@ -408,7 +455,8 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
     pool, fmt = None, None
     if cfg.mode == "pt" and cfg.workers > 1:
         # fork the workers first, while this process is light, and let one of them load the tokenizer (it
-        # imports transformers and torch, ~2.5 s) while this process reads the corpus ahead (_read_ahead)
+        # imports transformers and torch, ~2.5-3.5 s) while this process reads the corpus and the others encode
+        # it with the -t dir's own tokenizer.json, or (without one) while this process reads ahead
         import multiprocessing as mp
 
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
@@ -445,11 +493,16 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
         source = iter_tunes(cfg.input, text_field=cfg.text_field, max_line_len=cfg.max_line_len,
                             content=cfg.content, **lim)
 
+    early_json = local_tokenizer_json(cfg.tokenizer) if early and cfg.mode == "pt" and pool is not None else None
+
     def jobs() -> Iterator:
-        for chunk in _read_ahead(_chunks(source, cfg.chunk_size), prep.ready, cap=64):
+        ready = (lambda: True) if early_json else prep.ready
+        for chunk in _read_ahead(_chunks(source, cfg.chunk_size), ready, cap=READ_AHEAD_CHUNKS):
             if cfg.mode == "pt":
                 payload = [t.text for t in chunk]
-                spec = (str(tok_dir), info()["bos_id"], info()["eos_id"])
+                if early_json is None:
+                    info()                     # the copy's tokenizer.json: wait until it is written
+                spec = str(early_json.parent if early_json else tok_dir)
             elif from_records:
                 payload, spec = chunk, None
             else:
@@ -490,50 +543,77 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
             train_keys.add(key)
         return "train"
 
+    special: dict[str, int] = {}
+
+    def open_writers() -> None:
+        """Once the tokenizer is prepared (waits for it): the writers, BOS / EOS, and the early encoder checked."""
+        meta_tok = info()
+        if early_json is not None and not same_encoding(early_json, tok_dir / "tokenizer.json"):
+            raise _EncoderChanged
+        special.update(bos=meta_tok["bos_id"], eos=meta_tok["eos_id"])
+        writers.update({s: ShardWriter(out, s, cfg.max_len, meta_tok["vocab"], meta_tok["pad_id"]) for s in SPLITS})
+
+    def write(keys, locs, result) -> None:
+        nonlocal longest
+        if cfg.mode == "pt":
+            problems, ids, lengths = result
+            ends = np.cumsum(lengths)
+            ids[ends - lengths], ids[ends - 1] = special["bos"], special["eos"]
+            val = np.zeros(len(lengths), dtype=bool)
+            j = 0
+            for key, (file, index), problem in zip(keys, locs, problems):
+                if problem is not None:
+                    stats.kept -= 1
+                    stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
+                    continue
+                val[j] = split_for(key) == "val"
+                j += 1
+            for split, sel in (("train", ~val), ("val", val)):
+                if sel.any():
+                    writers[split].add_docs(ids[np.repeat(sel, lengths)], lengths[sel])
+            longest = max(longest, int(lengths.max(initial=0)))
+            return
+        for key, (file, index), (problem, docs) in zip(keys, locs, result):
+            if problem is not None:
+                stats.kept -= 1
+                stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
+                continue
+            w = writers[split_for(key)]
+            for kind, ids, mask in docs:
+                longest = max(longest, len(ids))
+                if len(ids) > cfg.max_len:
+                    sft_counts["truncated"] += 1
+                    sft_counts["truncated_tokens"] += len(ids) - cfg.max_len
+                    ids, mask = ids[:cfg.max_len], mask[:cfg.max_len]
+                    if not mask.any():
+                        sft_counts["dropped_no_target"] += 1
+                        continue
+                sft_counts["conversations"] += 1
+                sft_counts[kind] = sft_counts.get(kind, 0) + 1
+                w.add_whole(ids, mask)
+
+    pending: deque = deque()      # encoded chunks not yet written (only while the tokenizer is being prepared)
+    held = 0
+
+    def drain() -> None:
+        nonlocal held
+        if not writers:
+            open_writers()
+        while pending:
+            write(*pending.popleft())
+        held = 0
+
     try:
         for job, result in _ordered(job_iter(), pool, inflight=2 * cfg.workers + 1):
             keys, locs = job_meta.popleft()
-            if not writers:
-                meta_tok = info()
-                writers.update({s: ShardWriter(out, s, cfg.max_len, meta_tok["vocab"], meta_tok["pad_id"])
-                                for s in SPLITS})
-            if cfg.mode == "pt":
-                problems, ids, lengths = result
-                val = np.zeros(len(lengths), dtype=bool)
-                j = 0
-                for key, (file, index), problem in zip(keys, locs, problems):
-                    if problem is not None:
-                        stats.kept -= 1
-                        stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
-                        continue
-                    val[j] = split_for(key) == "val"
-                    j += 1
-                for split, sel in (("train", ~val), ("val", val)):
-                    if sel.any():
-                        writers[split].add_docs(ids[np.repeat(sel, lengths)], lengths[sel])
-                longest = max(longest, int(lengths.max(initial=0)))
-            else:
-                for key, (file, index), (problem, docs) in zip(keys, locs, result):
-                    if problem is not None:
-                        stats.kept -= 1
-                        stats.reject(Reject(file, index, "abc2midi", problem), on_reject)
-                        continue
-                    w = writers[split_for(key)]
-                    for kind, ids, mask in docs:
-                        longest = max(longest, len(ids))
-                        if len(ids) > cfg.max_len:
-                            sft_counts["truncated"] += 1
-                            sft_counts["truncated_tokens"] += len(ids) - cfg.max_len
-                            ids, mask = ids[:cfg.max_len], mask[:cfg.max_len]
-                            if not mask.any():
-                                sft_counts["dropped_no_target"] += 1
-                                continue
-                        sft_counts["conversations"] += 1
-                        sft_counts[kind] = sft_counts.get(kind, 0) + 1
-                        w.add_whole(ids, mask)
+            pending.append((keys, locs, result))
+            held += len(result[1]) if cfg.mode == "pt" else 0
+            if writers or prep.ready() or held >= READ_AHEAD_TOKENS or len(pending) >= 4 * READ_AHEAD_CHUNKS:
+                drain()
             bar.update(len(keys))
             bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), dup=stats.duplicates,
                             refresh=False)
+        drain()
     except BaseException:
         if pool is not None:
             pool.terminate()   # (a worker may still be loading the tokenizer: do not wait for it)
@@ -545,8 +625,6 @@ def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, s
             pool.close()
             pool.join()
     meta_tok = info()
-    if not writers:   # an input with no tunes: empty splits
-        writers.update({s: ShardWriter(out, s, cfg.max_len, meta_tok["vocab"], meta_tok["pad_id"]) for s in SPLITS})
     if not meta_tok["is_fast"]:
         print(f"warning: {cfg.tokenizer} is a slow (python) tokenizer; preprocessing was slow", file=sys.stderr)
     split_stats = {s: w.close() for s, w in writers.items()}

@@ -403,3 +403,34 @@ def test_bad_tokenizer_with_workers_is_one_line(tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert "cannot load a tokenizer" in last and str(bad) in last, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+
+
+def test_workers_encode_with_what_the_hf_tokenizer_became(tmp_path, tokenizer_dir, capsys):
+    """pt workers start encoding with the -t dir's tokenizer.json while a worker loads the HF tokenizer. Here
+    tokenizer_config.json declares a special token that tokenizer.json lacks, so the loaded tokenizer (and the
+    copy it writes) encodes ``<|tune|>`` as one token and the raw file does not: the pass is run again with the
+    copy, and the shards equal -w 1's, which always encodes with the copy."""
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    conf = json.loads((tok / "tokenizer_config.json").read_text())
+    conf["extra_special_tokens"] = [*conf.get("extra_special_tokens", []), "<|tune|>"]
+    (tok / "tokenizer_config.json").write_text(json.dumps(conf))
+    src = tmp_path / "abc"
+    src.mkdir()
+    (src / "t.abc").write_text("".join(f"X:{i}\nT:T{i}\nK:C\n<|tune|>{'abcdefg'[i % 7]}2 c2|{'GABc' * (i % 3 + 1)}|\n\n"
+                                       for i in range(30)))
+    metas = {}
+    for w in (1, 2):
+        metas[w] = run(PreprocessConfig(tokenizer=str(tok), input=str(src), output_dir=str(tmp_path / f"w{w}"),
+                                        max_len=64, workers=w, chunk_size=4, progress=False))
+        err = capsys.readouterr().err
+        assert ("encodes differently from its tokenizer.json; encoding again" in err) == (w == 2), err
+    for s in SPLITS:
+        for kind in ("tokens", "loss_mask", "pos"):
+            assert (tmp_path / "w1" / f"{s}.{kind}.bin").read_bytes() == (tmp_path / "w2" / f"{s}.{kind}.bin").read_bytes()
+    special = AutoTokenizer.from_pretrained(tmp_path / "w2" / "tokenizer").convert_tokens_to_ids("<|tune|>")
+    toks = np.concatenate([np.asarray(open_split(tmp_path / "w2", s, metas[2]).tokens).ravel() for s in SPLITS])
+    assert int((toks == special).sum()) == metas[2]["counts"]["kept"] == 21   # one per tune (9 are duplicates)
+    assert metas[1]["counts"] == metas[2]["counts"]
