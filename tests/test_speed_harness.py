@@ -251,3 +251,20 @@ def test_zero3_load_memory_tiny(tmp_path):
         assert [x["rank"] for x in r["ranks"]] == [0, 1] and all(x["world"] == 2 for x in r["ranks"])
         assert r["peak_after_initialize_gb"] >= r["peak_after_build_gb"] > 0
     assert len({x["n_params"] for m in saved["results"].values() for x in m["ranks"]}) == 1  # the same model
+
+
+def test_preprocess_speed_measures_the_child_not_the_parent():
+    """benchmarks.preprocess_speed times each path as a fresh process; its peak RSS must be the child's own.
+    Read straight from the parent's wait4, a child's peak carries the parent's (Linux keeps it across
+    fork + exec): this pytest process holds torch and ~0.5 GB, a bare `python -c pass` needs ~10 MB."""
+    import resource
+    import sys
+
+    from benchmarks.preprocess_speed import timed_rss
+
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 200 * 1024     # the parent is big (KiB)
+    r = timed_rss([sys.executable, "-c", "x = bytearray(64 << 20); print(len(x))"], env=None)
+    assert r["stdout"].strip() == str(64 << 20)
+    assert 64 < r["peak_rss_mb"] < 150 and 0 < r["wall_s"] < 60
+    with pytest.raises(RuntimeError, match="rc=3"):
+        timed_rss([sys.executable, "-c", "import sys; sys.exit(3)"], env=None)
