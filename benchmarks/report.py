@@ -151,7 +151,7 @@ def parse_models(spec: str) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def _join_models_argv(argv: list[str]) -> list[str]:
+def join_models_argv(argv: list[str]) -> list[str]:
     """``--models a=X b=Y --next`` -> ``--models 'a=X\\nb=Y' --next`` (parse_config takes one value per option)."""
     out, i = [], 0
     while i < len(argv):
@@ -523,7 +523,7 @@ def plot(result: dict, path: Path) -> Path | None:
 
 @exit_on_model_path_error
 def main(argv=None) -> int:
-    cfg = parse_config(ReportConfig, _join_models_argv(sys.argv[1:] if argv is None else list(argv)), __doc__)
+    cfg = parse_config(ReportConfig, join_models_argv(sys.argv[1:] if argv is None else list(argv)), __doc__)
     result = run(cfg)
     out = Path(result["output_dir"])
     if cfg.estimate_only:

@@ -161,7 +161,7 @@ def _dir_bytes(d: str) -> int:
 _PRLIMIT = shutil.which("prlimit")
 
 
-def _run(argv: list[str], timeout: float, cwd: str, max_bytes: int,
+def run_sandboxed(argv: list[str], timeout: float, cwd: str, max_bytes: int,
          kernel_cap: bool = True) -> tuple[int | None, str, str | None]:
     """Runs ``argv`` in the sandbox dir ``cwd`` (``HOME``/``TMPDIR`` point there, own process group); kills the
     group when it runs past ``timeout`` s or writes more than ``max_bytes`` into ``cwd``. Returns
@@ -249,7 +249,7 @@ def abc_to_midi(abc: str, out_midi: str | os.PathLike | None = None, timeout: fl
     data, stripped = _abc_bytes(abc)
     with _sandbox("ts_abc_", "tune.abc", data) as tmp:
         mid = Path(tmp) / "tune.mid"
-        rc, log, killed = _run([exe, "tune.abc", "-o", "tune.mid"], timeout, tmp, max_bytes)
+        rc, log, killed = run_sandboxed([exe, "tune.abc", "-o", "tune.mid"], timeout, tmp, max_bytes)
         errors, warnings = parse_abc2midi_log(log)
         ok = mid.is_file() and mid.stat().st_size > 0 and not killed
         out = None
@@ -351,7 +351,7 @@ def midi_to_wav(midi: str | os.PathLike, out_wav: str | os.PathLike, sample_rate
         return ToolResult(False, None, [why])
     max_bytes = int((max_seconds + WAV_TAIL_SECONDS) * sample_rate * 4) + (1 << 16)
     with _sandbox("ts_wav_", "in.mid", Path(midi).read_bytes()) as tmp:
-        rc, log, killed = _run(argv, timeout, tmp, max_bytes, kernel_cap=False)
+        rc, log, killed = run_sandboxed(argv, timeout, tmp, max_bytes, kernel_cap=False)
         wav = Path(tmp) / "out.wav"
         ok = wav.is_file() and wav.stat().st_size > 44 and not killed
         if ok:
@@ -367,7 +367,7 @@ def abc_to_svg(abc: str, out_svg: str | os.PathLike, timeout: float = 20.0, max_
     exe = require("abcm2ps")
     data, stripped = _abc_bytes(abc)
     with _sandbox("ts_ps_", "tune.abc", data) as tmp:
-        rc, log, killed = _run([exe, "-g", "-q", "tune.abc", "-O", "out"], timeout, tmp, max_bytes)
+        rc, log, killed = run_sandboxed([exe, "-g", "-q", "tune.abc", "-O", "out"], timeout, tmp, max_bytes)
         pages = sorted(Path(tmp).glob("out*.svg"))
         errors = [ln.strip() for ln in log.splitlines() if "error" in ln.lower()]
         warnings = [ln.strip() for ln in log.splitlines() if "warning" in ln.lower()]

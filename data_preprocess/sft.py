@@ -172,7 +172,7 @@ def _clean(s: str | None) -> str | None:
     return s or None
 
 
-def _a(word: str) -> str:
+def with_article(word: str) -> str:
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
@@ -206,7 +206,7 @@ def tune_fields(t: Tune) -> dict:
 def music_description(f: dict) -> str | None:
     parts = []
     if f["rhythm"]:
-        parts.append(f"It is {_a(f['rhythm'])}")
+        parts.append(f"It is {with_article(f['rhythm'])}")
     if f["meter"]:
         parts.append(("in" if parts else "It is in") + f" {f['meter']} time")
     if f["key"]:
@@ -229,7 +229,7 @@ def metadata_conversations(t: Tune, music2text_fraction: float = 1.0) -> list[Co
     f = tune_fields(t)
     pick = int(t.body_hash[:8], 16)
     out = []
-    vals = {**f, "a_rhythm": _a(f["rhythm"]) if f["rhythm"] else None}
+    vals = {**f, "a_rhythm": with_article(f["rhythm"]) if f["rhythm"] else None}
     cands = [tpl for tpl, req in T2M if all(f[r] for r in req)]
     if cands:
         prompt = cands[pick % len(cands)].format(**vals)

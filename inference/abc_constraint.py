@@ -1893,7 +1893,7 @@ def repeated_bar(text: str) -> tuple[str, str] | None:
     return text[len(text) - len(tail) + cuts[-1][1]:], opening
 
 
-def _opens_with(current: str, piece: str, opening: str) -> bool:
+def opens_with(current: str, piece: str, opening: str) -> bool:
     """Whether ``piece`` makes the bar being written (``current``) open with ``opening``."""
     t = current + piece
     m = BARLINE.search(_QUOTED.sub(lambda m: "_" * len(m.group(0)), t))
@@ -2092,7 +2092,7 @@ class ABCConstraintProcessor(LogitsProcessor):
                     break
                 self.checked += 1
                 ok = st.can_end() if t == self.eos else self._next(st, t) is not None
-                if ok and same and t != self.eos and _opens_with(same[0], self.vocab.texts[t], same[1]):
+                if ok and same and t != self.eos and opens_with(same[0], self.vocab.texts[t], same[1]):
                     ok = False  # a bar repeated _MAX_SAME_BARS times: the next one opens otherwise
                 seen += p
                 if ok:

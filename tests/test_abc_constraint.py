@@ -329,7 +329,7 @@ def test_every_sft_template_round_trips():
     """Each text->music template of data_preprocess.sft, filled from real tunes' metadata, gives back
     exactly the fields it was made from."""
     from data_preprocess.corpus import iter_tunes
-    from data_preprocess.sft import T2M, _a, describe_key, tune_fields
+    from data_preprocess.sft import T2M, describe_key, tune_fields, with_article
 
     letter = {"key": "K", "meter": "M", "title": "T", "rhythm": "R", "origin": "O"}
     used: dict[int, int] = {}
@@ -337,7 +337,7 @@ def test_every_sft_template_round_trips():
         if len(used) == len(T2M) and min(used.values()) >= 30:
             break
         f = tune_fields(t)
-        vals = {**f, "a_rhythm": _a(f["rhythm"]) if f["rhythm"] else None}
+        vals = {**f, "a_rhythm": with_article(f["rhythm"]) if f["rhythm"] else None}
         for i, (tpl, req) in enumerate(T2M):
             if not all(f[r] for r in req):
                 continue
@@ -609,15 +609,15 @@ def test_a_tune_of_rests_cannot_end_and_the_extractor_agrees():
 
 
 def test_a_bar_repeated_four_times_makes_the_next_open_otherwise():
-    from inference.abc_constraint import _opens_with, repeated_bar
+    from inference.abc_constraint import opens_with, repeated_bar
 
     head = H.format(m="6/8", l="1/8", k="G")
     assert repeated_bar(head + "G2G2G2|" * 3) is None                 # 3 in a row: nothing refused yet
     cur, opening = repeated_bar(head + "G2G2G2|" * 3 + "G2 G2 G2 |")  # (spaces do not make a bar different)
     assert (cur, opening) == ("", "G2")
-    assert _opens_with(cur, " G2", opening) and _opens_with("G", "2G", opening)
-    assert not _opens_with(cur, "A2", opening) and not _opens_with(cur, "G4", opening)
-    assert not _opens_with("G", "3", opening)
+    assert opens_with(cur, " G2", opening) and opens_with("G", "2G", opening)
+    assert not opens_with(cur, "A2", opening) and not opens_with(cur, "G4", opening)
+    assert not opens_with("G", "3", opening)
     assert repeated_bar(head + "G2G2G2|" * 3 + "G2G2A2|") is None
     assert repeated_bar(head + '"G"G6|' * 4 + '"') == ('"', '"G"G6')  # a quote's '|' is no barline
 

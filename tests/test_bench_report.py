@@ -137,7 +137,7 @@ def test_model_specs_and_bad_input(tmp_path, tiny_model_dir):
     p = subprocess.run([sys.executable, "-m", "benchmarks.report", "--models", f"x={adapter}", "--no-abc"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: --models") and "Traceback" not in p.stderr
-    assert report._join_models_argv(["--models", "a=1", "b=2+3", "--no-abc"]) == ["--models", "a=1\nb=2+3", "--no-abc"]
+    assert report.join_models_argv(["--models", "a=1", "b=2+3", "--no-abc"]) == ["--models", "a=1\nb=2+3", "--no-abc"]
     # a bad second model stops the report before the first one is evaluated
     cfg = report.ReportConfig(models=f"a={tiny_model_dir}\nb={tiny_model_dir}+{tmp_path / 'missing'}",
                               output=str(tmp_path / "never"))

@@ -33,7 +33,7 @@ def test_file_reading_directives_are_stripped_and_reported(tmp_path, secret):
     raw = f"X:1\nT:ok\n%%abc-include {secret}\nM:4/4\nL:1/4\nK:C\nC D E F|]\n"
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "t.abc").write_text(raw)
-        abctools._run([abctools.require("abc2midi"), "t.abc", "-o", "t.mid"], 20, d, 1 << 24)
+        abctools.run_sandboxed([abctools.require("abc2midi"), "t.abc", "-o", "t.mid"], 20, d, 1 << 24)
         assert b"SECRET_TITLE_42" in (Path(d) / "t.mid").read_bytes()
 
     abc = (f"X:1\nT:ok\n%%abc-include {secret}\nI:abc-include {secret}\n%%format {secret}\n%%EPS {secret}\n"
@@ -55,7 +55,7 @@ def test_file_reading_directives_are_stripped_and_reported(tmp_path, secret):
 def test_each_tool_runs_in_a_fresh_sandbox_dir(tmp_path):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "tune.abc").write_text("X:1\n")
-        rc, log, killed = abctools._run(["sh", "-c", 'echo "$HOME|$TMPDIR|$(pwd)"; ls -A'], 10, d, 1 << 20)
+        rc, log, killed = abctools.run_sandboxed(["sh", "-c", 'echo "$HOME|$TMPDIR|$(pwd)"; ls -A'], 10, d, 1 << 20)
     assert rc == 0 and killed is None
     home, tmpdir, cwd = log.splitlines()[0].split("|")
     assert home == tmpdir == cwd == os.path.realpath(d) and log.splitlines()[1:] == ["tune.abc"]
@@ -71,11 +71,11 @@ def test_caps_on_duration_bytes_and_time(tmp_path):
     assert not list(tmp_path.glob("*.wav"))
 
     with tempfile.TemporaryDirectory() as d:   # a tool writing without end is killed at the byte cap
-        rc, _, killed = abctools._run(["sh", "-c", "yes > big"], 30, d, 2_000_000)
+        rc, _, killed = abctools.run_sandboxed(["sh", "-c", "yes > big"], 30, d, 2_000_000)
         assert rc is None and killed == "output over the 2 MB cap" and (Path(d) / "big").stat().st_size < 50_000_000
     with tempfile.TemporaryDirectory() as d:   # timeout kills the whole process group, grandchildren too
         t0 = time.time()
-        rc, _, killed = abctools._run(["sh", "-c", "sleep 60 & echo $! > pid; wait"], 0.5, d, 1 << 20)
+        rc, _, killed = abctools.run_sandboxed(["sh", "-c", "sleep 60 & echo $! > pid; wait"], 0.5, d, 1 << 20)
         assert killed == "timed out after 0.5 s" and time.time() - t0 < 5
         pid = int((Path(d) / "pid").read_text())
     time.sleep(0.2)

@@ -32,10 +32,10 @@ def test_cu_seqlens_mark_every_document_and_every_row_start():
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
-@pytest.mark.parametrize("path", ["_per_document", "_masked"])
+@pytest.mark.parametrize("path", ["per_document_attention", "_masked"])
 def test_varlen_model_equals_sdpa_with_the_block_mask_forward_and_backward(kv_heads, path, monkeypatch):
     """Both CPU paths: documents stacked by length (long rows) and the boolean block mask (short rows)."""
-    monkeypatch.setattr(attention, "MASKED_UP_TO", 0 if path == "_per_document" else 10**6)
+    monkeypatch.setattr(attention, "MASKED_UP_TO", 0 if path == "per_document_attention" else 10**6)
     torch.manual_seed(0)
     cfg = _config(num_key_value_heads=kv_heads)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
@@ -78,8 +78,8 @@ def test_stacked_documents_cover_many_lengths_exactly():
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     T = int(cu[-1])
     q, k, v = (torch.randn(T, 4, 16, dtype=torch.float64) for _ in range(3))
-    assert len(attention._buckets(cu.tolist())) < 30
-    got = attention._per_document(q, k, v, cu, 0.3, 0.0)
+    assert len(attention.length_buckets(cu.tolist())) < 30
+    got = attention.per_document_attention(q, k, v, cu, 0.3, 0.0)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         want = torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
                                                                 is_causal=True, scale=0.3).transpose(0, 1)

@@ -104,7 +104,7 @@ def _masked(query, key, value, cu, scale, dropout):
 STACK_BELOW = 256
 
 
-def _buckets(bounds: list[int]) -> dict[int, list[int]]:
+def length_buckets(bounds: list[int]) -> dict[int, list[int]]:
     """Documents grouped by padded length: ``l`` rounded up to a quarter of its power of two (at most 25 %
     padding, 4 sizes per octave), so a block of hundreds of short documents is a handful of SDPA calls."""
     groups: dict[int, list[int]] = {}
@@ -115,7 +115,7 @@ def _buckets(bounds: list[int]) -> dict[int, list[int]]:
     return groups
 
 
-def _per_document(q, k, v, cu, scale, dropout):
+def per_document_attention(q, k, v, cu, scale, dropout):
     """Exact causal attention within each document: ``q/k/v`` [tokens, heads, head_dim] -> the same shape.
 
     Short documents of similar length are stacked into one ``[n, heads, P, head_dim]`` SDPA call, padded at
@@ -127,7 +127,7 @@ def _per_document(q, k, v, cu, scale, dropout):
     starts = torch.tensor(bounds[:-1])
     lengths = torch.tensor(bounds[1:]) - starts
     index, values = [], []
-    for P, docs in _buckets(bounds).items():
+    for P, docs in length_buckets(bounds).items():
         if len(docs) == 1 or P >= STACK_BELOW:   # a long document: its own call on a view (no gather copy)
             for i in docs:
                 s, e = bounds[i], bounds[i + 1]
@@ -178,4 +178,4 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     cu = cu_seq_lens_q.cpu()
     if L <= MASKED_UP_TO:
         return _masked(query, key, value, cu, scaling, dropout), None
-    return _per_document(q, k, v, cu, scaling, dropout).view(B, L, H, D), None
+    return per_document_attention(q, k, v, cu, scaling, dropout).view(B, L, H, D), None
