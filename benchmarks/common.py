@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data_preprocess.config import convert as _convert
+from data_preprocess.config import collect as collect_config
 from data_preprocess.config import field_types, parse_bool
-from data_preprocess.config import load_file as load_config_file
 from inference.abc_constraint import constraint_processor
 from inference.loading import load_model
 
@@ -79,18 +78,8 @@ def parse_config(cls, argv: list[str] | None = None, description: str = ""):
             ap.add_argument(f"--{f.name}", type=str, **kw)
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied last")
     ns = vars(ap.parse_args(_expand_bool_flags(cls, sys.argv[1:] if argv is None else list(argv))))
-    values: dict = {}
-    if ns.get("config"):
-        for k, v in load_config_file(ns["config"]).items():
-            values[k] = _convert(cls, k, v, ns["config"])
-    for k, v in ns.items():
-        if k not in ("config", "overrides"):
-            values[k] = _convert(cls, k, v, f"--{k}")
-    for item in ns.get("overrides") or []:
-        if "=" not in item:
-            raise SystemExit(f"override {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        values[k.strip()] = _convert(cls, k.strip(), v, f"override {item!r}")
+    cfg_file, overrides = ns.pop("config", None), ns.pop("overrides", None) or []
+    values = collect_config(cls, cfg_file, ns, overrides, flag_where=lambda k: f"--{k}")
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
     if missing:

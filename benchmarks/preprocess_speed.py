@@ -298,7 +298,12 @@ def main(argv=None) -> int:
     abc_dir, jsonl, info = build_corpus(work, cfg.variants)
     print(f"corpus: {info['tunes']} tunes, {info['bytes'] / 1e6:.1f} MB in {info['files']} files ({abc_dir}); "
           f"cpus: {os.cpu_count()}, load avg: {os.getloadavg()[0]:.2f}")
-    workers = [int(w) for w in str(cfg.workers).split(",") if w.strip()]
+    try:
+        workers = [int(w) for w in str(cfg.workers).split(",") if w.strip()]
+    except ValueError:
+        raise SystemExit(f"--workers {cfg.workers!r}: expected a comma list of worker counts, e.g. 1,2") from None
+    if not workers or min(workers) < 1:
+        raise SystemExit(f"--workers {cfg.workers!r}: expected a comma list of worker counts >= 1, e.g. 1,2")
     runs = {}
     for tok_name in [t.strip() for t in cfg.tokenizers.split(",") if t.strip()]:
         tok_dir = tokenizer_dir(tok_name, work, env)

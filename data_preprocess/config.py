@@ -73,23 +73,31 @@ def load_file(path: str) -> dict:
     return data
 
 
-def build(cls, parser: argparse.ArgumentParser, argv=None):
-    """Parses ``argv`` with ``parser`` (whose options must use ``default=argparse.SUPPRESS`` and dests
-    equal to field names, plus ``--config`` and a ``overrides`` positional) into a ``cls`` instance."""
-    ns = vars(parser.parse_args(argv))
+def collect(cls, cfg_file: str | None, flags: dict, overrides: list[str], flag_where=lambda name: "command line") -> dict:
+    """The values of ``cls``'s fields from a config file, then flags, then ``key=value`` overrides (a later source
+    wins), each converted to its field's type (:func:`convert`); ``flag_where(name)`` names a flag in an error.
+    The one merge behind :func:`build` and ``benchmarks.common.parse_config``."""
     values: dict = {}
-    cfg_file = ns.pop("config", None)
-    overrides = ns.pop("overrides", []) or []
     if cfg_file:
         for k, v in load_file(cfg_file).items():
             values[k] = convert(cls, k, v, cfg_file)
-    for k, v in ns.items():
-        values[k] = convert(cls, k, v, "command line")
+    for k, v in flags.items():
+        values[k] = convert(cls, k, v, flag_where(k))
     for item in overrides:
         if "=" not in item:
             raise SystemExit(f"override {item!r}: expected key=value")
         k, v = item.split("=", 1)
         values[k.strip()] = convert(cls, k.strip(), v, f"override {item!r}")
+    return values
+
+
+def build(cls, parser: argparse.ArgumentParser, argv=None):
+    """Parses ``argv`` with ``parser`` (whose options must use ``default=argparse.SUPPRESS`` and dests
+    equal to field names, plus ``--config`` and a ``overrides`` positional) into a ``cls`` instance."""
+    ns = vars(parser.parse_args(argv))
+    cfg_file = ns.pop("config", None)
+    overrides = ns.pop("overrides", []) or []
+    values = collect(cls, cfg_file, ns, overrides)
     try:
         return cls(**values)
     except TypeError as e:
