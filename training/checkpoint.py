@@ -28,8 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.config import ConfigError
-
 log = logging.getLogger("tunesmith.train")
 TAG_RE = re.compile(r"^step-(\d{8})$")
 FAULT_ENV = "TUNESMITH_FAULT_INJECT"  # "STEP:PHASE", PHASE in {mid_save, after_step}: SIGKILL self (tests)
@@ -192,29 +190,63 @@ def find_resume(resume: str, output_dir: str) -> tuple[Path, str] | None:
     raise FileNotFoundError(f"resume={resume}: neither a checkpoint dir (step-XXXXXXXX) nor a dir with 'latest'")
 
 
-def _check_partitions(ckpt_dir: Path, world: int) -> None:
-    """Under ZeRO-1/2/3 each data-parallel rank saved its own slice of the optimizer state, and DeepSpeed cannot
-    re-slice it for another number of ranks: one line saying so (ZeRO-0 checkpoints resume on any)."""
-    parts = {m.group(1) for f in ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")
-             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
-    if parts and len(parts) != world:
-        raise ConfigError(f"{ckpt_dir} was written by {len(parts)} data-parallel ranks under ZeRO, whose optimizer "
-                          f"state is sliced per rank; this run has {world} and DeepSpeed cannot re-slice it. Fix: "
-                          f"resume with {len(parts)} ranks in all (nodes x GPUs per node), or train with "
-                          "ds_configs/zero0.json, whose checkpoints resume on any number")
+def _zero_parts(ckpt_dir: Path) -> int:
+    """How many data-parallel ranks wrote this checkpoint's ZeRO optimizer slices (0: not a ZeRO-1/2/3 one)."""
+    return len({m.group(1) for f in ckpt_dir.glob("*zero_pp_rank_*optim_states.pt")
+                if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))})
+
+
+def to_universal(ckpt_dir: Path) -> Path:
+    """``ckpt_dir`` (a ZeRO checkpoint, sliced per rank) as DeepSpeed's universal checkpoint, made once in
+    ``ckpt_dir/universal/<tag>``: every parameter whole, in fp32, with its optimizer moments, so it loads on any
+    number of ranks. Returns the dir to pass as DeepSpeed's load dir (tag: ``ckpt_dir.name``)."""
+    root = ckpt_dir / "universal"
+    done = root / ckpt_dir.name / "zero"
+    if not done.is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = ckpt_dir / "universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s (written by %d ranks) into a universal checkpoint", ckpt_dir, _zero_parts(ckpt_dir))
+        ds_to_universal(Namespace(input_folder=str(ckpt_dir), output_folder=str(tmp / ckpt_dir.name),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True))   # (our checkpoints carry no Megatron layout info)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    return root
 
 
 def load_checkpoint(engine, root: Path, tag: str, rank: int) -> dict:
     """Restores module, optimizer and our client state; then this rank's RNG (last, right before training).
     DeepSpeed's loader unpickles with ``weights_only=False``, so every ``*.pt`` of the tag is first proven to
     load with ``weights_only=True`` (:func:`training.merge.refuse_unsafe_torch_files`): a checkpoint someone
-    handed you cannot run code on resume."""
+    handed you cannot run code on resume.
+
+    Another number of data-parallel ranks than the checkpoint's (a two-node job resumed on one node): DeepSpeed
+    cannot re-slice a ZeRO optimizer state, so rank 0 converts the checkpoint once into a universal checkpoint
+    (:func:`to_universal`) and every rank loads that; the data position is world-size independent, so training
+    goes on where it stopped (the RNG streams of the old ranks are not those of the new ones)."""
     from training.merge import refuse_unsafe_torch_files  # (here: merge imports model, which imports this)
 
     refuse_unsafe_torch_files(root / tag)
-    _check_partitions(root / tag, engine.dp_world_size)
-    path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    load_dir = root
+    parts = _zero_parts(root / tag)
+    if parts and parts != engine.dp_world_size:
+        if rank == 0:
+            to_universal(root / tag)
+        if dist.is_initialized():
+            dist.barrier()
+        load_dir = root / tag / "universal"
+        for d in sorted({f.parent for f in load_dir.rglob("*.pt")}):   # (a universal dir may come with the checkpoint)
+            refuse_unsafe_torch_files(d)
+        engine._config.load_universal_checkpoint = True   # DeepSpeed reads it from its config at load time
+    try:
+        path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise FileNotFoundError(f"{root / tag}: DeepSpeed could not load this checkpoint")
     rng_file = root / tag / f"rng_state_rank{rank}.pt"
