@@ -105,3 +105,23 @@ def test_two_nodes_equal_one_process_and_resume(data, tmp_path):
     assert sorted(got) == [5, 6], got
     for s in (5, 6):
         assert abs(ref[s] - got[s]) <= 1e-4, (s, ref[s], got[s])
+
+
+def test_a_node_that_cannot_reach_node_0_stops_in_one_line(data, tmp_path):
+    """Node 1 of a two-node job whose --master_addr:--master_port nobody answers (a wrong address, a host it cannot
+    reach, node 0 never started): one line naming the fix after rendezvous_timeout_s, not torch's silent
+    30-minute wait, and no model is loaded."""
+    port = _free_port()   # nobody listens here
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node-a slots=1\nnode-b slots=1\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hosts), "--no_ssh",
+                        "--node_rank", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                        str(REPO / "training" / "train.py"), f"data_dir={data}", *ARGS, "rendezvous_timeout_s=3",
+                        f"output_dir={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    line = next(ln for ln in out.splitlines() if "error: rank 1 of 2" in ln)
+    assert f"127.0.0.1:{port} did not answer within 3 s" in line and "Fix: start node 0" in line, line
+    assert "Traceback" not in out and "parameters" not in out, out[-3000:]

@@ -93,6 +93,8 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2.json"
     precision: str = "auto"          # auto (bf16 GPU > fp16 older GPU > fp32 CPU) | bf16 | fp16 | fp32
     seed: int = 42
+    rendezvous_timeout_s: float = 600  # multi-node: a rank other than 0 waits this long for rank 0's address
+                                       # (MASTER_ADDR:MASTER_PORT) to answer, then stops with one line
     # ---- checkpoints ------------------------------------------------------------------------------
     output_dir: str = "outputs/run"
     save_every: int = 0              # 0 = only at the end
@@ -389,6 +391,8 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         if r not in ("tensorboard", "wandb", "none"):
             bad(f"report_to: {r!r} unknown. Fix: report_to=tensorboard,wandb (or none)")
     # ---- numbers
+    if not cfg.rendezvous_timeout_s > 0:
+        bad(f"rendezvous_timeout_s={cfg.rendezvous_timeout_s} must be > 0. Fix: rendezvous_timeout_s=600")
     if cfg.micro_batch_size < 1 or cfg.global_batch_size < 1:
         bad("micro_batch_size and global_batch_size must be >= 1. Fix: e.g. global_batch_size=8 micro_batch_size=4")
     per_step = cfg.micro_batch_size * env.world_size

@@ -81,6 +81,30 @@ def launcher_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+def wait_for_master(timeout_s: float) -> None:
+    """A rank other than 0 of a multi-process job waits until rank 0's rendezvous port answers (rank 0 may start
+    later: nodes start at different times); when it never does -- a wrong --master_addr, a host the hostfile
+    names but this node cannot reach, node 0 not started, a closed port -- one line instead of torch's silent
+    30-minute wait. Only the rendezvous is bounded; collectives keep DeepSpeed's timeout."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1 or rank == 0:
+        return
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500))
+    deadline, why = time.monotonic() + timeout_s, ""
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(5.0, max(timeout_s, 0.1))):
+                return
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"rank {rank} of {world}: rank 0's rendezvous {addr}:{port} did not answer within "
+                              f"{timeout_s:g} s ({why}). Fix: start node 0, pass --master_addr with node 0's address "
+                              "as every node reaches it (the hostfile's first host) and open --master_port between "
+                              "the nodes; rendezvous_timeout_s=N waits longer")
+        time.sleep(0.5)
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -238,6 +262,11 @@ def run(argv, progress: dict) -> int:
     else:
         device = torch.device("cpu")
     progress["device"] = device
+    try:
+        wait_for_master(cfg.rendezvous_timeout_s)
+    except ConfigError as e:
+        print(f"error: {e}", flush=True)
+        return 2
     deepspeed.init_distributed(dist_backend="nccl" if env.device == "cuda" else "gloo")
     seed_all(cfg.seed)
 
