@@ -4,7 +4,7 @@
 # own tokenizer (LoRA r64/a16/0.1 on attention + MLP, embeddings trained), then LoRA SFT on metadata -> tune and
 # tune -> description instructions in the model's chat format, merge, and one rendered sample tune.
 #
-#   bash scripts/train.sh                           # CPU default (about 15 min on 2 cores, install included)
+#   bash scripts/train.sh                           # CPU default (19-38 min on 2 cores, install included; measured figures: README)
 #   PT_MODEL=llama-small bash scripts/train.sh      # the from-scratch toy: own 2k tokenizer, full pretraining
 #   PT_MODEL=/models/Llama-2-7b-hf NUM_GPUS=8 DS_CONFIG=ds_configs/zero3.json bash scripts/train.sh lr=2e-4
 #
@@ -79,12 +79,12 @@ lim=(); [ "$LIMIT" != 0 ] && lim=(--limit "$LIMIT")
 if [ ! -f "$OUT/data/pt/meta.json" ]; then
   say "pt shards (max_len $MAX_LEN)"
   python -m data_preprocess.preprocess -t "$TOKENIZER" -i "$DATA" -o "$OUT/data/pt" --mode pt \
-    --max_len "$MAX_LEN" "${lim[@]}" --no_progress --overwrite | tail -n 4
+    --max_len "$MAX_LEN" -w "$(nproc)" "${lim[@]}" --no_progress --overwrite | tail -n 4
 fi
 if [ ! -f "$OUT/data/sft/meta.json" ]; then
   say "sft shards (metadata -> tune and tune -> description instructions)"
   python -m data_preprocess.preprocess -t "$TOKENIZER" -i "$DATA" -o "$OUT/data/sft" --mode sft \
-    --make_sft_from_metadata --max_len "$MAX_LEN" "${lim[@]}" --no_progress --overwrite | tail -n 4
+    --make_sft_from_metadata --max_len "$MAX_LEN" -w "$(nproc)" "${lim[@]}" --no_progress --overwrite | tail -n 4
 fi
 
 # ---- 3. continual pretraining: LoRA on the pretrained model (a preset: full training from scratch) ----
