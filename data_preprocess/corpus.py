@@ -219,9 +219,12 @@ def reject_part(r: Reject, num_parts: int) -> int:
 def split_of(body_hash: str, val_ratio: float, seed: int = 0) -> str:
     """Deterministic train/val assignment from the tune's music hash: a tune keeps its split when the
     corpus grows or is reordered."""
-    if val_ratio <= 0:
-        return "train"
-    return "val" if split_hash(body_hash, seed) < val_ratio else "train"
+    return split_from_hash(split_hash(body_hash, seed), val_ratio)
+
+
+def split_from_hash(h: float, val_ratio: float) -> str:
+    """:func:`split_of` for an already drawn :func:`split_hash` ``h`` (in [0, 1): val_ratio 0 sends nothing to val)."""
+    return "val" if h < val_ratio else "train"
 
 
 def check_tune(raw: str, file: str, index: int, max_line_len: int = DEFAULT_MAX_LINE_LEN,

@@ -24,9 +24,10 @@ byte-identical for any N. Memory stays flat: tunes stream from disk to the shard
 
 Speed (pt, ``-w N > 1``): the workers are forked first and one of them loads the tokenizer (transformers
 imports torch: ~2.5 s) and writes ``OUT/tokenizer`` while the main process -- which never imports either --
-reads, checks and deduplicates the corpus ahead; the workers then encode with the ``tokenizers`` library's
-``Tokenizer`` of that copy (the HF tokenizer's own backend, so the same ids) and hand each chunk back as one
-int32 array, which :meth:`ShardWriter.add_docs` packs without Python per tune.
+reads, checks and deduplicates the corpus, and the other workers already encode it with the ``tokenizers``
+library's ``Tokenizer`` of the ``-t`` dir's own ``tokenizer.json`` (the copy is then checked to encode the same,
+else the pass runs again with the copy; without a ``tokenizer.json``, e.g. a ``.model``, they wait for the copy).
+Each chunk comes back as one int32 array, which :meth:`ShardWriter.add_docs` packs without Python per tune.
 ``python -m benchmarks.preprocess_speed`` measures it against ChatMusician's ``datasets.map`` and the bare
 ``tokenizers`` batch encode.
 
@@ -60,6 +61,7 @@ from data_preprocess.corpus import (
     Reject,
     abc2midi_problem,
     iter_tunes,
+    split_from_hash,
     split_hash,
 )
 from data_preprocess.hub import ArgumentError, exit_on_argument_error
@@ -214,6 +216,14 @@ def _init_worker(sft_tok_dir: str | None) -> None:
         from transformers import AutoTokenizer
 
         _TOK = AutoTokenizer.from_pretrained(sft_tok_dir)
+
+
+def _pool(workers: int, sft_tok_dir: str | None):
+    """The worker processes (forked on Linux: they inherit what this process has imported)."""
+    import multiprocessing as mp
+
+    return mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+        workers, initializer=_init_worker, initargs=(sft_tok_dir,))
 
 
 def pt_encoder(tok_dir: str):
@@ -424,8 +434,8 @@ def run(cfg: PreprocessConfig) -> dict:
     return meta
 
 
-READ_AHEAD_CHUNKS = 64          # chunks of tunes read ahead while a worker prepares the tokenizer ...
-READ_AHEAD_TOKENS = 1 << 24     # ... or encoded tokens held (64 MiB) until BOS / EOS are known
+READ_AHEAD_CHUNKS = 64          # chunks read (or encoded and held) ahead while a worker prepares the tokenizer
+READ_AHEAD_TOKENS = 1 << 24     # encoded tokens held (64 MiB) at most until BOS / EOS are known
 
 
 def _write(cfg: PreprocessConfig, force_val: str | None = None) -> tuple[dict, str | None]:
@@ -457,10 +467,7 @@ def _write_pass(cfg: PreprocessConfig, force_val: str | None, early: bool) -> tu
         # fork the workers first, while this process is light, and let one of them load the tokenizer (it
         # imports transformers and torch, ~2.5-3.5 s) while this process reads the corpus and the others encode
         # it with the -t dir's own tokenizer.json, or (without one) while this process reads ahead
-        import multiprocessing as mp
-
-        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            cfg.workers, initializer=_init_worker, initargs=(None,))
+        pool = _pool(cfg.workers, None)
         prep = pool.apply_async(prepare_tokenizer, (cfg.tokenizer, str(tok_dir)))
     else:
         tok, tok_info = prepare_tokenizer(cfg.tokenizer, tok_dir, keep=True)
@@ -470,10 +477,7 @@ def _write_pass(cfg: PreprocessConfig, force_val: str | None, early: bool) -> tu
         global _TOK
         _TOK = tok
         if cfg.workers > 1:
-            import multiprocessing as mp
-
-            pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-                cfg.workers, initializer=_init_worker, initargs=(str(tok_dir),))
+            pool = _pool(cfg.workers, str(tok_dir))
 
     stats = CorpusStats()
     rejects_f = open(out / "rejects.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
@@ -533,10 +537,10 @@ def _write_pass(cfg: PreprocessConfig, force_val: str | None, early: bool) -> tu
             yield job
 
     def split_for(key: str) -> str:
-        """The rule of :func:`split_of`, with the val fallback candidate tracked from the same hash."""
+        """:func:`split_of`, with the val fallback candidate tracked from the same hash."""
         nonlocal lowest_train
         h = split_hash(key, cfg.seed)
-        if key == force_val or h < cfg.val_ratio:   # (h is in [0, 1): val_ratio 0 sends nothing to val)
+        if key == force_val or split_from_hash(h, cfg.val_ratio) == "val":
             return "val"
         lowest_train = (h, key) if lowest_train is None else min(lowest_train, (h, key))
         if len(train_keys) < 2:
@@ -608,7 +612,7 @@ def _write_pass(cfg: PreprocessConfig, force_val: str | None, early: bool) -> tu
             keys, locs = job_meta.popleft()
             pending.append((keys, locs, result))
             held += len(result[1]) if cfg.mode == "pt" else 0
-            if writers or prep.ready() or held >= READ_AHEAD_TOKENS or len(pending) >= 4 * READ_AHEAD_CHUNKS:
+            if writers or prep.ready() or held >= READ_AHEAD_TOKENS or len(pending) >= READ_AHEAD_CHUNKS:
                 drain()
             bar.update(len(keys))
             bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), dup=stats.duplicates,

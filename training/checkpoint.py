@@ -196,11 +196,17 @@ def _zero_parts(ckpt_dir: Path) -> int:
                 if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))})
 
 
-def to_universal(ckpt_dir: Path) -> Path:
+def universal_dir(ckpt_dir: Path) -> Path:
+    """Where :func:`to_universal` puts ``ckpt_dir``'s universal checkpoint: DeepSpeed's load dir for tag
+    ``ckpt_dir.name``."""
+    return ckpt_dir / "universal"
+
+
+def to_universal(ckpt_dir: Path) -> None:
     """``ckpt_dir`` (a ZeRO checkpoint, sliced per rank) as DeepSpeed's universal checkpoint, made once in
-    ``ckpt_dir/universal/<tag>``: every parameter whole, in fp32, with its optimizer moments, so it loads on any
-    number of ranks. Returns the dir to pass as DeepSpeed's load dir (tag: ``ckpt_dir.name``)."""
-    root = ckpt_dir / "universal"
+    ``universal_dir(ckpt_dir)/<tag>``: every parameter whole, in fp32, with its optimizer moments, so it loads on
+    any number of ranks."""
+    root = universal_dir(ckpt_dir)
     done = root / ckpt_dir.name / "zero"
     if not done.is_dir():
         from argparse import Namespace
@@ -215,7 +221,6 @@ def to_universal(ckpt_dir: Path) -> Path:
                                   inject_missing_state=True))   # (our checkpoints carry no Megatron layout info)
         shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)
-    return root
 
 
 def load_checkpoint(engine, root: Path, tag: str, rank: int) -> dict:
@@ -238,7 +243,7 @@ def load_checkpoint(engine, root: Path, tag: str, rank: int) -> dict:
             to_universal(root / tag)
         if dist.is_initialized():
             dist.barrier()
-        load_dir = root / tag / "universal"
+        load_dir = universal_dir(root / tag)
         for d in sorted({f.parent for f in load_dir.rglob("*.pt")}):   # (a universal dir may come with the checkpoint)
             refuse_unsafe_torch_files(d)
         engine._config.load_universal_checkpoint = True   # DeepSpeed reads it from its config at load time

@@ -93,7 +93,7 @@ def wait_for_master(timeout_s: float) -> None:
     deadline, why = time.monotonic() + timeout_s, ""
     while True:
         try:
-            with socket.create_connection((addr, port), timeout=min(5.0, max(timeout_s, 0.1))):
+            with socket.create_connection((addr, port), timeout=min(5.0, timeout_s)):
                 return
         except OSError as e:
             why = e.strerror or type(e).__name__
