@@ -13,6 +13,8 @@ layer counts), multi-bar rests ``Z4``, separate voices (``V:``) and numbered end
 than the meter is accepted where music allows it: the first bar of a voice (pickup), its last bar,
 and the bars next to a repeat sign or a section end (``|:``, ``:|``, ``::``, ``||``, ``|]``, ``[|``)
 -- pickups into a section and the incomplete bar before a repeat. Longer bars are never accepted.
+A line end right after an exactly full bar stands for a plain barline (EsAC transcriptions write one
+bar per line and no ``|``); a line ending mid-bar carries the bar on to the next line.
 """
 from __future__ import annotations
 
@@ -233,6 +235,13 @@ def bars_of(abc: str) -> list[Bar]:
                     i = mm.end()
                     continue
                 i += 1  # decorations (~ . H-W), ties, spaces, broken rhythm, `, \, $ ...
+        # a line end right after an exactly full bar stands for its barline (EsAC writes one bar per line with
+        # no "|"; inference.abc_constraint reads it the same way), except after a "\\" (the line goes on) or a
+        # "*"; a bar ending mid-line goes on
+        expected = cur["meter"][0] if cur["meter"] else meter
+        if (cur["n"] and not cur["multi"] and tup["left"] == 0 and expected is not None
+                and s[-1] not in "\\*" and max([cur["dur"]] + cur["layers"]) == expected):
+            close_bar("plain")
     close_bar("end")
     if bars:
         bars[-1].right = "end"
