@@ -302,28 +302,6 @@ def val_keys(keys: list[str], ratio: float, seed: int) -> set[str]:
     return set(random.Random(seed).sample(keys, n))
 
 
-class WholeDocWriter:
-    """Wraps :class:`ShardWriter` so a document never straddles two blocks: when the next document does not
-    fit in what is left of the current block, the block is closed with a padding filler (mask 0). An audio
-    document split in two would lose its caption and ``<boa>`` context in the second half."""
-
-    def __init__(self, writer: ShardWriter):
-        self.w, self.fill, self.fillers, self.filler_tokens = writer, 0, 0, 0
-
-    def add(self, ids, mask):
-        L = self.w.max_len
-        if len(ids) > L:
-            raise ValueError(f"an audio document has {len(ids)} tokens > max_len {L}; raise --max_len or lower "
-                             "--crop_seconds")
-        if self.fill and self.fill + len(ids) > L:
-            r = L - self.fill
-            self.w.add(np.full(r, self.w.pad_id, dtype=np.int64), np.zeros(r, np.uint8))
-            self.fillers, self.filler_tokens = self.fillers + 1, self.filler_tokens + r
-            self.fill = 0
-        self.w.add(ids, mask)
-        self.fill = (self.fill + len(ids)) % L
-
-
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -413,7 +391,9 @@ def _write(cfg: AudioPrepConfig, out: Path, codec: Codec, codec_dir: str, geomet
     if info.random_init:
         log.warning("encoding with a random codec: tokens are valid, but any decoded sound is meaningless")
     val = val_keys([it.key for it in items], cfg.val_ratio, cfg.seed)
-    writers = {s: WholeDocWriter(ShardWriter(out, s, max_len, len(tok), tok.pad_token_id)) for s in SPLITS}
+    # ShardWriter.add_whole: a document never straddles two blocks (an audio document split in two would lose
+    # its caption and <boa> context in the second half); the rest of a block it does not fit is padding
+    writers = {s: ShardWriter(out, s, max_len, len(tok), tok.pad_token_id) for s in SPLITS}
     rng = random.Random(cfg.seed)
     counts = {"source_kind": kind, "sources": len(items), "sources_used": 0, "crops": {s: 0 for s in SPLITS},
               "seconds": {s: 0.0 for s in SPLITS}, "captions_dropped": 0, "captions_missing": 0,
@@ -432,7 +412,10 @@ def _write(cfg: AudioPrepConfig, out: Path, codec: Codec, codec_dir: str, geomet
                 counts["captions_dropped"] += int(drop and bool(cap))
                 cap_ids = [] if drop else text_tok.encode(cap, add_special_tokens=False)[: cfg.max_caption_tokens]
                 ids, mask = layout.document(cap_ids, c, tok.bos_token_id, tok.eos_token_id)
-                writers[split].add(ids, mask)
+                if len(ids) > max_len:
+                    raise ValueError(f"an audio document has {len(ids)} tokens > max_len {max_len}; raise --max_len "
+                                     "or lower --crop_seconds")
+                writers[split].add_whole(ids, mask)
                 counts["crops"][split] += 1
                 counts["seconds"][split] += crop.shape[1] / codec.sample_rate
         pending.clear()
@@ -470,8 +453,7 @@ def _write(cfg: AudioPrepConfig, out: Path, codec: Codec, codec_dir: str, geomet
         flush()
     bar.close()
 
-    splits = {s: w.w.close() for s, w in writers.items()}
-    counts["filler_blocks_tails"] = {s: {"fillers": w.fillers, "tokens": w.filler_tokens} for s, w in writers.items()}
+    splits = {s: w.close() for s, w in writers.items()}
     if not counts["crops"]["train"]:
         raise SystemExit(f"{cfg.input}: no usable audio (skipped {counts['num_skipped']}: "
                          f"{counts['skipped'][:3]}); nothing written")

@@ -313,7 +313,10 @@ def _key_mode(v: str) -> str | None:
     if s.lower() in ("none", "hp"):
         return "none"
     k = normalise_key(s)
-    return k[1] if k else None
+    if k:
+        return k[1]
+    m = re.fullmatch(r"[A-G][#b]?(\s.*)", s)  # no mode word, then clef / exp words: "G bass", "D exp ^f" (major)
+    return "maj" if m and all(_KEY_WORD.fullmatch(w) for w in m.group(1).split()) else None
 
 
 # what may follow a K: value's key and mode, word by word, as abc2midi 4.84 reads it (music21 writes "bass",
@@ -351,11 +354,16 @@ def _key_prefix_ok(v: str, mode: str | None = None) -> bool:
         return False
     rest = m.group(3)
     word_m = re.match(r"\s?([A-Za-z]*)", rest)
-    word, after = word_m.group(1), rest[word_m.end():]
+    word = word_m.group(1)
     w = word.lower()
-    if after:                                  # "Dm exp ^f", "E phr -8va": the mode word is complete
+    if word and not (w in MODES or w[:3] in MODES or any(x.startswith(w) for x in _MODE_WORDS)):
+        word = w = ""                          # no mode word (major): "K:G bass", "K:D exp ^f"
+    after = rest[word_m.end():] if word else rest  # (no mode word: "K:D =c" keeps its space)
+    if after:                                  # "Dm exp ^f", "E phr -8va", "D =c": the mode word is complete
         if word and not (w in MODES or w[:3] in MODES):
             return False
+        if not word and after[:1] in ("_", "^", "="):
+            return False                       # ("K:C^A" is abc2midi's "Unknown mode '^A'"; "K:Dmix=c" is fine)
         if mode is not None and MODES.get(w, MODES.get(w[:3])) != mode:
             return False
         return _key_words_ok(after)
@@ -2172,7 +2180,7 @@ class ABCConstraintProcessor(LogitsProcessor):
         ":|" or "|]": a few tokens at most); else the first non-empty tier of: a token that closes what is
         open (a quote, !decoration!, grace group, chord, field line, comment); a barline once the bar is
         full (first one after which the tune may end); ')' while a slur is open; notes and rests in whole
-        units of L:, then fractions -- never a whitespace-only token or a barline that closes a short bar.
+        units of L:, then fractions -- never a whitespace-only token, a stray ")" or a barline that closes a short bar.
         The best one when greedy; [] = nothing fits (the caller falls back to every allowed token)."""
         if st.can_end() and self.eos is not None:
             return [self.eos]
@@ -2199,8 +2207,8 @@ class ABCConstraintProcessor(LogitsProcessor):
                 if closer in text:
                     tiers[0].append(t)
                 continue
-            if t not in self.vocab.closing or not text.strip():
-                continue
+            if t not in self.vocab.closing or not text.strip() or (st.slur == 0 and not text.replace(")", "").strip()):
+                continue  # (a stray ")" closes nothing: a steered row once spent its budget on 47 of them)
             ns = self._next(st, t)
             if ns is None or ns.owe_boundary or (ns.nbars > st.nbars and not ns.last_full):
                 continue
