@@ -52,10 +52,16 @@ def split_tunes(text: str) -> list[str]:
     return [text[a:b].strip() + "\n" for a, b in itertools.pairwise(bounds) if text[a:b].strip()]
 
 
+def body_field(line: str) -> re.Match | None:
+    """A body line that is a field (``M:3/4``, ``w: la``): not one whose colon starts a barline -- abc2midi
+    plays ``D:: ::`` and ``T:|`` as music (a note or decoration, then a repeat), as the constraint reads them."""
+    return FIELD_LINE.match(line) if line[2:3] not in (":", "|") else None
+
+
 def has_repeats(abc: str) -> bool:
     """True when the tune body has a repeat sign (``|:``, ``:|`` or ``::``)."""
     _, body = split_header_body(abc)
-    text = "\n".join(ln.split("%", 1)[0] for ln in body if not FIELD_LINE.match(ln.strip()))
+    text = "\n".join(ln.split("%", 1)[0] for ln in body if not body_field(ln.strip()))
     text = re.sub(r'"[^"]*"', "", text)
     return bool(re.search(r"\|:|:\||::", text))
 
@@ -152,7 +158,7 @@ def bars_of(abc: str) -> list[Bar]:
         s = line.strip()
         if not s:
             continue
-        fm = FIELD_LINE.match(s)
+        fm = body_field(s)
         if fm:
             if fm.group(1) in "MLV":
                 set_field(fm.group(1), fm.group(2).strip())

@@ -18,6 +18,8 @@ not keep time or breaks one of the constraint's written rules. Each refusal is p
   the constraint lets a tune end only at a complete bar.
 * ``empty_bars``: more barlines in a row with nothing between them than the cap a model cannot loop past
   (``| | | |``, the degenerate reply; music21's incipits open with 4 at most).
+* ``prose_run``: 3+ letters in a row, 2+ of them decorations (``eBTHe``): ``inference.abc_extract`` reads such a
+  run as a word of prose and would find no tune in the reply, so the constraint never writes one.
 * ``other``: none of these: a refusal of real music, i.e. a bug. The command exits 1 when there is one.
 
 Writes a JSON record (counts, each refusal with its class and context) to ``--output``.
@@ -34,10 +36,11 @@ from benchmarks.abc_metrics import check_bars
 from benchmarks.common import opt, parse_config, write_json
 from data_preprocess.abctools import abc_to_midi
 from data_preprocess.corpus import iter_tunes
+from data_preprocess.hub import exit_on_argument_error
 from inference.abc_constraint import AbcState, check_text, own_fields, to_machine_text, validate_fields
 
 _BAR_WARNING = re.compile(r"Bar [0-9]+ has .* time units")
-CLASSES = ("bars", "header_text", "incomplete_end", "empty_bars", "other")
+CLASSES = ("bars", "header_text", "incomplete_end", "empty_bars", "prose_run", "other")
 
 
 @dataclass
@@ -68,6 +71,8 @@ def refusal_class(tune: str, i: int) -> str:
         return "incomplete_end"
     if c in "|:" and st.phase == "body" and st.n == 0 and not st.multi and st.empties >= st.empty_cap():
         return "empty_bars"
+    if c.isascii() and c.isalpha() and st.clone()._prose_run(c):
+        return "prose_run"
     return "bars" if check_bars(tune).consistent is False else "other"
 
 
@@ -109,6 +114,7 @@ def corpus_property(tunes: list[str], workers: int = 1) -> dict:
             "refused": [{k: r[k] for k in ("class", "title", "refused_at") if k in r} for r in refused]}
 
 
+@exit_on_argument_error
 def main(argv=None) -> int:
     cfg = parse_config(PropertyConfig, argv, __doc__)
     tunes = [t.text for t in iter_tunes(cfg.corpus)]

@@ -127,6 +127,8 @@ _DECO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _MODE_WORDS = tuple(MODES)
 _MAX_VALUE = 160                    # chars of a field value (music21's longest: 146)
 _MAX_HEADER_LINES = 24              # music21's longest header has 21 field lines
+_NOTE_OR_REST = frozenset("ABCDEFGabcdefgxzZuv")  # the letters inference.abc_extract reads as music, not prose
+_MAX_LEADING_BLANKS = 8             # blanks before a field value (music21: 7 at most, in 3 lines)
 _MAX_HURRIED_VALUE = 40             # chars of an unasked header value once the header is hurried
 _MAX_COMMENT = 160                  # chars of a % comment (music21's longest comment line: 52)
 _MAX_PREAMBLE = 80                  # chars of the one line of text a reply may open with
@@ -154,10 +156,10 @@ _CLOSING_RESERVE = 48               # tokens before max_new_tokens at which a tu
 
 
 def _deco_bits(c: str) -> int:
-    """deco's flags: 8 a roll or trill, 16 a known decoration other than ".", 32 any known decoration."""
+    """deco's flags: 8 a roll or trill, 16 a known decoration other than ".", 32 any known decoration, 64 "."."""
     if c not in _KNOWN_DECORATIONS:
         return 0
-    return (8 if c in _ROLLS else 0) | (0 if c == "." else 16) | 32
+    return (8 if c in _ROLLS else 0) | (64 if c == "." else 16) | 32
 
 
 @functools.lru_cache(maxsize=256)
@@ -592,10 +594,12 @@ class AbcState:
         "lastbar",
         "last_pitches",
         "layers",
+        "lbad",
         "lbase",
         "lden",
         "left",
         "lnum",
+        "lrun",
         "lsl",
         "ltarget",
         "meter",
@@ -622,6 +626,7 @@ class AbcState:
         "shorts",
         "slur",
         "spec",
+        "stacc",
         "spec_key",
         "tbuf",
         "tonic",
@@ -717,6 +722,9 @@ class AbcState:
         self.replay = False
         self.u8 = 0
         self.deco = 0
+        self.stacc = False      # the last note had a staccato: abc2midi cannot tie it
+        self.lrun = 0           # letters in a row in the music (notes, rests, decorations) ...
+        self.lbad = 0           # ... and how many of them are no note or rest (_prose_run)
         self.pre_lines = 0
         self.hseen = ""         # the header's field letters so far (music21: T: 6 times at most, N: 14)
         # Set by the processor once a header has used its share of the token budget (a model can fill a
@@ -858,6 +866,8 @@ class AbcState:
                 return False
         elif self.u8 or (o < 32 and c not in "\n\t") or o == 127:
             return False
+        if self.lrun and not ("A" <= c <= "Z" or "a" <= c <= "z"):
+            self.lrun = self.lbad = 0  # (a letter run ends: see _prose_run)
         for _ in range(8):
             r = _STEP[self.mode](self, c)
             if r is not None:
@@ -923,6 +933,8 @@ class AbcState:
         if inline and c in "[%":
             return False  # (a comment cannot start inside [K:...]: the field would never close)
         L = self.fletter
+        if c in " \t" and len(self.fval) >= _MAX_LEADING_BLANKS and not self.fval.strip(" \t"):
+            return False  # (a value of blanks alone never ends: "K:" + 180 spaces spent a whole budget)
         cap = _MAX_HURRIED_VALUE if (self.hurry and self.fctx == "h" and L not in self.spec) else _MAX_VALUE
         if len(self.fval) >= cap and not "\x80" <= c <= "\xbf" and self.clone()._field_done():
             return False  # (past the cap only what completes the value: a quote, group or word left open)
@@ -1126,32 +1138,44 @@ class AbcState:
             return Fraction(n, max(int(d) for d in _DENOMINATORS if d.startswith(self.lden)))
         return Fraction(n, 8)
 
+    def _prose_run(self, c: str) -> bool:
+        """Counts a letter of music (a note, rest or decoration letter) into the run of letters it is in, and
+        whether the run now reads as a word of prose to ``inference.abc_extract`` (3+ letters, 2+ of them not
+        notes or rests: "TCHERFEDERHASSD" is a decorated note run to abc2midi, and no tune to the
+        extractor, which then finds no tune in the reply)."""
+        self.lrun += 1
+        self.lbad += c not in _NOTE_OR_REST
+        return self.lrun >= 3 and self.lbad >= 2
+
     def _music(self, c):
+        if ("A" <= c <= "Z" or "a" <= c <= "z") and self._prose_run(c):
+            return False
         just, self.just = self.just, False
+        stacc = False  # the note starting here carries a staccato (set where its decorations end)
         if self.deco:  # a one-letter decoration (~ . T u ...) decorates the note, rest or chord that follows
             if c in _DECORATIONS:  # (deco: how many, and _deco_bits's flags)
                 if c in _ROLLS and len(self.tied) > 1:
                     return False  # (a roll takes no chord, and only a chord holds the tied pitches)
                 if self.deco & 32 and c not in _KNOWN_DECORATIONS:
                     return False  # ("OV": a letter abc2midi ignores cannot follow one it plays)
-                self.deco = ((self.deco & 7) + 1) | (self.deco & 56) | _deco_bits(c)
+                self.deco = ((self.deco & 7) + 1) | (self.deco & 120) | _deco_bits(c)
                 self.after_bar = False
                 return self.deco & 7 <= 3
             if not self.deco & 32:
                 if c not in _AFTER_RESERVED:
                     return False
-            elif (c not in _AFTER_DECORATION and not (c == "(" and self.deco == 33)) or (c == "[" and self.deco & 8):
+            elif (c not in _AFTER_DECORATION and not (c == "(" and self.deco == 97)) or (c == "[" and self.deco & 8):
                 return False  # (abc2midi takes ".(" -- a staccato, then a slur -- but no other decoration there)
-            self.deco = 0
+            stacc, self.deco = bool(self.deco & 64), 0
             if c == "[":  # a chord, never "[|", "[1" or "[L:...]" ("T[L:1/16]": "Malformed note")
-                self.mode, self.buf = "lbrack", "d"
+                self.mode, self.buf, self.stacc = "lbrack", "d", False  # (abc2midi ties ".[CE]4-")
                 return True
         if self.owe_boundary and c not in " \t\n|:[]%":
             return False  # a short bar closed by a plain barline: only a section barline may come now
         if c in _NOTE_LETTERS or c in "^_=":
             if not self._room():
                 return False
-            self.mode, self.acc, self.in_chord = "note", "", False
+            self.mode, self.acc, self.in_chord, self.stacc = "note", "", False, stacc
             return None
         if c in "zx":
             if self.tied or not self._room():
@@ -1179,7 +1203,7 @@ class AbcState:
         if c in "|:":
             return self._bar_open(c)
         if c == "[":
-            self.mode, self.buf = "lbrack", ""
+            self.mode, self.buf, self.stacc = "lbrack", "", False
             return True
         if c in '"!+':
             if not self._idle():
@@ -1201,7 +1225,8 @@ class AbcState:
             self.just = just
             return True
         if c == "-":  # a tie: right after a note or chord, the next one must hold its pitches
-            if not just or not self.last_pitches or self.tied:
+            if not just or not self.last_pitches or self.tied or self.stacc:  # (abc2midi ties no staccato note:
+                #                                                             ".C4-" "Cannot find note before tie")
                 return False
             self.just, self.tied = just, self.last_pitches
             return self._idle()

@@ -26,7 +26,7 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 _NOTE = re.compile(r"[A-Ga-gzZx]")  # notes and rests: a music line
 _PITCH = re.compile(r"[A-Ga-g]")    # a tune needs at least one pitched note
 _WORD = re.compile(r"[A-Za-z]{3,}")
-_NOTE_LETTERS = set("ABCDEFGabcdefgxzZ")
+_NOTE_LETTERS = set("ABCDEFGabcdefgxzZuv")  # notes, rests and the bowings u/v ("vdu", "B2vd uc" in fiddle tunes)
 # header fields that may open a tune that has no X: line
 _HEADER_FIELDS = set("TMLKCQROAZNSHBDFGIP")
 
@@ -44,7 +44,8 @@ def _strip_inline(line: str) -> str:
 def is_prose(line: str) -> bool:
     """True for a line of natural language: a 3+ letter word with two or more non-note letters.
 
-    Note runs like ``cdef`` or ``uABc`` (bowing + notes) pass; ``Here``, ``tune``, ``the`` do not."""
+    Note runs like ``cdef``, ``uABc`` or ``vdu`` (bowings + notes) pass; ``Here``, ``tune``, ``the`` do not
+    (inference.abc_constraint refuses such a run in a tune, so a constrained reply is never read as prose)."""
     for w in _WORD.findall(_strip_inline(line)):
         if sum(ch not in _NOTE_LETTERS for ch in w) >= 2:
             return True

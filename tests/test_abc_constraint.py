@@ -104,6 +104,14 @@ def test_wrong_bars_keys_and_ends_are_refused():
     assert _refused_at(head + "A4\n-A4|").endswith("-")      # a tie does not start a line (abc2midi: an error)
     assert _refused_at(head + "A8|B8 :\n").endswith("\n")    # a lone ":" is no barline ...
     assert _refused_at(head + "A8|\n:B8|") == ""             # ... but after one abc2midi ignores it
+    # a run of letters the extractor reads as prose (2+ decorations among 3+ letters) is never written
+    assert _refused_at(head + "A8|TCH").endswith("TCH") and _refused_at(head + "A8|eBTH").endswith("TH")
+    assert _refused_at(head + "A8|uvA2 vuB2 TA4|") == ""            # (bowings u/v are music to both)
+    from inference.abc_extract import extract_abc
+
+    assert extract_abc("Here it is:\n" + head + "A8|uvA2 vuB2 TA4|\n")
+    # a value of blanks alone is capped (music21: 7 at most before a value)
+    assert _refused_at("X:1\nK:" + " " * 9, {}).endswith(" " * 9) and _refused_at("X:1\nK:       G\n", {}) == ""
     # an L: change mid-bar must leave the rest of the bar writable in the new unit (else no ending exists)
     assert _refused_at(head + "A7 B/16\nL:1/4\n").endswith("1/4\n")
     assert _refused_at(head + "A4\nL:1/4\nc2|") == ""
@@ -196,6 +204,9 @@ ABC2MIDI_RULES = [
     ("A4-&A4|", True), ('A4-"C"A4|', False), ("A4-|1A4:|2A4|]", False), ("A4-(3ABc B2|", False),
     ("A4 B4-|\nB8|]", False), ("A2B2c2d2-|]", True), ("A4-A4-|]", True), ("A8 ::|: B8 :|", True),
     ("A8 ::| B8 :|", False),
+    # a staccato note takes no tie (a chord does); "T." is abc2midi's exception, refused here too
+    (".A4-A4|", True), ("H.A4-A4|", True), (".HA4-A4|", True), ("HA4-A4|", False), (".[AC]4-[AC]4|", False),
+    (".A2 B4-B2|", False),
     # a one-letter decoration is followed by a chord, never an inline field or barline ("Malformed note")
     ("A8| T[K:G] B8|", True), ("A8| [K:G] B8|", False), ("A8 .[| B8|]", True), ("A2 .[CE]B5|", False),
     ("A.[L:1/16]B14|", True), ("A[L:1/16]B14|", False),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,14 @@ def test_cli_generates_with_tiny_model(tiny_model_dir, tmp_path):
     assert all(r["abc"].startswith("X:1") for r in recs if r["source"] == "unconditional")
     assert all(r["key"] and "Human: " not in r["prompt"] for r in recs if r["source"] == "conditioned")
     assert res["summary"]["conditioned"]["key_compliance"] is not None
+
+
+def test_a_line_end_after_a_full_bar_and_colon_lines_read_as_abc2midi_reads_them():
+    """A line end right after an exactly full bar stands for its barline (EsAC: one bar per line, no "|"), not
+    after a "\\" continuation or mid-bar; "D:: ::" is music (abc2midi plays the D), not a D: field line."""
+    head = "X:1\nT:t\nM:3/4\nL:1/8\nK:G\n"
+    assert am.check_bars(head + "G2A2B2\nc6\nd4 e2\n").n_match == 3
+    assert am.check_bars(head + "G2A2B2\\\nc6|\n").consistent is False        # "\\": the line goes on: 12/8
+    assert am.check_bars(head + "G2A2\nB2 c6|\n").consistent is False        # mid-bar: 10/8 in one bar
+    assert [b.duration for b in am.bars_of(head + "G6|\nD:: ::\nE2A2B2|\n")][:3] == [Fraction(3, 4), Fraction(1, 8),
+                                                                                  Fraction(3, 4)]
