@@ -56,9 +56,9 @@ from benchmarks.common import (
 from data_preprocess.abctools import abc_to_midi
 from data_preprocess.chat_format import ChatFormat
 from data_preprocess.corpus import iter_tunes
+from data_preprocess.hub import exit_on_argument_error
 from inference.abc_constraint import extract_fields
 from inference.abc_extract import extract_abc
-from training.hf_io import exit_on_model_path_error
 
 KEYS = ["C", "G", "D", "A", "F", "Bb", "Eb", "Em", "Am", "Dm", "Bm", "Gm"]
 METERS = ["4/4", "3/4", "6/8", "2/4"]
@@ -380,7 +380,7 @@ def report(result: dict) -> str:
     return markdown_table(["ABC quality"] + cols, rows)
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     cfg = parse_config(ABCQualityConfig, argv, __doc__)
     result = run(cfg)

@@ -36,10 +36,10 @@ from data_preprocess.audio_codec import (
     random_codec_geometry,
 )
 from data_preprocess.audio_layout import LAYOUTS, AudioVocab, extend_tokenizer, make_layout
+from data_preprocess.hub import exit_on_argument_error
 from data_preprocess.train_tokenizer import train_tokenizer
 from inference.audio import audio_spec, check_codec, codec_dir_of, generate_codes
 from inference.loading import auto_device, load_model
-from training.hf_io import exit_on_model_path_error
 from training.presets import preset_config
 
 log = logging.getLogger("tunesmith.bench")
@@ -133,7 +133,7 @@ def bench_generation(model, tok, codec: Codec, layout: str, seconds: float, batc
             "rtf_per_stream": gen / (audio_s / batch)}
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -38,8 +38,8 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
+from data_preprocess.hub import exit_on_argument_error
 from data_preprocess.shards import open_split, read_meta
-from training.hf_io import exit_on_model_path_error
 
 LN2 = math.log(2)
 
@@ -220,7 +220,7 @@ def report(result: dict) -> str:
     return markdown_table([f"held-out ABC: {Path(result['data']).name}", "value"], rows)
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     cfg = parse_config(BPCConfig, argv, __doc__)
     result = run(cfg)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from data_preprocess.config import ConfigError, field_types, parse_bool
 from data_preprocess.config import collect as collect_config
-from data_preprocess.config import field_types, parse_bool
 from inference.abc_constraint import constraint_processor
 from inference.loading import load_model
 
@@ -83,7 +83,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str = ""):
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
     if missing:
-        raise SystemExit(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+        raise ConfigError(f"missing required option(s): {', '.join('--' + m for m in missing)}. Fix: give them")
     cfg = cls(**values)
     if hasattr(cfg, "validate"):
         cfg.validate()

@@ -47,9 +47,9 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.flops import Shape, decode_bytes_per_step, device_peak
+from data_preprocess.hub import exit_on_argument_error
 from inference.generation import SamplingConfig, constraint_kwargs
 from inference.loading import auto_device, auto_dtype, load_model
-from training.hf_io import exit_on_model_path_error
 from training.presets import is_preset, preset_config
 
 PATHS = ("hf_default", "tunesmith", "static")
@@ -234,7 +234,7 @@ def run(cfg: GenerateSpeedConfig) -> dict:
     return out
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv: list[str] | None = None) -> dict:
     return run(parse_config(GenerateSpeedConfig, argv, description=__doc__))
 

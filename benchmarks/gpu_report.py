@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import markdown_table, opt, parse_config, write_json
+from data_preprocess.hub import exit_on_argument_error
 
 CAP_GIB = 23.0  # fit24's --memory_gb: a 24 GB card less its CUDA context
 
@@ -211,6 +212,7 @@ def render(rep: dict) -> str:
     return "\n".join(lines)
 
 
+@exit_on_argument_error
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and not argv[0].startswith("-") and "=" not in argv[0]:  # the directory may be given positionally

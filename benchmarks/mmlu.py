@@ -66,7 +66,7 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
-from training.hf_io import exit_on_model_path_error
+from data_preprocess.hub import exit_on_argument_error
 
 LETTERS = "ABCD"
 
@@ -337,7 +337,7 @@ def report(result: dict) -> str:
     return markdown_table(heads, rows)
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     cfg = parse_config(MMLUConfig, argv, __doc__)
     result = run(cfg)

@@ -60,7 +60,7 @@ from benchmarks.common import (
     write_jsonl,
 )
 from data_preprocess.chat_format import ChatFormat
-from training.hf_io import exit_on_model_path_error
+from data_preprocess.hub import exit_on_argument_error
 
 HUB_ID = "m-a-p/MusicTheoryBench"
 LETTERS = "ABCD"
@@ -420,7 +420,7 @@ def report(result: dict) -> str:
     return table
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     cfg = parse_config(MTBConfig, argv, __doc__)
     result = run(cfg)

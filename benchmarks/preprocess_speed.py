@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_preprocess.corpus import split_text
+from data_preprocess.hub import exit_on_argument_error
 
 REPO = Path(__file__).resolve().parents[1]
 _FIELD = re.compile(r"^(?:[A-Za-z]:|%)")
@@ -286,6 +287,7 @@ def run_paths(cfg: Config, runs_dir: Path, tok_dir: Path, abc_dir: Path, jsonl: 
     return {"tokenizer": str(tok_dir), "results": best, "verdict": verdict}
 
 
+@exit_on_argument_error
 def main(argv=None) -> int:
     from benchmarks.common import environment, markdown_table, parse_config, write_json  # (here: torch)
 

@@ -46,7 +46,8 @@ from benchmarks.common import (
     score_continuations,
     write_json,
 )
-from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
+from data_preprocess.hub import exit_on_argument_error
+from training.hf_io import ModelPathError, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MMLU = REPO.parent / "shared" / "data" / "mmlu"
@@ -521,7 +522,7 @@ def plot(result: dict, path: Path) -> Path | None:
     return path
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     cfg = parse_config(ReportConfig, join_models_argv(sys.argv[1:] if argv is None else list(argv)), __doc__)
     result = run(cfg)

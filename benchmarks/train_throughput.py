@@ -61,6 +61,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.flops import Shape, device_peak, document_attention_span, train_flops_per_token
+from data_preprocess.hub import exit_on_argument_error
 from data_preprocess.model_source import resolve_source
 from data_preprocess.shards import Split, open_split, read_meta
 from training.config import (
@@ -647,6 +648,7 @@ def worker(runner: str, cfg_path: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(res, default=str))
 
 
+@exit_on_argument_error
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:  # internal: one runner in its own process (see spawn)

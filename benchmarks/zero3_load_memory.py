@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_preprocess.hub import exit_on_argument_error
 from data_preprocess.model_source import resolve_source
 from training.config import TrainConfig, detect_environment, fill_ds_config, read_ds_config
 
@@ -78,6 +79,7 @@ def worker(mode: str, model: str, train_type: str, precision: str, out: str) -> 
     dist.destroy_process_group()
 
 
+@exit_on_argument_error
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-1b", help="training preset (random init) or HF model dir")

@@ -55,6 +55,7 @@ from data_preprocess.audio_codec import (
     read_audio,
 )
 from data_preprocess.audio_layout import LAYOUTS, extend_tokenizer, make_layout
+from data_preprocess.config import build
 from data_preprocess.corpus import iter_tunes
 from data_preprocess.hub import could_be_hub_id, exit_on_argument_error, offline
 from data_preprocess.model_source import resolve_source
@@ -512,34 +513,6 @@ def add_audio_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("overrides", nargs="*", help="key=value overrides of AudioPrepConfig fields")
 
 
-def config_from_args(ns: argparse.Namespace, cls=None):
-    """Builds the job dataclass ``cls`` (default :class:`AudioPrepConfig`): dataclass defaults < ``--config``
-    YAML/JSON file < flags given < ``key=value`` overrides. Unknown keys are errors naming the valid ones."""
-    cls = cls or AudioPrepConfig
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values: dict = {}
-    args = vars(ns)
-    if "config" in args:
-        path = Path(args["config"])
-        if not path.is_file():
-            raise SystemExit(f"--config {path}: no such file")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
-        if data is not None and not isinstance(data, dict):
-            raise SystemExit(f"{path}: expected a mapping of {cls.__name__} fields")
-        values.update(data or {})
-    values.update({k: v for k, v in args.items() if k in fields})
-    for ov in args.get("overrides") or []:
-        if "=" not in ov:
-            raise SystemExit(f"override {ov!r}: expected key=value")
-        k, v = ov.split("=", 1)
-        values[k] = __import__("yaml").safe_load(v)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise SystemExit(f"unknown {cls.__name__} option(s) {unknown}; valid: {sorted(fields)}")
-    return cls(**values)
-
-
 def maybe_run_from_preprocess(argv=None) -> int | None:
     """Hook for ``data_preprocess.preprocess``: runs this tool and returns its exit code when the command
     line says ``--mode audio``; returns None (nothing done) for every other mode."""
@@ -557,7 +530,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m data_preprocess.audio", description=__doc__.split("\n")[0])
     add_audio_args(ap)
-    meta = run_audio(config_from_args(ap.parse_args(argv)))
+    meta = run_audio(build(AudioPrepConfig, ap, argv))
     print(json.dumps({k: meta[k] for k in ("mode", "max_len", "vocab_size", "splits", "counts")}, indent=2))
     return 0
 

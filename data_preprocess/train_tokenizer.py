@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from data_preprocess.chat_format import CHAT_TEMPLATE
 from data_preprocess.corpus import iter_tunes  # the ingest readers (directory, JSONL, datasets, music21)
+from data_preprocess.hub import exit_on_argument_error
 
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 
@@ -108,6 +109,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     return tok
 
 
+@exit_on_argument_error
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-i", "--input", default="music21", help="corpus: dir of .abc/.txt, JSONL, datasets dir/id, or 'music21'")

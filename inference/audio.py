@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_preprocess.audio import config_from_args
 from data_preprocess.audio_codec import Codec, write_wav
 from data_preprocess.audio_layout import AudioVocab, LayoutConstraint, make_layout
+from data_preprocess.config import from_namespace
+from data_preprocess.hub import exit_on_argument_error
 from inference.loading import auto_device, load_model
-from training.hf_io import ModelPathError, exit_on_model_path_error, load_tokenizer, resolve_model_path
+from training.hf_io import ModelPathError, load_tokenizer, resolve_model_path
 
 log = logging.getLogger("tunesmith.audio")
 
@@ -342,11 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ns = build_parser().parse_args(argv)
-    cfg = config_from_args(ns, AudioGenConfig)
+    cfg = from_namespace(AudioGenConfig, ns)
     if cfg.decode:
         if "out" not in vars(ns):
             cfg.out = str(Path(cfg.decode).with_suffix(".wav"))

@@ -1,12 +1,12 @@
 """``--config FILE`` for the inference CLIs: a YAML or JSON mapping whose keys are the CLI's option names
 (``temperature: 0.7``); flags given on the command line override it. Unknown keys are an error that
-names the file and the key, so a typo never silently does nothing."""
+names the file and the key, so a typo never silently does nothing (a ConfigError: the CLI prints it as one line)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from data_preprocess.config import load_file
+from data_preprocess.config import ConfigError, load_file
 
 
 def load_mapping(path: str | Path) -> dict:
@@ -24,7 +24,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
         dests = {a.dest for a in parser._actions}
         unknown = sorted(k for k in data if k.replace("-", "_") not in dests)
         if unknown:
-            raise SystemExit(f"{known.config}: unknown option(s) {unknown}; valid: {sorted(dests - {'help'})}")
+            raise ConfigError(f"{known.config}: unknown option(s) {unknown}. Fix: use the CLI's option names: "
+                              f"{sorted(dests - {'help'})}")
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in data.items()})
         for a in parser._actions:  # a value from the file satisfies required=True
             if a.dest in data or a.dest.replace("_", "-") in data:

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python inference/predict.py`: make the repo ro
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_preprocess.chat_format import ChatFormat
-from data_preprocess.hub import ArgumentError
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from inference.abc_constraint import ConstraintError, extract_fields, validate_fields
 from inference.abc_extract import extract_abc
 from inference.audio import main as audio_main
@@ -45,7 +45,7 @@ from inference.generation import (
 )
 from inference.loading import load_model
 from inference.render import render_text
-from training.hf_io import ModelPathError, exit_on_model_path_error, resolve_model_path
+from training.hf_io import ModelPathError, resolve_model_path
 from training.oom import is_out_of_memory, out_of_memory_summary
 
 INPUT_FIELDS = ("instruction", "input", "prompt", "text")
@@ -350,7 +350,7 @@ def run_interactive(a, loaded, cfg: SamplingConfig, stdin=None, stdout=None):
     print("bye", file=stdout, flush=True)
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--audio" in argv:  # text-to-audio with a codec-token model (inference/audio.py)

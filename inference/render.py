@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # `python inference/render.py`: make the repo roo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_preprocess import abctools
+from data_preprocess.hub import exit_on_argument_error
 from inference.abc_extract import extract_abc
 
 _TMP_ABC = re.compile(r"(?:\S*/ts_(?:ps|abc)_[^/\s]+/)?\btune\.abc\b")   # the tools' sandbox copy
@@ -141,6 +142,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@exit_on_argument_error
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Render the ABC tunes of a file to MIDI / WAV / SVG.")
     ap.add_argument("input", help="an .abc file, or any text file containing ABC (e.g. a saved model reply); '-' = stdin")

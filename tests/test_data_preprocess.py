@@ -220,7 +220,7 @@ def test_cli_subprocess_strict_and_meta(tmp_path, tokenizer_dir):
     assert AutoTokenizer.from_pretrained(out / "tokenizer").pad_token_id == meta["pad_id"]
     bad = subprocess.run(cmd[:-2] + ["nonsense_key=1"], capture_output=True, text=True, env=env, cwd=REPO,
                          timeout=300, check=False)
-    assert bad.returncode != 0 and "unknown option 'nonsense_key'" in bad.stderr
+    assert bad.returncode != 0 and "unknown config key 'nonsense_key'" in bad.stderr
 
 
 def test_tiny_input_keeps_one_val_sequence_or_warns(tmp_path, tokenizer_dir, capsys):

@@ -9,15 +9,14 @@ reason plus the fix, e.g. ``precision: fp16 needs a GPU; this run is on CPU. Fix
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import json
 import os
 import subprocess
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_preprocess.config import ConfigError, collect
 from data_preprocess.hub import ArgumentError
 from data_preprocess.model_source import is_model_source, read_record, resolve_source
 from data_preprocess.shards import open_split, read_meta
@@ -25,10 +24,6 @@ from data_preprocess.train_tokenizer import tokenizer_identity
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-class ConfigError(ValueError):
-    """A refused job: ``str(e)`` is one line with the field, the reason and the fix."""
 
 
 @dataclass
@@ -127,89 +122,15 @@ class TrainConfig:
         return self.tokenizer or str(Path(self.data_dir[0] if self.data_dir else "") / "tokenizer")
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_HINTS = typing.get_type_hints(TrainConfig)
 # Hugging Face Trainer / ChatMusician argument names -> ours (a typo of these is matched by spelling)
 _ALIASES = {"learning_rate": "lr", "num_train_epochs": "num_epochs", "per_device_train_batch_size": "micro_batch_size",
             "model_name_or_path": "model", "deepspeed": "ds_config", "lora_rank": "lora_r"}
 
 
-def _suggest(name: str) -> list[str]:
-    """Keys a mistyped ``name`` probably meant: an alias, close spellings, then keys sharing its first word."""
-    alias = [_ALIASES[name]] if name in _ALIASES else []
-    close = difflib.get_close_matches(name, list(_FIELDS), n=4, cutoff=0.6)
-    prefix = [k for k in _FIELDS if k.split("_")[0] == name.split("_")[0]]
-    return list(dict.fromkeys(alias + close + prefix))[:6] or sorted(_FIELDS)[:8]
-
-
-def _coerce(name: str, value, where: str):
-    """Converts a YAML/CLI value to the field's declared type (so ``lr=1e-4`` is a float, not a str)."""
-    if name not in _FIELDS:
-        raise ConfigError(f"{where}: unknown config key '{name}'. Fix: use one of {_suggest(name)} "
-                          "(see training/config.py)")
-    hint = _HINTS[name]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        inner = [a for a in args if a is not type(None)]
-        hint = inner[0]
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-    try:
-        if origin is list:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() not in ("", "[]", "none") else []
-            elif not isinstance(value, (list, tuple)):
-                value = [value]
-            return [float(v) for v in value] if args and args[0] is float else [str(v) for v in value]
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"not a boolean: {value!r}")
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"not an integer: {value!r}")
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return "" if value is None else str(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {name}={value!r}: {e}. Fix: give a {hint.__name__ if hasattr(hint, '__name__') else hint}")
-    return value
-
-
 def load_config(path: str | None = None, overrides: list[str] | tuple = (), resume: str | None = None) -> TrainConfig:
-    """YAML/JSON file (optional) -> dataclass, then ``key=value`` overrides, then ``--resume``."""
-    values: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: file not found. Fix: pass an existing YAML/JSON file (see configs/)")
-        text = p.read_text()
-        try:
-            if p.suffix == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-        except Exception as e:
-            raise ConfigError(f"{path}: cannot parse: {str(e).splitlines()[0]}. Fix: correct the syntax") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys. Fix: write `key: value` lines")
-        for k, v in data.items():
-            values[k] = _coerce(k, v, path)
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override '{ov}': expected key=value. Fix: e.g. lr=1e-4 train_type=lora")
-        k, v = ov.split("=", 1)
-        values[k.strip()] = _coerce(k.strip(), v, f"override '{ov}'")
+    """YAML/JSON file (optional) -> dataclass, then ``key=value`` overrides, then ``--resume``: the one loader of
+    every command (``data_preprocess.config.collect``), with the Hugging Face Trainer names as suggestions."""
+    values = collect(TrainConfig, path, {}, overrides, aliases=_ALIASES)
     if resume is not None:
         values["resume"] = resume
     return TrainConfig(**values)

@@ -14,7 +14,6 @@ import torch
 from transformers import AutoTokenizer
 
 from data_preprocess.hub import ArgumentError, could_be_hub_id, offline
-from data_preprocess.hub import exit_on_argument_error as exit_on_model_path_error  # noqa: F401 (the CLIs' decorator)
 from data_preprocess.model_source import ModelSourceError, resolve_source
 from training.model import resize_embeddings
 from training.oom import is_out_of_memory

@@ -37,9 +37,9 @@ if __package__ in (None, ""):  # `python training/merge.py`: make the repo root 
 import torch
 
 from data_preprocess.chat_format import ensure_chat_template
+from data_preprocess.hub import exit_on_argument_error
 from training.hf_io import (
     ModelPathError,
-    exit_on_model_path_error,
     has_tokenizer,
     load_tokenizer,
     resize_for_adapter,
@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
