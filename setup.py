@@ -13,6 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=["data_preprocess", "training", "inference", "benchmarks"],
     include_package_data=True,
+    package_data={"inference": ["static/*"]},  # the demo's page (inference/demo.py serves it)
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.15",

@@ -3,7 +3,8 @@
     python inference/demo.py --model runs/x/merged                    # http://127.0.0.1:7860/
     python inference/demo.py --model runs/x/base_model --lora_model runs/x/final --port 0   # any free port
 
-One page, a small JSON API, Python's standard library HTTP server (no gradio, no public share link):
+One page (``inference/static/``: demo.html, demo.css, demo.js), a small JSON API, Python's standard library
+HTTP server (no gradio, no public share link):
 - chat with history (kept in the page; /api/chat gets the whole conversation), tokens streamed as they are
   generated, sampling sliders (temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed);
 - every ABC tune in a reply is rendered by inference.render: sheet music engraved by ``abcm2ps`` straight
@@ -28,6 +29,7 @@ Security (the page is reachable by every web page the user visits, through the b
   says so), MAX_HANDLERS concurrent connections (503 beyond), idle connections closed after IDLE_TIMEOUT s,
   generation stopped when the client goes away, files streamed in chunks, render tools capped
   (:mod:`data_preprocess.abctools`);
+- the page runs no inline script or style: its Content-Security-Policy allows this server's own files only;
 - model output is untrusted: reply text is shown as text, never as HTML; the ABC given to the tools is
   sanitised (no directive that reads a file, no PostScript/SVG pass-through); sheet music is shown through
   ``<img>`` and served with a restrictive Content-Security-Policy; only files this server rendered (an
@@ -60,6 +62,7 @@ if __package__ in (None, ""):  # `python inference/demo.py`: make the repo root 
 
 from data_preprocess import abctools
 from data_preprocess.chat_format import ChatFormat
+from data_preprocess.hub import exit_on_argument_error
 from inference.abc_constraint import extract_fields, validate_fields
 from inference.cli_config import parse_with_config
 from inference.generation import SamplingConfig, generate, trim_history
@@ -71,7 +74,6 @@ from inference.predict import (
     sampling_from_args,
 )
 from inference.render import render_text
-from training.hf_io import exit_on_model_path_error
 
 MAX_BODY = 1 << 20          # bytes of a request body
 MAX_NEW_TOKENS = 8192       # server-side cap on the slider
@@ -79,6 +81,9 @@ MAX_HANDLERS = 16           # concurrent connections; more get 503
 IDLE_TIMEOUT = 20.0         # seconds a connection may sit without sending (socket timeout)
 CHUNK = 1 << 16             # files are streamed in pieces of this size
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+STATIC_DIR = Path(__file__).resolve().parent / "static"   # the page: demo.html, demo.css, demo.js
+_STATIC = {"/static/demo.css": ("demo.css", "text/css; charset=utf-8"),
+           "/static/demo.js": ("demo.js", "text/javascript; charset=utf-8")}
 _TYPES = {".svg": "image/svg+xml", ".wav": "audio/wav", ".mid": "audio/midi", ".abc": "text/plain; charset=utf-8",
           ".json": "application/json"}
 
@@ -374,10 +379,12 @@ def make_handler(app: DemoApp):
             except _Refused as e:
                 return self._json({"error": str(e)}, e.status)
             path = self.path.split("?", 1)[0]
-            if path in ("/", "/index.html"):
-                self._send(200, PAGE.encode(), "text/html; charset=utf-8",
-                           {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                            "style-src 'unsafe-inline'; img-src 'self'; media-src 'self'"})
+            if path in ("/", "/index.html") or path in _STATIC:
+                name, ctype = _STATIC.get(path, ("demo.html", "text/html; charset=utf-8"))
+                # the page, its style and its script are files of inference/static/ (no inline code, so the
+                # policy allows scripts and styles from this server only)
+                self._send(200, (STATIC_DIR / name).read_bytes(), ctype,
+                           {"Content-Security-Policy": "default-src 'self'; img-src 'self'; media-src 'self'"})
             elif path == "/api/config":
                 self._json({"model": app.model_name, "sampling": app.defaults.to_dict(), "max_new_tokens_cap": MAX_NEW_TOKENS,
                             "constrain": app.constrain})
@@ -528,7 +535,7 @@ def serve(app: DemoApp, host: str, port: int, allow_hosts=()) -> ThreadingHTTPSe
     return server
 
 
-@exit_on_model_path_error
+@exit_on_argument_error
 def main(argv=None) -> int:
     a = parse_with_config(build_parser(), argv)
     defaults = sampling_from_args(a)
@@ -576,161 +583,6 @@ def main(argv=None) -> int:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM: the same clean exit as Ctrl-C (temp render dir removed, status 0)
-
-
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tunesmith demo</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body{font-family:system-ui,sans-serif;margin:0;background:#f6f5f2;color:#222}
- header{background:#2d3e50;color:#fff;padding:.6em 1em}
- header small{opacity:.7;margin-left:1em}
- main{display:grid;grid-template-columns:minmax(0,1fr) 290px;gap:1em;padding:1em}
- #chat{display:flex;flex-direction:column;gap:.7em}
- .msg{background:#fff;border-radius:8px;padding:.6em .8em;box-shadow:0 1px 2px #0002}
- .msg.user{background:#e3edf7;align-self:flex-end;max-width:80%}
- .msg .who{font-size:.75em;color:#666;margin-bottom:.2em}
- .msg pre{white-space:pre-wrap;margin:0;font-family:ui-monospace,monospace;font-size:.9em}
- .tune{border-top:1px solid #ddd;margin-top:.6em;padding-top:.6em}
- .tune img.sheet{max-width:100%;background:#fff;display:block}
- .tune audio{width:100%;margin-top:.3em}
- .errors{color:#a22;font-size:.8em;white-space:pre-wrap}
- .note,.stats{color:#777;font-size:.8em}
- aside{background:#fff;border-radius:8px;padding:.8em;box-shadow:0 1px 2px #0002;align-self:start}
- aside label{display:block;font-size:.85em;margin-top:.5em}
- aside input[type=range]{width:100%}
- textarea{width:100%;box-sizing:border-box;font-family:ui-monospace,monospace}
- #composer{display:flex;gap:.5em;margin-top:.8em}
- #composer textarea{flex:1}
- button{padding:.4em .9em;border-radius:6px;border:1px solid #2d3e50;background:#2d3e50;color:#fff;cursor:pointer}
- button.secondary{background:#fff;color:#2d3e50}
- button:disabled{opacity:.5}
-</style></head>
-<body>
-<header><b>tunesmith</b><small id="model"></small></header>
-<main>
- <section>
-  <div id="chat"></div>
-  <div id="composer">
-   <textarea id="prompt" rows="3" placeholder="Ask for a tune, e.g. Compose a jig in D major (Enter sends, Shift+Enter = new line)"></textarea>
-   <div style="display:flex;flex-direction:column;gap:.4em">
-    <button id="send">Send</button><button id="reset" class="secondary">Reset</button>
-   </div>
-  </div>
- </section>
- <aside>
-  <b>Sampling</b>
-  <label>temperature <span id="v-temperature"></span><input type="range" id="temperature" min="0" max="2" step="0.05"></label>
-  <label>top_k <span id="v-top_k"></span><input type="range" id="top_k" min="0" max="200" step="1"></label>
-  <label>top_p <span id="v-top_p"></span><input type="range" id="top_p" min="0.05" max="1" step="0.05"></label>
-  <label>repetition_penalty <span id="v-repetition_penalty"></span><input type="range" id="repetition_penalty" min="1" max="2" step="0.05"></label>
-  <label>max_new_tokens <span id="v-max_new_tokens"></span><input type="range" id="max_new_tokens" min="16" max="4096" step="16"></label>
-  <label>seed (empty = random) <input type="number" id="seed" style="width:100%"></label>
-  <label><input type="checkbox" id="constrain"> constrain to ABC (asked key/meter/title, bars keep time)</label>
-  <hr>
-  <b>Render ABC</b>
-  <textarea id="abc-input" rows="8" placeholder="Paste an ABC tune (X:, T:, M:, L:, K: then notes)"></textarea>
-  <button id="render-btn" style="margin-top:.4em">Render</button>
- </aside>
-</main>
-<script>
-"use strict";
-const SLIDERS = ["temperature","top_k","top_p","repetition_penalty","max_new_tokens"];
-let history = [];
-const $ = id => document.getElementById(id);
-
-function el(tag, cls, text){ const e = document.createElement(tag); if(cls) e.className = cls;
-  if(text !== undefined) e.textContent = text; return e; }
-
-function addMsg(role, text){
-  const m = el("div", "msg " + role); m.appendChild(el("div", "who", role === "user" ? "You" : role === "assistant" ? "Model" : "Rendered ABC"));
-  const pre = el("pre", "text", text); m.appendChild(pre); $("chat").appendChild(m);
-  m.scrollIntoView({block: "end"}); return m;
-}
-
-function showTunes(box, d){
-  if(d.note){ box.appendChild(el("div", "note", d.note)); }
-  for(const t of d.tunes || []){
-    const w = el("div", "tune");
-    if(t.svg_url){ const img = el("img", "sheet"); img.alt = "sheet music"; img.src = t.svg_url; w.appendChild(img); }
-    if(t.wav_url){ const a = el("audio"); a.controls = true; a.preload = "auto"; a.src = t.wav_url; w.appendChild(a); }
-    const links = el("div", "note");
-    for(const [k, label] of [["midi_url","MIDI"],["abc_url","ABC"],["wav_url","WAV"]]){
-      if(t[k]){ const l = el("a", "", label); l.href = t[k]; l.download = ""; links.appendChild(l); links.appendChild(document.createTextNode(" ")); } }
-    if(t.wav_seconds) links.appendChild(document.createTextNode(t.wav_seconds.toFixed(1) + " s"));
-    w.appendChild(links);
-    if(t.errors && t.errors.length) w.appendChild(el("div", "errors", t.errors.join("\n")));
-    box.appendChild(w);
-  }
-}
-
-function sampling(){
-  const s = {}; for(const k of SLIDERS) s[k] = Number($(k).value);
-  s.seed = $("seed").value === "" ? null : Number($("seed").value); return s;
-}
-
-async function send(){
-  const text = $("prompt").value.trim(); if(!text) return;
-  $("prompt").value = ""; $("send").disabled = true;
-  history.push({role: "user", content: text}); addMsg("user", text);
-  const box = addMsg("assistant", ""); const pre = box.querySelector("pre");
-  try{
-    const res = await fetch("/api/chat", {method: "POST", headers: {"Content-Type": "application/json"},
-                                          body: JSON.stringify({messages: history, sampling: sampling(),
-                                                                constrain: $("constrain").checked ? "abc" : "none"})});
-    if(!res.ok){ const e = await res.json(); throw new Error(e.error); }
-    const reader = res.body.getReader(); const dec = new TextDecoder(); let buf = "";
-    for(;;){
-      const {value, done} = await reader.read(); if(done) break;
-      buf += dec.decode(value, {stream: true}); let i;
-      while((i = buf.indexOf("\n")) >= 0){
-        const line = buf.slice(0, i); buf = buf.slice(i + 1); if(!line) continue;
-        const ev = JSON.parse(line);
-        if(ev.type === "token"){ pre.textContent += ev.text; }
-        else if(ev.type === "done"){
-          pre.textContent = ev.reply; history.push({role: "assistant", content: ev.reply});
-          for(const n of (ev.notes || [])) box.appendChild(el("div", "note", n));
-          box.appendChild(el("div", "stats", `${ev.new_tokens} tokens, ${ev.tokens_per_s} tok/s` +
-                                             (ev.stopped_at_eos ? "" : " (hit max_new_tokens)")));
-          if(ev.constraint){ box.appendChild(el("div", "stats", "constraint " + JSON.stringify(ev.constraint.fields) +
-                                             (ev.constraint.satisfied ? ": satisfied" : ": not satisfied (" + ev.constraint.stop + ")"))); }
-          showTunes(box, ev); box.dataset.done = "1";
-        } else if(ev.type === "error"){ throw new Error(ev.error); }
-      }
-    }
-  } catch(err){
-    box.appendChild(el("div", "errors", String(err.message || err))); history.pop(); box.dataset.done = "error";
-  } finally { $("send").disabled = false; box.scrollIntoView({block: "end"}); }
-}
-
-async function renderAbc(){
-  const abc = $("abc-input").value; if(!abc.trim()) return;
-  const box = addMsg("render", abc);
-  const res = await fetch("/api/render", {method: "POST", headers: {"Content-Type": "application/json"},
-                                          body: JSON.stringify({abc})});
-  const d = await res.json();
-  if(!res.ok){ box.appendChild(el("div", "errors", d.error)); box.dataset.done = "error"; return; }
-  showTunes(box, d); box.dataset.done = "1"; box.scrollIntoView({block: "end"});
-}
-
-async function init(){
-  const cfg = await (await fetch("/api/config")).json();
-  $("model").textContent = cfg.model;
-  for(const k of SLIDERS){
-    $(k).value = cfg.sampling[k]; $("v-" + k).textContent = cfg.sampling[k];
-    $(k).addEventListener("input", () => { $("v-" + k).textContent = $(k).value; });
-  }
-  if(cfg.sampling.seed !== null) $("seed").value = cfg.sampling.seed;
-  $("constrain").checked = cfg.constrain === "abc";
-  $("send").onclick = send; $("render-btn").onclick = renderAbc;
-  $("reset").onclick = () => { history = []; $("chat").replaceChildren(); };
-  $("prompt").addEventListener("keydown", e => { if(e.key === "Enter" && !e.shiftKey){ e.preventDefault(); send(); } });
-  document.body.dataset.ready = "1";
-}
-init();
-</script>
-</body></html>
-"""
 
 
 if __name__ == "__main__":

@@ -70,7 +70,16 @@ def test_binds_loopback_and_rejects_bad_input(server):
     assert code == 400 and "messages" in err["error"]
     code, err = _post(server + "api/render", {"abc": "X:1\nK:C\nC(((D|]]]] &&&\n"})
     assert code == 200 and err["tunes"][0]["errors"]  # broken ABC: tool errors reported, not a crash
-    for bad in ("files/../../etc/passwd", "files/x/..%2f..%2fetc%2fpasswd", "files/abc/nothing.svg"):
+    # the page is static files (inference/static/) and its policy allows no inline script or style
+    with urllib.request.urlopen(server, timeout=10) as r:
+        page, csp = r.read().decode(), r.headers["Content-Security-Policy"]
+    assert '<script src="/static/demo.js">' in page and "<script>" not in page and "style=" not in page
+    assert "unsafe-inline" not in csp and "default-src 'self'" in csp
+    for name, ctype in (("demo.js", "text/javascript"), ("demo.css", "text/css")):
+        with urllib.request.urlopen(server + "static/" + name, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith(ctype) and r.read()
+    for bad in ("files/../../etc/passwd", "files/x/..%2f..%2fetc%2fpasswd", "files/abc/nothing.svg",
+                "static/../demo.py", "static/demo.html.bak"):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(server + bad, timeout=10)
         assert e.value.code == 404
