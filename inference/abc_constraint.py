@@ -220,9 +220,12 @@ def _gchord_ok(s: str, whole: bool) -> bool:
     return b[:1] in _NOTE_LETTERS if b else not whole
 
 
+_FREE_METERS = ("none", "None")  # the spellings abc2midi reads ("M:NONE": "Expecting fraction in form A/B")
+
+
 def _meter_ok(v: str) -> bool:
     s = v.strip()
-    return (s.lower() == "none" or s in ("C", "C|", "c", "c|")
+    return (s in _FREE_METERS or s in ("C", "C|", "c", "c|")
             or (meter_value(s) is not None and _METER_WHOLE.fullmatch(s) is not None))
 
 
@@ -230,7 +233,7 @@ def _meter_prefix_ok(v: str) -> bool:
     s = v.lstrip(" ")
     if s.rstrip(" ") != s:           # trailing spaces only after a complete value
         return _meter_ok(s)
-    return ("none".startswith(s.lower()) or s in ("C", "C|", "c", "c|")
+    return (any(w.startswith(s) for w in _FREE_METERS) or s in ("C", "C|", "c", "c|")
             or _METER_WHOLE.fullmatch(s, partial=True) is not None)
 
 

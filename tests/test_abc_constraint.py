@@ -250,6 +250,7 @@ ABC2MIDI_HEADER_RULES = [
     # accidentals right after the mode word; no mode word (major) before clef / exp words
     ("K:Dmix=c", False), ("K:Dm=c ^g", False), ("K:C^A", True), ("K:D =c", False), ("K:D ^f", False),
     ("K:G bass", False), ("K:G treble", False), ("K:D exp ^f _b", False), ("K:Ebass", True), ("K:Gx", True),
+    ("M:none", False), ("M:None", False), ("M:NONE", True),
 ]
 
 
@@ -260,6 +261,8 @@ def test_header_lines_abc2midi_reads_as_commands(line, errs):
     and the rest stays allowed. "P:ABA" errs because the body labels no part; with the labels it is allowed."""
     if line.startswith("K:"):
         tune = "X:1\nT:Fixture\nM:4/4\nL:1/8\n" + line + "\nA8|]\n"
+    elif line.startswith("M:"):
+        tune = "X:1\nT:Fixture\n" + line + "\nL:1/8\nK:C\nA8|]\n"
     else:
         tune = "X:1\nT:Fixture\n" + line + "\nM:4/4\nL:1/8\nK:C\nA8|]\n"
     r = abc_to_midi(tune)
