@@ -57,7 +57,7 @@ from data_preprocess.audio_codec import (
 from data_preprocess.audio_layout import LAYOUTS, extend_tokenizer, make_layout
 from data_preprocess.config import build
 from data_preprocess.corpus import iter_tunes
-from data_preprocess.hub import could_be_hub_id, exit_on_argument_error, offline
+from data_preprocess.hub import ArgumentError, could_be_hub_id, exit_on_argument_error, offline
 from data_preprocess.model_source import resolve_source
 from data_preprocess.sft import describe_key
 from data_preprocess.shards import SPLITS, ShardWriter, read_meta, write_meta
@@ -311,14 +311,14 @@ def run_audio(cfg: AudioPrepConfig) -> dict:
     raises :class:`AudioInputError` before OUT_DIR is touched; a failure while writing removes OUT_DIR."""
     t0 = time.time()
     if not cfg.tokenizer or not cfg.output_dir:
-        raise SystemExit("audio preprocessing needs -t/--tokenizer (a text tokenizer dir) and -o/--output_dir")
+        raise ArgumentError("audio preprocessing needs -t/--tokenizer (a text tokenizer dir) and -o/--output_dir")
     if cfg.layout not in LAYOUTS:
-        raise SystemExit(f"--layout {cfg.layout!r}: choose one of {LAYOUTS}")
+        raise ArgumentError(f"--layout {cfg.layout!r}: choose one of {LAYOUTS}")
     if not 0.0 <= cfg.caption_dropout <= 1.0 or not 0.0 <= cfg.val_ratio < 1.0:
-        raise SystemExit("--caption_dropout must be in [0, 1] and --val_ratio in [0, 1)")
+        raise ArgumentError("--caption_dropout must be in [0, 1] and --val_ratio in [0, 1)")
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise SystemExit(f"{out}: not empty; pass --overwrite to replace it")
+        raise ArgumentError(f"{out}: not empty; pass --overwrite to replace it")
     cfg.tokenizer = resolve_source(cfg.tokenizer)  # smollm2-135m / X.gguf -> its imported HF dir
     tok_dir = Path(cfg.tokenizer).expanduser()
     if (tok_dir.exists() or not could_be_hub_id(cfg.tokenizer)) and not (tok_dir / "tokenizer_config.json").is_file():
@@ -335,7 +335,7 @@ def run_audio(cfg: AudioPrepConfig) -> dict:
         codec = Codec(codec_dir, device=cfg.device, bandwidth=cfg.bandwidth)
         kind, items = source_items(cfg, codec.sample_rate, workdir)
         if not items:
-            raise SystemExit(f"{cfg.input}: no audio sources found")
+            raise ArgumentError(f"{cfg.input}: no audio sources found")
         created = not out.exists()
         if not created:
             _empty_dir(out)       # --overwrite: only now is the old output removed
@@ -456,7 +456,7 @@ def _write(cfg: AudioPrepConfig, out: Path, codec: Codec, codec_dir: str, geomet
 
     splits = {s: w.close() for s, w in writers.items()}
     if not counts["crops"]["train"]:
-        raise SystemExit(f"{cfg.input}: no usable audio (skipped {counts['num_skipped']}: "
+        raise ArgumentError(f"{cfg.input}: no usable audio (skipped {counts['num_skipped']}: "
                          f"{counts['skipped'][:3]}); nothing written")
     import torch
     import transformers

@@ -323,7 +323,7 @@ def _iter_checked(source: str, text_field: str, stats: CorpusStats, max_line_len
 
         files = sorted(Path(x) for x in m21corpus.getPaths(fileExtensions=("abc",)))
         if not files:
-            raise SystemExit("music21: its bundled corpus has no ABC files (music21 installed without corpus?)")
+            raise ArgumentError("music21: its bundled corpus has no ABC files (music21 installed without corpus?)")
         yield from _iter_files(files, stats, max_line_len)
     elif p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "state.json").is_file()
                          or (p / "dataset_dict.json").is_file()):
@@ -331,7 +331,7 @@ def _iter_checked(source: str, text_field: str, stats: CorpusStats, max_line_len
     elif p.is_dir():
         files = sorted(x for x in p.rglob("*") if x.is_file() and x.suffix.lower() in ABC_SUFFIXES)
         if not files:
-            raise SystemExit(f"{p}: no .abc or .txt files below this directory")
+            raise ArgumentError(f"{p}: no .abc or .txt files below this directory")
         yield from _iter_files(files, stats, max_line_len)
     elif p.is_file() and p.suffix.lower() in (".jsonl", ".ndjson"):
         yield from _iter_jsonl(p, text_field, stats, max_line_len)
@@ -340,11 +340,11 @@ def _iter_checked(source: str, text_field: str, stats: CorpusStats, max_line_len
     elif p.is_file():
         yield from _iter_files([p], stats, max_line_len)
     elif p.exists():
-        raise SystemExit(f"{p}: not a regular file or directory")
+        raise ArgumentError(f"{p}: not a regular file or directory")
     elif "/" in src and not src.startswith((".", "/", "~")):
         yield from _iter_dataset(src, text_field, stats, max_line_len)      # a hub id
     else:
-        raise SystemExit(f"{src}: no such file or directory (expected a dir of .abc/.txt, a .jsonl, "
+        raise ArgumentError(f"{src}: no such file or directory (expected a dir of .abc/.txt, a .jsonl, "
                          "a datasets dir / hub id, or 'music21')")
 
 
@@ -480,7 +480,7 @@ def load_hf_dataset(source: str):
         else:
             ds = datasets.load_dataset(source, split="train")
     except Exception as e:  # noqa: BLE001 - datasets raises many types; we add what to do
-        raise SystemExit(f"{source}: could not load as a datasets dataset ({type(e).__name__}: {e}); "
+        raise ArgumentError(f"{source}: could not load as a datasets dataset ({type(e).__name__}: {e}); "
                          "offline, pass a local save_to_disk dir, .parquet/.csv/.arrow file or .jsonl") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else datasets.concatenate_datasets(list(ds.values()))
@@ -491,7 +491,7 @@ def _dataset_texts(source: str, text_field: str, stats: CorpusStats) -> Iterator
     """``(text, where)`` of each row's ``text_field`` of a datasets dataset, or a Reject for a non-string one."""
     ds = load_hf_dataset(source)
     if text_field not in ds.column_names:
-        raise SystemExit(f"{source}: no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
+        raise ArgumentError(f"{source}: no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
                          "pass --text_field")
     stats.files += 1
     ds = ds.select_columns([text_field])

@@ -107,31 +107,31 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if not self.tokenizer:
-            raise SystemExit("preprocess: -t/--tokenizer is required (an HF tokenizer dir or a .model file; "
+            raise ArgumentError("preprocess: -t/--tokenizer is required (an HF tokenizer dir or a .model file; "
                              "train one with `python -m data_preprocess.train_tokenizer -o DIR`)")
         if not self.output_dir:
-            raise SystemExit("preprocess: -o/--output_dir is required")
+            raise ArgumentError("preprocess: -o/--output_dir is required")
         if self.mode not in ("pt", "sft"):
-            raise SystemExit(f"preprocess: --mode must be pt or sft, got {self.mode!r}")
+            raise ArgumentError(f"preprocess: --mode must be pt or sft, got {self.mode!r}")
         if self.content not in ("abc", "text"):
-            raise SystemExit(f"preprocess: --content must be abc or text, got {self.content!r}")
+            raise ArgumentError(f"preprocess: --content must be abc or text, got {self.content!r}")
         if self.content == "text" and (self.mode != "pt" or self.check != "none"):
-            raise SystemExit("preprocess: --content text is plain text for pretraining: it needs --mode pt and "
+            raise ArgumentError("preprocess: --content text is plain text for pretraining: it needs --mode pt and "
                              "--check none")
         if self.check not in ("none", "abc2midi"):
-            raise SystemExit(f"preprocess: --check must be none or abc2midi, got {self.check!r}")
+            raise ArgumentError(f"preprocess: --check must be none or abc2midi, got {self.check!r}")
         if self.max_len < 16:
-            raise SystemExit(f"preprocess: --max_len must be >= 16, got {self.max_len}")
+            raise ArgumentError(f"preprocess: --max_len must be >= 16, got {self.max_len}")
         if not 0 <= self.val_ratio < 1:
-            raise SystemExit(f"preprocess: --val_ratio must be in [0, 1), got {self.val_ratio}")
+            raise ArgumentError(f"preprocess: --val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.workers < 1 or self.chunk_size < 1:
-            raise SystemExit("preprocess: --workers and --chunk_size must be >= 1")
+            raise ArgumentError("preprocess: --workers and --chunk_size must be >= 1")
         if not 0 <= self.music2text_fraction <= 1:
-            raise SystemExit(f"preprocess: --music2text_fraction must be in [0, 1], got {self.music2text_fraction}")
+            raise ArgumentError(f"preprocess: --music2text_fraction must be in [0, 1], got {self.music2text_fraction}")
         if self.make_sft_from_metadata and self.mode != "sft":
-            raise SystemExit("preprocess: --make_sft_from_metadata needs --mode sft")
+            raise ArgumentError("preprocess: --make_sft_from_metadata needs --mode sft")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise SystemExit(f"preprocess: --shard_index {self.shard_index} must be in 0..--num_shards-1 "
+            raise ArgumentError(f"preprocess: --shard_index {self.shard_index} must be in 0..--num_shards-1 "
                              f"(--num_shards {self.num_shards}); parts are numbered from 0")
 
 
@@ -157,13 +157,13 @@ def load_tokenizer(path: str):
             tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - many loader errors; add what to do
         why = " ".join(str(e).split())[:300]  # one line, whatever the loader wrote
-        raise SystemExit(f"{path}: cannot load a tokenizer ({type(e).__name__}: {why}); pass an HF "
+        raise ArgumentError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {why}); pass an HF "
                          "tokenizer dir or a SentencePiece .model") from None
     if tok.bos_token_id is None or tok.eos_token_id is None:
-        raise SystemExit(f"{path}: tokenizer needs BOS and EOS tokens")
+        raise ArgumentError(f"{path}: tokenizer needs BOS and EOS tokens")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token_id is None or tok.unk_token_id == tok.eos_token_id:
-            raise SystemExit(f"{path}: tokenizer has no pad token distinct from EOS (and no <unk> to use)")
+            raise ArgumentError(f"{path}: tokenizer has no pad token distinct from EOS (and no <unk> to use)")
         tok.pad_token = tok.unk_token
     ensure_chat_template(tok)
     return tok
@@ -183,9 +183,9 @@ def save_tokenizer_copy(tok, src: str, dst: Path) -> None:
 # ------------------------------------------------------------------------------------------ workers
 
 
-class TokenizerPrepError(Exception):
-    """A tokenizer that cannot be used, raised in the worker that prepared it (a worker must not raise
-    SystemExit: the pool would replace it and never answer); the main process turns it into SystemExit."""
+class TokenizerPrepError(ArgumentError):
+    """A tokenizer that cannot be used, raised in the worker that prepared it and handed back to the main
+    process (a worker must not raise SystemExit: the pool would replace it and never answer)."""
 
 
 def prepare_tokenizer(src: str, dst: str | Path, keep: bool = False):
@@ -195,7 +195,7 @@ def prepare_tokenizer(src: str, dst: str | Path, keep: bool = False):
     torch, ~2.5 s) and reads the corpus meanwhile."""
     try:
         tok = load_tokenizer(src)
-    except SystemExit as e:
+    except ArgumentError as e:
         if keep:
             raise
         raise TokenizerPrepError(str(e)) from None
@@ -409,7 +409,7 @@ def check_out_is_not_an_input(cfg) -> None:
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file() and not overwrite:
-        raise SystemExit(f"{out}: exists, is not empty and holds no previous preprocess output; "
+        raise ArgumentError(f"{out}: exists, is not empty and holds no previous preprocess output; "
                          "pass --overwrite or choose another -o")
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)   # no stale meta beside half-written shards
@@ -516,10 +516,7 @@ def _write_pass(cfg: PreprocessConfig, force_val: str | None, early: bool) -> tu
             yield (cfg.mode, payload, check, spec), keys, locs
 
     def info() -> dict:
-        try:
-            return prep.get()
-        except TokenizerPrepError as e:
-            raise SystemExit(str(e)) from None
+        return prep.get()  # (a TokenizerPrepError comes back as one line: exit_on_argument_error)
 
     writers: dict[str, ShardWriter] = {}
     sft_counts = {"conversations": 0, "text2music": 0, "music2text": 0, "truncated": 0, "truncated_tokens": 0,

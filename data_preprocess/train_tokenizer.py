@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from data_preprocess.chat_format import CHAT_TEMPLATE
 from data_preprocess.corpus import iter_tunes  # the ingest readers (directory, JSONL, datasets, music21)
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     out = Path(a.output_dir)
     if out.exists() and any(out.iterdir()):
         if not a.overwrite:
-            raise SystemExit(f"{out}: not empty; pass --overwrite to replace it")
+            raise ArgumentError(f"{out}: not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
     tok = train_tokenizer((t.text for t in iter_tunes(a.input, text_field=a.text_field)), out,
                           vocab_size=a.vocab_size, max_lines=a.max_lines)

@@ -37,7 +37,7 @@ import torch
 from data_preprocess.audio_codec import Codec, write_wav
 from data_preprocess.audio_layout import AudioVocab, LayoutConstraint, make_layout
 from data_preprocess.config import from_namespace
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from inference.loading import auto_device, load_model
 from training.hf_io import ModelPathError, load_tokenizer, resolve_model_path
 
@@ -229,15 +229,15 @@ def _out_cache(out):
 def run(cfg: AudioGenConfig) -> list[dict]:
     """Loads model + codec, generates every prompt, writes WAV/NPY/JSON; returns the per-prompt records."""
     if not cfg.model:
-        raise SystemExit("--model is required (an HF model dir, e.g. OUTPUT_DIR/final)")
+        raise ArgumentError("--model is required (an HF model dir, e.g. OUTPUT_DIR/final)")
     if bool(cfg.prompt) == bool(cfg.prompts_file):
-        raise SystemExit("give exactly one of --prompt or --prompts_file")
+        raise ArgumentError("give exactly one of --prompt or --prompts_file")
     if cfg.prompts_file and not Path(cfg.prompts_file).is_file():
-        raise SystemExit(f"--prompts_file {cfg.prompts_file}: no such file (one caption per line expected)")
+        raise ArgumentError(f"--prompts_file {cfg.prompts_file}: no such file (one caption per line expected)")
     prompts = [cfg.prompt] if cfg.prompt else [ln.strip() for ln in Path(cfg.prompts_file).read_text().splitlines()
                                                if ln.strip()]
     if not prompts:
-        raise SystemExit(f"{cfg.prompts_file}: no prompts (one caption per line)")
+        raise ArgumentError(f"{cfg.prompts_file}: no prompts (one caption per line)")
     loaded = load_model(cfg.model, cfg.lora or None, cfg.tokenizer or None, cfg.device, cfg.dtype)
     spec = audio_spec(loaded.tokenizer, cfg.model)
     cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else (3.0 if spec.get("caption_dropout", 0) > 0 else 1.0)
@@ -285,13 +285,13 @@ def decode_file(cfg: AudioGenConfig) -> dict:
     recorded in ``--model``'s tokenizer; no weights are loaded). Returns the record."""
     src = Path(cfg.decode)
     if not src.is_file():
-        raise SystemExit(f"--decode {src}: no such file (a codes .npy written by inference.audio)")
+        raise ArgumentError(f"--decode {src}: no such file (a codes .npy written by inference.audio)")
     try:
         codes = np.load(src, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--decode {src}: not a NumPy .npy file of codes ({type(e).__name__})") from None
+        raise ArgumentError(f"--decode {src}: not a NumPy .npy file of codes ({type(e).__name__})") from None
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
-        raise SystemExit(f"--decode {src}: expected integer codes [codebooks, frames], got {codes.dtype} "
+        raise ArgumentError(f"--decode {src}: expected integer codes [codebooks, frames], got {codes.dtype} "
                          f"{list(codes.shape)}")
     if cfg.codec:
         codec = Codec(cfg.codec, _device(cfg.device))
@@ -300,9 +300,9 @@ def decode_file(cfg: AudioGenConfig) -> dict:
         spec = audio_spec(load_tokenizer(cfg.tokenizer or model), cfg.model)
         codec = check_codec(Codec(codec_dir_of(spec, cfg.model), _device(cfg.device)), spec, cfg.model)
     else:
-        raise SystemExit("--decode needs --codec DIR (the codec the model was trained with) or --model DIR")
+        raise ArgumentError("--decode needs --codec DIR (the codec the model was trained with) or --model DIR")
     if codes.shape[0] != codec.num_codebooks or codes.min() < 0 or codes.max() >= codec.codebook_size:
-        raise SystemExit(f"--decode {src}: codes {list(codes.shape)} in [{codes.min()}, {codes.max()}] do not fit "
+        raise ArgumentError(f"--decode {src}: codes {list(codes.shape)} in [{codes.min()}, {codes.max()}] do not fit "
                          f"codec {codec.path} ({codec.num_codebooks} codebooks x {codec.codebook_size}); pass the "
                          "codec the model was trained with")
     wav = write_wav(cfg.out, codec.decode(codes)[0], codec.sample_rate)

@@ -106,7 +106,7 @@ def sampling_from_args(a) -> SamplingConfig:
                               repetition_penalty=a.repetition_penalty, max_new_tokens=a.max_new_tokens, seed=a.seed,
                               cache=a.cache)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise ArgumentError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +135,7 @@ def read_instructions(path: str, input_field: str | None = None) -> list[dict]:
     """Returns ``[{"input": str, "line": n, "record": {...}}]``; a bad line is a one-line error."""
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"{p}: data file not found")
+        raise ArgumentError(f"{p}: data file not found")
     items = []
     try:
         text = p.read_bytes().decode("utf-8-sig")
@@ -151,9 +151,9 @@ def read_instructions(path: str, input_field: str | None = None) -> list[dict]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{p}:{e.lineno}: invalid JSON ({e.msg}); expected a list of records or strings") from None
+            raise ArgumentError(f"{p}:{e.lineno}: invalid JSON ({e.msg}); expected a list of records or strings") from None
         if not isinstance(data, list):
-            raise SystemExit(f"{p}: expected a JSON list of records or strings")
+            raise ArgumentError(f"{p}: expected a JSON list of records or strings")
         rows = [(i + 1, r) for i, r in enumerate(data)]
     elif p.suffix.lower() == ".jsonl":
         rows = []
@@ -162,7 +162,7 @@ def read_instructions(path: str, input_field: str | None = None) -> list[dict]:
                 try:
                     rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"{p}:{n}: invalid JSON ({e.msg}); one JSON object per line expected") from None
+                    raise ArgumentError(f"{p}:{n}: invalid JSON ({e.msg}); one JSON object per line expected") from None
     else:  # plain text: one instruction per line; a literal "\n" inside a line stands for a newline
         rows = [(n, line.replace("\\n", "\n")) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     for n, r in rows:
@@ -170,14 +170,14 @@ def read_instructions(path: str, input_field: str | None = None) -> list[dict]:
             items.append({"input": r, "line": n, "record": {}})
             continue
         if not isinstance(r, dict):
-            raise SystemExit(f"{p}:{n}: expected a JSON object or string, got {type(r).__name__}")
+            raise ArgumentError(f"{p}:{n}: expected a JSON object or string, got {type(r).__name__}")
         fields = [input_field] if input_field else [f for f in INPUT_FIELDS if f in r]
         if not fields or fields[0] not in r or not isinstance(r[fields[0]], str):
             want = input_field or " / ".join(INPUT_FIELDS)
-            raise SystemExit(f"{p}:{n}: record has no string field {want!r}; pass --input_field NAME")
+            raise ArgumentError(f"{p}:{n}: record has no string field {want!r}; pass --input_field NAME")
         items.append({"input": r[fields[0]], "line": n, "record": {k: v for k, v in r.items() if k != fields[0]}})
     if not items:
-        raise SystemExit(f"{p}: no instructions found")
+        raise ArgumentError(f"{p}: no instructions found")
     return items
 
 

@@ -35,7 +35,7 @@ def _error_line(p: subprocess.CompletedProcess, rc: int = 2) -> str:
     """The single error line of a failed run (asserting the exit code and that no traceback was printed)."""
     assert p.returncode == rc, (p.returncode, p.stderr[-3000:])
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ") or (rc == 1 and ln.startswith("--"))]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1, p.stderr[-3000:]
     return lines[0]
 
@@ -179,7 +179,7 @@ def test_audio_model_in_text_mode_points_to_audio_flag(tmp_path, audio_setup):
 def test_missing_prompts_file_is_one_line(tmp_path, audio_setup):
     p = _cli(["inference.audio", "--model", str(audio_setup / "run" / "final"), "--prompts_file", "nosuch.txt",
               "--out_dir", "q"], tmp_path)
-    assert _error_line(p, rc=1) == "--prompts_file nosuch.txt: no such file (one caption per line expected)"
+    assert _error_line(p) == "error: --prompts_file nosuch.txt: no such file (one caption per line expected)"
     assert not (tmp_path / "q").exists()
 
 
@@ -238,8 +238,8 @@ def test_decode_saved_codes_to_wav(tmp_path, audio_setup):
     assert (tmp_path / "sub" / "y.wav").read_bytes() == (tmp_path / "c.wav").read_bytes()
 
     np.save(tmp_path / "bad.npy", codes[:2])
-    line = _error_line(_cli(["inference.audio", "--decode", "bad.npy", "--codec", str(codec_dir)], tmp_path), rc=1)
-    assert line.startswith("--decode bad.npy: codes [2, 25]") and "4 codebooks x 32" in line
+    line = _error_line(_cli(["inference.audio", "--decode", "bad.npy", "--codec", str(codec_dir)], tmp_path))
+    assert line.startswith("error: --decode bad.npy: codes [2, 25]") and "4 codebooks x 32" in line
 
 
 def test_random_codec_cli_name_errors(tmp_path, tokenizer_dir):

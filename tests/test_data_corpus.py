@@ -8,6 +8,7 @@ import pytest
 
 from data_preprocess import corpus
 from data_preprocess.corpus import CorpusStats, Reject, iter_tunes, split_of
+from data_preprocess.hub import ArgumentError
 
 MULTI = (
     "% file header: a comment and a directive, no tune\r\n"
@@ -175,9 +176,9 @@ def test_jsonl_text_field_and_datasets_dir(tmp_path):
     datasets.Dataset.from_list(recs).save_to_disk(str(ds_dir))
     tunes2, _, _ = _run(ds_dir, text_field="abc")
     assert [t.text for t in tunes2] == [t.text for t in tunes]
-    with pytest.raises(SystemExit, match="no column 'text'"):
+    with pytest.raises(ArgumentError, match="no column 'text'"):
         _run(ds_dir)
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(ArgumentError, match="no such file"):
         _run(tmp_path / "missing.abc")
 
 

@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from data_preprocess.corpus import iter_tunes, split_of
+from data_preprocess.hub import ArgumentError
 from data_preprocess.preprocess import PreprocessConfig, run
 from data_preprocess.sft import describe_key, metadata_conversations
 from data_preprocess.shards import SPLITS, open_split, read_meta
@@ -264,7 +265,7 @@ def test_tiny_input_keeps_one_val_sequence_or_warns(tmp_path, tokenizer_dir, cap
 @pytest.mark.parametrize("field", ["tokenizer", "output_dir"])
 def test_config_requires_paths(field):
     kw = {"tokenizer": "t", "output_dir": "o", field: ""}
-    with pytest.raises(SystemExit, match=field.split("_")[0]):
+    with pytest.raises(ArgumentError, match=field.split("_")[0]):
         PreprocessConfig(**kw)
 
 
@@ -318,12 +319,11 @@ def test_bad_parts_are_one_line(tmp_path, tokenizer_dir, capsys):
     assert "more than once" in err(parts[0], parts[0], parts[1])
     assert "max_len=32" in err(parts[0], tmp_path / "other")
     assert "not written with --num_shards" in err(parts[0], tmp_path / "whole")
-    from data_preprocess.hub import ArgumentError
     from data_preprocess.merge_parts import merge_parts
 
     with pytest.raises(ArgumentError, match="is or holds the part"):
         merge_parts([str(p) for p in parts], str(parts[0]))
-    with pytest.raises(SystemExit, match="--shard_index 2 must be in 0..--num_shards-1"):
+    with pytest.raises(ArgumentError, match="--shard_index 2 must be in 0..--num_shards-1"):
         PreprocessConfig(output_dir=str(tmp_path / "x"), num_shards=2, shard_index=2, **kw)
 
 
@@ -399,7 +399,7 @@ def test_bad_tokenizer_with_workers_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "data_preprocess.preprocess", "-t", str(bad), "-i", str(src), "-o",
                         str(tmp_path / "out"), "-w", "2", "--no_progress"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120, check=False)
-    assert p.returncode == 1, p.stderr[-2000:]
+    assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert "cannot load a tokenizer" in last and str(bad) in last, p.stderr[-2000:]
     assert "Traceback" not in p.stderr

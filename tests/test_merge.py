@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from data_preprocess.hub import ArgumentError
+
 ADDED = ["<bar>", "<beat>", "<tie>", "<triplet>"]
 TEXT = "X:1\nT:Probe\nM:6/8\nL:1/8\nK:D\n<bar>dAF A2B<beat>c3 d2e<tie>|]"
 
@@ -100,12 +102,12 @@ def test_merge_refuses_non_empty_output_and_overwrites_on_request(lora_run, tmp_
     (out / "keep.txt").write_text("user data")
     args = ["--ori_model_dir", str(lora_run["base"]), "--model_dir", str(lora_run["adapter"]),  # ChatMusician flags
             "--output_dir", str(out), "--dtype", "bf16"]
-    with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
-        main(args)
+    with pytest.raises(ArgumentError, match="not empty; pass --overwrite"):
+        main.__wrapped__(args)
     assert (out / "keep.txt").read_text() == "user data"
-    with pytest.raises(SystemExit, match="overlaps the input"):
-        main(["--base_model", str(lora_run["base"]), "--lora_model", str(lora_run["adapter"]),
-              "--output_dir", str(lora_run["adapter"]), "--overwrite"])
+    with pytest.raises(ArgumentError, match="overlaps the input"):
+        main.__wrapped__(["--base_model", str(lora_run["base"]), "--lora_model", str(lora_run["adapter"]),
+                          "--output_dir", str(lora_run["adapter"]), "--overwrite"])
     assert main(args + ["--overwrite"]) == 0
     assert not (out / "keep.txt").exists()
     info = json.loads((out / "merge_info.json").read_text())
@@ -251,7 +253,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(zero3_runs, tm
         marker = tmp_path / f"pwned_{victim}"
         state["evil"] = _RunsCode(str(marker))
         torch.save(state, f)
-        with pytest.raises(SystemExit, match=r"refused -- it does not load with torch.load\(weights_only=True\)"):
-            main(["--deepspeed_checkpoint", str(run), "--output_dir", str(tmp_path / f"out_{victim}")])
+        with pytest.raises(ArgumentError, match=r"refused -- it does not load with torch.load\(weights_only=True\)"):
+            main.__wrapped__(["--deepspeed_checkpoint", str(run), "--output_dir", str(tmp_path / f"out_{victim}")])
         assert not marker.exists()
         assert not (tmp_path / f"out_{victim}").exists()

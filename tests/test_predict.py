@@ -12,6 +12,8 @@ import pytest
 import torch
 from test_predict_fixtures import PROMPT, REPLY, TUNE, memorised_model
 
+from data_preprocess.hub import ArgumentError
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -75,10 +77,10 @@ def test_batch_mode_bad_line_is_one_clear_error(tiny_model_dir, tmp_path):
 
     f = tmp_path / "bad.jsonl"
     f.write_text('{"instruction": "ok"}\n{"instruction": "broken"\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(ArgumentError, match=r"bad.jsonl:2: invalid JSON"):
         read_instructions(str(f))
     f.write_text('{"question": "no instruction field"}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl:1: record has no string field"):
+    with pytest.raises(ArgumentError, match=r"bad.jsonl:1: record has no string field"):
         read_instructions(str(f))
     t = tmp_path / "plain.txt"
     t.write_text("first\n\nsecond with a\\nnewline\n")

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # `python training/merge.py`: make the repo root 
 import torch
 
 from data_preprocess.chat_format import ensure_chat_template
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from training.hf_io import (
     ModelPathError,
     has_tokenizer,
@@ -77,9 +77,9 @@ def prepare_output(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
     for src in inputs:
         src = src.resolve()
         if out == src or out in src.parents or src in out.parents:
-            raise SystemExit(f"--output_dir {out} overlaps the input {src}; choose a new directory")
+            raise ArgumentError(f"--output_dir {out} overlaps the input {src}; choose a new directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SystemExit(f"--output_dir {out} is not empty; pass --overwrite to replace it")
+        raise ArgumentError(f"--output_dir {out} is not empty; pass --overwrite to replace it")
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -183,7 +183,7 @@ def load_adapter_model(base_model: str, lora_model: str, tokenizer_path: str | N
     if rows != base_rows:
         log(f"resized base embeddings {base_rows} -> {rows} rows (tokenizer: {len(tok)} tokens)")
     if len(tok) > rows:
-        raise SystemExit(f"{tok_src}: tokenizer has {len(tok)} tokens but the adapter's embeddings have {rows} rows; "
+        raise ArgumentError(f"{tok_src}: tokenizer has {len(tok)} tokens but the adapter's embeddings have {rows} rows; "
                          "pass the tokenizer the adapter was trained with (--tokenizer_path)")
     try:
         model = PeftModel.from_pretrained(base, lora_model)
@@ -250,9 +250,9 @@ def resolve_checkpoint(path: str) -> tuple[Path, str, Path]:
         if (cdir / "latest").is_file():
             tag = (cdir / "latest").read_text().strip()
             if not (cdir / tag / "tunesmith.json").is_file():
-                raise SystemExit(f"{cdir / 'latest'} names {tag!r} but {cdir / tag / 'tunesmith.json'} is missing")
+                raise ArgumentError(f"{cdir / 'latest'} names {tag!r} but {cdir / tag / 'tunesmith.json'} is missing")
             return cdir, tag, cdir / tag
-    raise SystemExit(f"{path}: not a tunesmith checkpoint (need step-*/tunesmith.json, or checkpoints/latest)")
+    raise ArgumentError(f"{path}: not a tunesmith checkpoint (need step-*/tunesmith.json, or checkpoints/latest)")
 
 
 def _resolve_path(value: str | None, ckpt_dir: Path) -> str | None:
@@ -270,7 +270,7 @@ def _lora_config(meta: dict, where: Path):
 
     lc = meta.get("lora") or meta.get("lora_config")
     if not isinstance(lc, dict):
-        raise SystemExit(f"{where}: train_type is lora but field 'lora' (r, alpha, dropout, target_modules, "
+        raise ArgumentError(f"{where}: train_type is lora but field 'lora' (r, alpha, dropout, target_modules, "
                          "modules_to_save) is missing")
 
     def get(*names, default=None):
@@ -279,7 +279,7 @@ def _lora_config(meta: dict, where: Path):
                 return lc[n]
         if default is not None:
             return default
-        raise SystemExit(f"{where}: field 'lora.{names[0]}' is missing")
+        raise ArgumentError(f"{where}: field 'lora.{names[0]}' is missing")
 
     return LoraConfig(r=int(get("r", "lora_r")), lora_alpha=get("alpha", "lora_alpha"),
                       lora_dropout=float(get("dropout", "lora_dropout", default=0.0)),
@@ -308,7 +308,7 @@ def refuse_unsafe_torch_files(ckpt_dir: Path) -> None:
                 torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except (pickle.UnpicklingError, RuntimeError) as e:
             why = str(e).strip().splitlines()[0][:200]
-            raise SystemExit(f"{f}: refused -- it does not load with torch.load(weights_only=True), so it may "
+            raise ArgumentError(f"{f}: refused -- it does not load with torch.load(weights_only=True), so it may "
                              f"run code when unpickled ({why}). Fix: convert only checkpoints you trust, with their "
                              "own tools; tunesmith never unpickles arbitrary objects") from None
 
@@ -324,7 +324,7 @@ def deepspeed_state_dict(checkpoints_dir: Path, tag: str, ckpt_dir: Path, zero_s
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir), tag=tag)
     files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
-        raise SystemExit(f"{ckpt_dir}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
+        raise ArgumentError(f"{ckpt_dir}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
     state = torch.load(files[0], map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
 
@@ -340,14 +340,14 @@ def load_deepspeed_model(path: str, tokenizer_path: str | None, dtype: torch.dty
     where = ckpt_dir / "tunesmith.json"
     for key in ("model_source", "train_type"):
         if key not in meta:
-            raise SystemExit(f"{where}: field {key!r} is missing")
+            raise ArgumentError(f"{where}: field {key!r} is missing")
     tok_field = meta.get("tokenizer_dir") or meta.get("tokenizer")
     tok_field = tok_field.get("path") if isinstance(tok_field, dict) else tok_field
     tok_src = tokenizer_path or _resolve_path(tok_field, ckpt_dir)
     if not tok_src or not has_tokenizer(tok_src):
         tok_src = str(ckpt_dir / "hf") if has_tokenizer(ckpt_dir / "hf") else tok_src
     if not tok_src:
-        raise SystemExit(f"{where}: no tokenizer recorded; pass --tokenizer_path")
+        raise ArgumentError(f"{where}: no tokenizer recorded; pass --tokenizer_path")
     tok = load_tokenizer(tok_src)
     vocab = int(meta.get("vocab_size") or len(tok))
     source = meta["model_source"]
@@ -377,12 +377,12 @@ def load_deepspeed_model(path: str, tokenizer_path: str | None, dtype: torch.dty
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     result = model.load_state_dict(sd, strict=False)
     if result.unexpected_keys:
-        raise SystemExit(f"{ckpt_dir}: checkpoint has weights the rebuilt model lacks, e.g. "
+        raise ArgumentError(f"{ckpt_dir}: checkpoint has weights the rebuilt model lacks, e.g. "
                          f"{result.unexpected_keys[:3]} (does tunesmith.json describe this run?)")
     trained_missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k or not lora]
     if trained_missing or (result.missing_keys and not have_base):
         miss = trained_missing or result.missing_keys
-        raise SystemExit(f"{ckpt_dir}: checkpoint lacks {len(miss)} weights, e.g. {miss[:3]}"
+        raise ArgumentError(f"{ckpt_dir}: checkpoint lacks {len(miss)} weights, e.g. {miss[:3]}"
                          + ("" if have_base else "; the frozen base is not in it and base_model_dir is missing"))
     log(f"loaded {len(sd)} tensors from the DeepSpeed checkpoint"
         + (f" ({len(result.missing_keys)} frozen base weights from {base_dir})" if result.missing_keys else ""))
@@ -400,7 +400,7 @@ def save_hf(model, tok, out: Path, dtype: torch.dtype, max_shard_size: str):
     from transformers import GenerationConfig
 
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        raise SystemExit("the tokenizer's pad token equals eos (or is missing): generation would stop on padding; "
+        raise ArgumentError("the tokenizer's pad token equals eos (or is missing): generation would stop on padding; "
                          "re-save the tokenizer with a distinct pad token")
     model.to(dtype)
     cfg = model.config
