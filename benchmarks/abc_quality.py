@@ -56,7 +56,7 @@ from benchmarks.common import (
 from data_preprocess.abctools import abc_to_midi
 from data_preprocess.chat_format import ChatFormat
 from data_preprocess.corpus import iter_tunes
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from inference.abc_constraint import extract_fields
 from inference.abc_extract import extract_abc
 
@@ -87,7 +87,7 @@ def builtin_prompts(n: int, seed: int = 0) -> list[dict]:
 def read_prompts(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"{p}: prompts file not found")
+        raise ArgumentError(f"{p}: prompts file not found")
     out = []
     for ln, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -96,15 +96,15 @@ def read_prompts(path: str) -> list[dict]:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{p}:{ln}: not valid JSON ({e.msg})") from None
+                raise ArgumentError(f"{p}:{ln}: not valid JSON ({e.msg})") from None
             if not isinstance(r, dict) or not str(r.get("prompt", "")).strip():
-                raise SystemExit(f"{p}:{ln}: each record needs a non-empty 'prompt' field")
+                raise ArgumentError(f"{p}:{ln}: each record needs a non-empty 'prompt' field")
             out.append({"prompt": str(r["prompt"]), "key": r.get("key"), "meter": r.get("meter"),
                         "title": r.get("title")})
         else:
             out.append({"prompt": line.strip(), "key": None, "meter": None, "title": None})
     if not out:
-        raise SystemExit(f"{p}: no prompts")
+        raise ArgumentError(f"{p}: no prompts")
     return out
 
 
@@ -241,15 +241,15 @@ class ABCQualityConfig(ModelArgs):
 
     def validate(self):
         if not self.abc_file and not self.model:
-            raise SystemExit("give --model (to generate tunes) or --abc_file (to score existing tunes)")
+            raise ArgumentError("give --model (to generate tunes) or --abc_file (to score existing tunes)")
         if not 0.0 <= self.conditioned_share <= 1.0:
-            raise SystemExit("--conditioned_share must be in [0, 1]")
+            raise ArgumentError("--conditioned_share must be in [0, 1]")
         if not 0.0 < self.overlap_threshold <= 1.0:
-            raise SystemExit("--overlap_threshold must be in (0, 1]")
+            raise ArgumentError("--overlap_threshold must be in (0, 1]")
         if self.n < 0:
-            raise SystemExit("--n must be >= 0")
+            raise ArgumentError("--n must be >= 0")
         if self.constrain not in ("none", "abc", "both"):
-            raise SystemExit(f"--constrain must be none, abc or both, got {self.constrain!r}")
+            raise ArgumentError(f"--constrain must be none, abc or both, got {self.constrain!r}")
         if self.prompts and self.model:
             read_prompts(self.prompts)  # a bad prompts file is refused before the model loads and generates
 
@@ -294,7 +294,7 @@ def run(cfg: ABCQualityConfig, loaded=None) -> dict:
     if cfg.abc_file:
         tunes = read_abc_source(cfg.abc_file)
         if not tunes:
-            raise SystemExit(f"{cfg.abc_file}: no ABC tunes found (tunes start at X: lines)")
+            raise ArgumentError(f"{cfg.abc_file}: no ABC tunes found (tunes start at X: lines)")
         if cfg.n and cfg.n < len(tunes):
             tunes = random.Random(cfg.seed).sample(tunes, cfg.n)
         entries = [{"source": "file", "abc": t} for t in tunes]

@@ -38,7 +38,7 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from data_preprocess.shards import open_split, read_meta
 
 LN2 = math.log(2)
@@ -47,16 +47,16 @@ LN2 = math.log(2)
 def read_documents(path: str, limit: int | None = None) -> list[str]:
     p = Path(path)
     if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".parquet", ".arrow"):
-        raise SystemExit(f"{p}: --data takes ABC text (a .abc/.txt file or a dir of them) or a shards dir of "
+        raise ArgumentError(f"{p}: --data takes ABC text (a .abc/.txt file or a dir of them) or a shards dir of "
                          "data_preprocess.preprocess; for a JSONL corpus run preprocess on it first")
     if p.is_file():
         files = [p]
     elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".abc", ".txt") and f.is_file())
         if not files:
-            raise SystemExit(f"{p}: no .abc or .txt files")
+            raise ArgumentError(f"{p}: no .abc or .txt files")
     else:
-        raise SystemExit(f"{p}: no such file or directory")
+        raise ArgumentError(f"{p}: no such file or directory")
     docs: list[str] = []
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
@@ -88,13 +88,13 @@ class BPCConfig(ModelArgs):
 
     def validate(self):
         if not self.data:
-            raise SystemExit("--data is required (ABC file/dir or shards dir)")
+            raise ArgumentError("--data is required (ABC file/dir or shards dir)")
 
 
 def _text_requests(cfg: BPCConfig, tok, max_len: int, stride: int):
     docs = read_documents(cfg.data, cfg.limit)
     if not docs:
-        raise SystemExit(f"{cfg.data}: no text to score")
+        raise ArgumentError(f"{cfg.data}: no text to score")
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None}
     reqs, counted, doc_of, texts, chars = [], [], [], [], []
     bos = [tok.bos_token_id] if (cfg.add_bos and tok.bos_token_id is not None) else []
@@ -172,7 +172,7 @@ def run(cfg: BPCConfig, loaded=None) -> dict:
     max_len = model_max_length(loaded.model, cfg.max_length)
     stride = cfg.stride or max(1, max_len // 2)
     if stride > max_len:
-        raise SystemExit(f"--stride {stride} exceeds max_length {max_len}")
+        raise ArgumentError(f"--stride {stride} exceeds max_length {max_len}")
     t0 = time.time()
     build = _shard_requests if is_shards else _text_requests
     reqs, counted, doc_of, texts, chars, n_docs = build(cfg, tok, max_len, stride)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from data_preprocess.config import ConfigError, field_types, parse_bool
 from data_preprocess.config import collect as collect_config
+from data_preprocess.hub import ArgumentError
 from inference.abc_constraint import constraint_processor
 from inference.loading import load_model
 
@@ -117,7 +118,7 @@ class ModelArgs:
 def load(cfg: ModelArgs):
     """Loads the model of ``cfg`` via inference.loading (base + adapter or merged dir)."""
     if not cfg.model:
-        raise SystemExit("--model is required (an HF model dir, or the base model for --lora_model)")
+        raise ArgumentError("--model is required (an HF model dir, or the base model for --lora_model)")
     loaded = load_model(cfg.model, cfg.lora_model, tokenizer_path=cfg.tokenizer, device=cfg.device, dtype=cfg.dtype)
     return loaded
 

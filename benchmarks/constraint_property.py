@@ -36,7 +36,7 @@ from benchmarks.abc_metrics import check_bars
 from benchmarks.common import opt, parse_config, write_json
 from data_preprocess.abctools import abc_to_midi
 from data_preprocess.corpus import iter_tunes
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from inference.abc_constraint import AbcState, check_text, own_fields, to_machine_text, validate_fields
 
 _BAR_WARNING = re.compile(r"Bar [0-9]+ has .* time units")
@@ -54,7 +54,7 @@ class PropertyConfig:
 
     def validate(self):
         if self.workers < 1 or self.limit < 0:
-            raise SystemExit(f"--workers {self.workers} / --limit {self.limit}: workers >= 1, limit >= 0")
+            raise ArgumentError(f"--workers {self.workers} / --limit {self.limit}: workers >= 1, limit >= 0")
 
 
 def refusal_class(tune: str, i: int) -> str:

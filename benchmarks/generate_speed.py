@@ -47,7 +47,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.flops import Shape, decode_bytes_per_step, device_peak
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from inference.generation import SamplingConfig, constraint_kwargs
 from inference.loading import auto_device, auto_dtype, load_model
 from training.presets import is_preset, preset_config
@@ -74,24 +74,24 @@ class GenerateSpeedConfig:
     def validate(self):
         bad = [p for p in self.path_list() if p not in PATHS + ("tunesmith_abc",)]
         if bad:
-            raise SystemExit(f"--paths: unknown {bad}; choose from {list(PATHS)}")
+            raise ArgumentError(f"--paths: unknown {bad}; choose from {list(PATHS)}")
         for name in ("batch", "prompt_len", "repeats"):
             if getattr(self, name) < 1:
-                raise SystemExit(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise ArgumentError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.new_tokens < 2:
-            raise SystemExit(f"--new_tokens must be >= 2 (the decode rate needs steps after the first), got "
+            raise ArgumentError(f"--new_tokens must be >= 2 (the decode rate needs steps after the first), got "
                              f"{self.new_tokens}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise SystemExit(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+            raise ArgumentError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
-            raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ArgumentError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.constrain not in ("none", "abc"):
-            raise SystemExit(f"--constrain must be none or abc, got {self.constrain!r}")
+            raise ArgumentError(f"--constrain must be none or abc, got {self.constrain!r}")
         if self.constrain == "abc":
             if is_preset(self.model):
-                raise SystemExit("--constrain abc needs a model dir with a tokenizer (a preset has none)")
+                raise ArgumentError("--constrain abc needs a model dir with a tokenizer (a preset has none)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(f"--device {self.device}: this machine has no GPU (use --device auto or cpu)")
+            raise ArgumentError(f"--device {self.device}: this machine has no GPU (use --device auto or cpu)")
 
     def path_list(self) -> list[str]:
         paths = [p.strip() for p in self.paths.split(",") if p.strip()]

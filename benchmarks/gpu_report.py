@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import markdown_table, opt, parse_config, write_json
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 
 CAP_GIB = 23.0  # fit24's --memory_gb: a 24 GB card less its CUDA context
 
@@ -43,7 +43,7 @@ def _load(d: Path, name: str) -> dict | None:
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {p}: not JSON ({e.msg}, line {e.lineno}); was the run cut off? rerun its part") from None
+        raise ArgumentError(f"error: {p}: not JSON ({e.msg}, line {e.lineno}); was the run cut off? rerun its part") from None
 
 
 def _runner(j: dict | None, runner: str = "tunesmith") -> dict | None:
@@ -181,7 +181,7 @@ def _device(d: Path) -> tuple[str, dict]:
 
 def report(d: Path) -> dict:
     if not d.is_dir():
-        raise SystemExit(f"error: {d}: no such directory (the $OUT of benchmarks/gpu_suite.sh)")
+        raise ArgumentError(f"error: {d}: no such directory (the $OUT of benchmarks/gpu_suite.sh)")
     device, env = _device(d)
     return {"results_dir": str(d), "device": device, "rehearsal": device.startswith("cpu"),
             "environment": {k: env.get(k) for k in ("python", "torch", "transformers", "cuda", "time")},

@@ -66,7 +66,7 @@ from benchmarks.common import (
     write_json,
     write_jsonl,
 )
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 
 LETTERS = "ABCD"
 
@@ -150,10 +150,10 @@ def read_csv(path: Path, subject: str) -> list[Question]:
 def subjects_in(data_dir: Path) -> list[str]:
     test = data_dir / "test"
     if not test.is_dir():
-        raise SystemExit(f"{data_dir}: no test/ directory; expected dev/{{subject}}_dev.csv and test/{{subject}}_test.csv")
+        raise ArgumentError(f"{data_dir}: no test/ directory; expected dev/{{subject}}_dev.csv and test/{{subject}}_test.csv")
     subs = sorted(p.name[: -len("_test.csv")] for p in test.glob("*_test.csv"))
     if not subs:
-        raise SystemExit(f"{test}: no *_test.csv files")
+        raise ArgumentError(f"{test}: no *_test.csv files")
     return subs
 
 
@@ -203,11 +203,11 @@ class MMLUConfig(ModelArgs):
 
     def validate(self):
         if not self.data_dir:
-            raise SystemExit("--data_dir is required (a dir with dev/ and test/ MMLU CSVs)")
+            raise ArgumentError("--data_dir is required (a dir with dev/ and test/ MMLU CSVs)")
         if not 0 <= self.shots <= 5:
-            raise SystemExit(f"--shots must be 0..5 (the dev split has 5 exemplars per subject), got {self.shots}")
+            raise ArgumentError(f"--shots must be 0..5 (the dev split has 5 exemplars per subject), got {self.shots}")
         if self.formulation not in ("letter", "cloze", "both"):
-            raise SystemExit(f"--formulation must be letter, cloze or both, got {self.formulation!r}")
+            raise ArgumentError(f"--formulation must be letter, cloze or both, got {self.formulation!r}")
 
     @property
     def formulations(self) -> list[str]:
@@ -222,7 +222,7 @@ def load_questions(cfg: MMLUConfig) -> tuple[list[Question], dict[str, list[Ques
         want = [s.strip() for s in cfg.subjects.split(",") if s.strip()]
         unknown = sorted(set(want) - set(subjects))
         if unknown:
-            raise SystemExit(f"{data_dir}/test: no CSV for subject(s) {unknown}")
+            raise ArgumentError(f"{data_dir}/test: no CSV for subject(s) {unknown}")
         subjects = want
     questions: list[Question] = []
     shots_of: dict[str, list[Question]] = {}
@@ -230,7 +230,7 @@ def load_questions(cfg: MMLUConfig) -> tuple[list[Question], dict[str, list[Ques
         dev_path = data_dir / "dev" / f"{subj}_dev.csv"
         shots_of[subj] = read_csv(dev_path, subj)[: cfg.shots] if cfg.shots else []
         if cfg.shots and len(shots_of[subj]) < cfg.shots:
-            raise SystemExit(f"{dev_path}: {len(shots_of[subj])} dev rows, {cfg.shots} shots requested")
+            raise ArgumentError(f"{dev_path}: {len(shots_of[subj])} dev rows, {cfg.shots} shots requested")
         test = read_csv(data_dir / "test" / f"{subj}_test.csv", subj)
         questions += test[: cfg.limit] if cfg.limit else test
     return questions, shots_of
@@ -272,7 +272,7 @@ def run(cfg: MMLUConfig, loaded=None) -> dict:
     try:
         questions, shots_of = load_questions(cfg)
     except ValueError as e:  # names the file, line and field: one line, no traceback
-        raise SystemExit(str(e)) from None
+        raise ArgumentError(str(e)) from None
     loaded = loaded or load(cfg)
     records = [{"subject": q.subject, "index": q.index, "answer": LETTERS[q.answer]} for q in questions]
     result: dict = {"benchmark": "mmlu", "formulation": FORMULATIONS[cfg.formulations[0]],

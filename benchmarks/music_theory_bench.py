@@ -60,7 +60,7 @@ from benchmarks.common import (
     write_jsonl,
 )
 from data_preprocess.chat_format import ChatFormat
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 
 HUB_ID = "m-a-p/MusicTheoryBench"
 LETTERS = "ABCD"
@@ -185,25 +185,25 @@ def load_items(source: str) -> list[Item]:
                        and not f.name.startswith(".") and f.name not in ("dataset_info.json", "dataset_dict.json",
                                                                           "state.json"))
         if not files:
-            raise SystemExit(f"{p}: no .parquet/.json/.jsonl files found")
+            raise ArgumentError(f"{p}: no .parquet/.json/.jsonl files found")
         for f in files:
             raw += _read_file(f)
     else:
         if source.count("/") != 1:
-            raise SystemExit(f"{source}: no such file or directory (and not a hub id like {HUB_ID})")
+            raise ArgumentError(f"{source}: no such file or directory (and not a hub id like {HUB_ID})")
         try:
             import datasets
 
             dd = datasets.load_dataset(source)
         except Exception as e:  # noqa: BLE001 - offline, gated, not cached ... all become one clear line
-            raise SystemExit(f"{source}: could not load from the HF hub/cache ({type(e).__name__}: {e}); "
+            raise ArgumentError(f"{source}: could not load from the HF hub/cache ({type(e).__name__}: {e}); "
                              f"download it where there is network (huggingface-cli download --repo-type "
                              f"dataset {source} --local-dir DIR) and pass --data DIR") from None
         for split, ds in dd.items():
             raw += [(dict(r), f"{source}:{split}[{i}]", split) for i, r in enumerate(ds)]
     items = [parse_record(r, where, hint) for r, where, hint in raw]
     if not any(it.split == "test" for it in items):
-        raise SystemExit(f"{source}: no records with split 'test'")
+        raise ArgumentError(f"{source}: no records with split 'test'")
     return items
 
 
@@ -282,17 +282,17 @@ class MTBConfig(ModelArgs):
 
     def validate(self):
         if self.mode not in ("ppl", "gen"):
-            raise SystemExit(f"--mode must be ppl or gen, got {self.mode!r}")
+            raise ArgumentError(f"--mode must be ppl or gen, got {self.mode!r}")
         if self.ppl_target not in ("letter", "text"):
-            raise SystemExit(f"--ppl_target must be letter or text, got {self.ppl_target!r}")
+            raise ArgumentError(f"--ppl_target must be letter or text, got {self.ppl_target!r}")
         if not 1 <= self.permutations <= len(LETTERS):
-            raise SystemExit(f"--permutations must be 1..{len(LETTERS)} (cyclic rotations of 4 options)")
+            raise ArgumentError(f"--permutations must be 1..{len(LETTERS)} (cyclic rotations of 4 options)")
         if self.shots < 0:
-            raise SystemExit("--shots must be >= 0")
+            raise ArgumentError("--shots must be >= 0")
         if self.split not in ("test", "dev"):
-            raise SystemExit(f"--split must be test or dev, got {self.split!r}")
+            raise ArgumentError(f"--split must be test or dev, got {self.split!r}")
         if self.subject is not None and self.subject not in SUBJECTS:
-            raise SystemExit(f"--subject must be one of {SUBJECTS}")
+            raise ArgumentError(f"--subject must be one of {SUBJECTS}")
 
 
 def _ppl_predictions(loaded, cfg: MTBConfig, prompts: list[str], items: list[Item]) -> list[dict]:
@@ -327,19 +327,19 @@ def run(cfg: MTBConfig, loaded=None) -> dict:
     try:
         items = load_items(cfg.data)
     except ValueError as e:  # names the file, line and field: one line, no traceback
-        raise SystemExit(str(e)) from None
+        raise ArgumentError(str(e)) from None
     dev = [it for it in items if it.split == "dev"]
     evals = [it for it in items if it.split == cfg.split and (cfg.subject is None or it.subject == cfg.subject)]
     if cfg.limit:
         evals = evals[: cfg.limit]
     if cfg.shots > len(dev):
-        raise SystemExit(f"{cfg.data}: {cfg.shots} shots requested but only {len(dev)} dev records")
+        raise ArgumentError(f"{cfg.data}: {cfg.shots} shots requested but only {len(dev)} dev records")
     shots = dev[: cfg.shots]
     if cfg.split == "dev" and shots:
         shot_ids = {s.id for s in shots}
         evals = [it for it in evals if it.id not in shot_ids]  # never ask an exemplar
     if not evals:
-        raise SystemExit(f"{cfg.data}: nothing to evaluate (split={cfg.split}, subject={cfg.subject})")
+        raise ArgumentError(f"{cfg.data}: nothing to evaluate (split={cfg.split}, subject={cfg.subject})")
     loaded = loaded or load(cfg)
 
     rotated = [(r, rotate(it, r)) for r in range(cfg.permutations) for it in evals]

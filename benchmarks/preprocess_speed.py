@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_preprocess.corpus import split_text
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 
 REPO = Path(__file__).resolve().parents[1]
 _FIELD = re.compile(r"^(?:[A-Za-z]:|%)")
@@ -149,7 +149,7 @@ def tokenizer_dir(name: str, work: Path, env: dict) -> Path:
 
         spec = importlib.util.find_spec("mistral_common")
         if spec is None:
-            raise SystemExit("llama32k: needs the mistral-common package (pip install mistral-common)")
+            raise ArgumentError("llama32k: needs the mistral-common package (pip install mistral-common)")
         model = Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
         src = str(work / "tokenizers" / "llama32k.model")
         Path(src).parent.mkdir(parents=True, exist_ok=True)
@@ -303,9 +303,9 @@ def main(argv=None) -> int:
     try:
         workers = [int(w) for w in str(cfg.workers).split(",") if w.strip()]
     except ValueError:
-        raise SystemExit(f"--workers {cfg.workers!r}: expected a comma list of worker counts, e.g. 1,2") from None
+        raise ArgumentError(f"--workers {cfg.workers!r}: expected a comma list of worker counts, e.g. 1,2") from None
     if not workers or min(workers) < 1:
-        raise SystemExit(f"--workers {cfg.workers!r}: expected a comma list of worker counts >= 1, e.g. 1,2")
+        raise ArgumentError(f"--workers {cfg.workers!r}: expected a comma list of worker counts >= 1, e.g. 1,2")
     runs = {}
     for tok_name in [t.strip() for t in cfg.tokenizers.split(",") if t.strip()]:
         tok_dir = tokenizer_dir(tok_name, work, env)

@@ -46,7 +46,7 @@ from benchmarks.common import (
     score_continuations,
     write_json,
 )
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from training.hf_io import ModelPathError, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,10 +117,10 @@ class ReportConfig:
 
     def validate(self):
         if not self.models:
-            raise SystemExit("--models is required: NAME=PATH or NAME=BASE+ADAPTER, e.g. --models "
+            raise ArgumentError("--models is required: NAME=PATH or NAME=BASE+ADAPTER, e.g. --models "
                              "base=smollm2 merged=outputs/default/merged")
         if self.mmlu_formulation not in ("letter", "cloze", "both"):
-            raise SystemExit(f"--mmlu_formulation must be letter, cloze or both, got {self.mmlu_formulation!r}")
+            raise ArgumentError(f"--mmlu_formulation must be letter, cloze or both, got {self.mmlu_formulation!r}")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -313,9 +313,9 @@ def _check_inputs(cfg: ReportConfig) -> None:
     for opt_name in ("mmlu_dir", "mtb_data", "bpc_data", "abc_prompts"):
         v = getattr(cfg, opt_name)
         if v and getattr(cfg, opt_name.split("_")[0]) and not Path(v).exists():
-            raise SystemExit(f"--{opt_name} {v}: no such file or directory")
+            raise ArgumentError(f"--{opt_name} {v}: no such file or directory")
     if cfg.abc and cfg.abc_train_corpus and cfg.abc_train_corpus != "music21" and not Path(cfg.abc_train_corpus).exists():
-        raise SystemExit(f"--abc_train_corpus {cfg.abc_train_corpus}: no such file or directory")
+        raise ArgumentError(f"--abc_train_corpus {cfg.abc_train_corpus}: no such file or directory")
 
 
 def versions() -> dict:

@@ -61,7 +61,7 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.flops import Shape, device_peak, document_attention_span, train_flops_per_token
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from data_preprocess.model_source import resolve_source
 from data_preprocess.shards import Split, open_split, read_meta
 from training.config import (
@@ -123,52 +123,52 @@ class ThroughputConfig:
 
     def validate(self):
         if self.train_type not in ("full", "lora"):
-            raise SystemExit(f"--train_type must be full or lora, got {self.train_type!r}")
+            raise ArgumentError(f"--train_type must be full or lora, got {self.train_type!r}")
         if self.zero not in (0, 1, 2, 3):
-            raise SystemExit(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+            raise ArgumentError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.compare not in ("", "hf_trainer"):
-            raise SystemExit(f"--compare must be '' or 'hf_trainer', got {self.compare!r}")
+            raise ArgumentError(f"--compare must be '' or 'hf_trainer', got {self.compare!r}")
         if self.loss not in ("auto", "chunked", "hf"):
-            raise SystemExit(f"--loss must be auto, chunked or hf, got {self.loss!r}")
+            raise ArgumentError(f"--loss must be auto, chunked or hf, got {self.loss!r}")
         if self.doc_attention not in ("causal", "block"):
-            raise SystemExit(f"--doc_attention must be causal or block, got {self.doc_attention!r}")
+            raise ArgumentError(f"--doc_attention must be causal or block, got {self.doc_attention!r}")
         if self.attn_implementation not in ("sdpa", "eager", "varlen"):
-            raise SystemExit(f"--attn_implementation must be sdpa, eager or varlen, got {self.attn_implementation!r}")
+            raise ArgumentError(f"--attn_implementation must be sdpa, eager or varlen, got {self.attn_implementation!r}")
         if self.attn_implementation == "varlen" and self.doc_attention != "block":
-            raise SystemExit("--attn_implementation varlen computes --doc_attention block; add --doc_attention block")
+            raise ArgumentError("--attn_implementation varlen computes --doc_attention block; add --doc_attention block")
         if self.compile and self.zero == 3:
-            raise SystemExit("--compile needs ZeRO 0-2 (ZeRO-3's parameter hooks break torch.compile graphs)")
+            raise ArgumentError("--compile needs ZeRO 0-2 (ZeRO-3's parameter hooks break torch.compile graphs)")
         if not 0.0 <= self.memory_fraction <= 1.0:
-            raise SystemExit(f"--memory_fraction must be in [0, 1] (0 = no cap), got {self.memory_fraction}")
+            raise ArgumentError(f"--memory_fraction must be in [0, 1] (0 = no cap), got {self.memory_fraction}")
         if self.memory_gb < 0:
-            raise SystemExit(f"--memory_gb must be >= 0 (0 = no cap), got {self.memory_gb}")
+            raise ArgumentError(f"--memory_gb must be >= 0 (0 = no cap), got {self.memory_gb}")
         if self.memory_gb and self.memory_fraction:
-            raise SystemExit("give --memory_gb or --memory_fraction, not both")
+            raise ArgumentError("give --memory_gb or --memory_fraction, not both")
         if self.memory_fraction or self.memory_gb:
             import torch
 
             if not torch.cuda.is_available():
-                raise SystemExit("--memory_gb / --memory_fraction cap CUDA memory; this machine has no GPU")
+                raise ArgumentError("--memory_gb / --memory_fraction cap CUDA memory; this machine has no GPU")
         if self.gradient_checkpointing_every != 1 and not self.gradient_checkpointing:
-            raise SystemExit("--gradient_checkpointing_every needs --gradient_checkpointing")
+            raise ArgumentError("--gradient_checkpointing_every needs --gradient_checkpointing")
         for name in ("seq_len", "micro_batch", "steps", "rounds", "gradient_checkpointing_every"):
             if getattr(self, name) < 1:
-                raise SystemExit(f"--{name} must be >= 1")
+                raise ArgumentError(f"--{name} must be >= 1")
         if self.warmup < 0:
-            raise SystemExit("--warmup must be >= 0")
+            raise ArgumentError("--warmup must be >= 0")
         if self.data_dir and not (Path(self.data_dir) / "meta.json").is_file():
-            raise SystemExit(f"--data_dir {self.data_dir}: no meta.json; make it with python -m data_preprocess.preprocess")
+            raise ArgumentError(f"--data_dir {self.data_dir}: no meta.json; make it with python -m data_preprocess.preprocess")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise SystemExit(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+            raise ArgumentError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.train_type == "lora" and self.lora_r < 1:
-            raise SystemExit(f"--lora_r must be >= 1 for --train_type lora, got {self.lora_r}")
+            raise ArgumentError(f"--lora_r must be >= 1 for --train_type lora, got {self.lora_r}")
         # checked here, before any runner process starts, rather than as a traceback from inside one
         try:
             read_ds_config(TrainConfig(ds_config=self.ds_path()))
             if not is_preset(self.model):
                 resolve_model_path(self.model)
         except (ConfigError, ModelPathError) as e:
-            raise SystemExit(f"error: {e}") from None
+            raise ArgumentError(f"error: {e}") from None
 
     def ds_path(self) -> str:
         return self.ds_config or f"ds_configs/zero{self.zero}.json"
@@ -221,7 +221,7 @@ def load_data(cfg: ThroughputConfig, n_blocks: int):
 
         meta = read_meta(cfg.data_dir)
         if meta["max_len"] != cfg.seq_len:
-            raise SystemExit(f"--data_dir {cfg.data_dir} has max_len {meta['max_len']}, not --seq_len {cfg.seq_len}")
+            raise ArgumentError(f"--data_dir {cfg.data_dir} has max_len {meta['max_len']}, not --seq_len {cfg.seq_len}")
         tok = AutoTokenizer.from_pretrained(str(Path(cfg.data_dir) / "tokenizer"))
         return open_split(cfg.data_dir, "train", meta), tok
     return synthetic_split(n_blocks, cfg.seq_len, cfg.vocab_size, cfg.seed), SyntheticVocab(cfg.vocab_size)
@@ -486,7 +486,7 @@ def spawn(runner: str, cfg: ThroughputConfig, workdir: Path) -> dict:
     if proc.returncode != 0 or not out_path.is_file():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
         # the runner's own traceback is what matters; this process's would only add noise above it
-        raise SystemExit(f"{tail}\nerror: the {runner} runner failed (exit {proc.returncode}); its last lines are above")
+        raise ArgumentError(f"{tail}\nerror: the {runner} runner failed (exit {proc.returncode}); its last lines are above")
     res = json.loads(out_path.read_text())
     res["wall_s"] = time.perf_counter() - t
     return res

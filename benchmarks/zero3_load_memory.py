@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_preprocess.hub import exit_on_argument_error
+from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from data_preprocess.model_source import resolve_source
 from training.config import TrainConfig, detect_environment, fill_ds_config, read_ds_config
 
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
         worker(a.worker, a.model, a.train_type, precision, a.worker_out)
         return {}
     if a.nproc < 1:
-        raise SystemExit("--nproc must be >= 1")
+        raise ArgumentError("--nproc must be >= 1")
     from training.presets import is_preset  # (here: transformers; the launcher stays light)
 
     if not is_preset(a.model):  # checked once here, not as a traceback from every rank
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
         try:
             resolve_model_path(a.model)
         except ModelPathError as e:
-            raise SystemExit(f"error: {e}") from None
+            raise ArgumentError(f"error: {e}") from None
     out = Path(a.output or REPO / "outputs" / "benchmarks" / f"zero3_load_memory_{Path(a.model).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
         print(f"[zero3_load_memory] {mode}: {a.nproc} ranks building {a.model} ({a.train_type})", flush=True)
         p = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if p.returncode != 0:
-            raise SystemExit(f"{mode} run failed (exit {p.returncode}):\n" + "\n".join(p.stdout.splitlines()[-30:]))
+            raise ArgumentError(f"{mode} run failed (exit {p.returncode}):\n" + "\n".join(p.stdout.splitlines()[-30:]))
         ranks = [json.loads(Path(f"{stem}.rank{r}.json").read_text()) for r in range(a.nproc)]
         for r in range(a.nproc):
             Path(f"{stem}.rank{r}.json").unlink()

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import abc_metrics as am
 from benchmarks import abc_quality as aq
+from data_preprocess.hub import ArgumentError
 
 H = "X:1\nT:t\n"
 
@@ -114,7 +115,7 @@ def test_read_prompts(tmp_path):
     assert aq.read_prompts(str(f)) == [{"prompt": "Write a jig in D", "key": "D", "meter": "6/8", "title": None},
                                       {"prompt": "A reel", "key": None, "meter": None, "title": "X"}]
     f.write_text('{"key": "D"}\n')
-    with pytest.raises(SystemExit, match=r"p.jsonl:1: .*'prompt'"):
+    with pytest.raises(ArgumentError, match=r"p.jsonl:1: .*'prompt'"):
         aq.read_prompts(str(f))
     b = aq.builtin_prompts(5)
     assert len(b) == 5 and all(p["key"] and p["meter"] for p in b)

@@ -10,6 +10,7 @@ from conftest import write_tiny_mmlu
 
 from benchmarks import mmlu
 from benchmarks.common import ModelArgs, load
+from data_preprocess.hub import ArgumentError
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -53,10 +54,10 @@ def test_bad_csv_names_file_and_line(tmp_path):
         mmlu.read_csv(f, "x")
     # through the CLI path: the same line as a clean exit, not a traceback, before any model is loaded
     cfg = mmlu.MMLUConfig(model="never-loaded", data_dir=str(tmp_path), shots=0)
-    with pytest.raises(SystemExit, match=r"^.*x_test.csv:2: answer must be a letter A-D in the headerless layout, got 'E'$"):
+    with pytest.raises(ArgumentError, match=r"^.*x_test.csv:2: answer must be a letter A-D in the headerless layout, got 'E'$"):
         mmlu.run(cfg)
     cfg.shots = 1  # no dev/ dir: a missing file is named too
-    with pytest.raises(SystemExit, match=r"dev/x_dev.csv: no such file; an MMLU dir holds dev/"):
+    with pytest.raises(ArgumentError, match=r"dev/x_dev.csv: no such file; an MMLU dir holds dev/"):
         mmlu.run(cfg)
 
 

@@ -77,7 +77,7 @@ def test_cli_bad_record_is_one_line_not_a_traceback(tmp_path):
                    (tmp_path / "bad.json", f"{tmp_path / 'bad.json'}:2: not valid JSON (Expecting value)")):
         p = subprocess.run([sys.executable, "-m", "benchmarks.music_theory_bench", "--model", "never-loaded",
                             "--data", str(f)], cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
-        assert p.returncode == 1 and p.stderr.startswith(msg) and p.stderr.count("\n") == 1, p.stderr[-2000:]
+        assert p.returncode == 2 and p.stderr.startswith("error: " + msg) and p.stderr.count("\n") == 1, p.stderr[-2000:]
 
 
 def test_rotation_moves_answer_with_its_option():

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 from test_merge import lora_run  # noqa: F401 - the fixture: a real tiny LoRA fine-tune
 
+from data_preprocess.hub import ArgumentError
+
 REPO = Path(__file__).resolve().parents[1]
 TUNE = "X:1\nT:One\nM:4/4\nL:1/8\nK:G\nGABc dedB|dBAG E2D2|]\n"
 
@@ -184,5 +186,5 @@ def test_benchmark_clis_refuse_bad_input_in_one_line_before_any_model_loads(cli,
         assert lines and words in lines[-1], (args, words, p.stderr[-2000:])
     from benchmarks.bits_per_char import read_documents
 
-    with pytest.raises(SystemExit, match="takes ABC text"):
+    with pytest.raises(ArgumentError, match="takes ABC text"):
         read_documents(str(bad))
