@@ -8,13 +8,12 @@ DeepSpeed engine, optionally against ``transformers.Trainer`` on the same job.
 
 What runs (each runner in its own subprocess, so memory peaks and compile/allocator state never leak):
 
-``tunesmith``   the engine's own building blocks -- ``training.config`` (ds_config "auto" filling),
+``tunesmith``   the engine's own code -- ``training.config`` (ds_config "auto" filling),
                 ``training.model.build_model`` (preset random init, PEFT LoRA with modules_to_save,
-                gradient checkpointing), ``param_groups``, ``deepspeed.initialize``,
-                ``training.data.make_batch`` on packed blocks, ``training.train.token_losses``, and the
-                engine's ``engine.backward(loss_sum / n_targets)`` + ``engine.step()``. The loop is timed
-                at four points (data -> forward -> backward -> optimizer step; CUDA synchronised at each),
-                which the engine's own loop does not expose. With the chunked loss (the default) "forward"
+                gradient checkpointing), then ``training.trainer.Trainer``'s ``build_engine`` (optimizer,
+                ``deepspeed.initialize``, loss head) and the very ``train_step`` training runs, timed at
+                its four phases through its ``on_phase`` hook (data -> forward -> backward -> optimizer
+                step; CUDA synchronised at each). With the chunked loss (the default) "forward"
                 includes the loss's own gradient work (d hidden and d lm_head weight, chunk by chunk), so
                 forward is larger and backward smaller than with ``--loss hf``; the step total compares.
 ``hf_trainer``  the same model (same builder, seed, LoRA config), the same blocks, sequence length,
@@ -76,10 +75,10 @@ from training.config import (
 )
 from training.data import BlockStream, make_batch
 from training.hf_io import ModelPathError, resolve_model_path
-from training.model import DTYPES, build_model, compile_decoder_layers, estimate_memory, param_groups
+from training.model import DTYPES, build_model, estimate_memory
 from training.oom import host_memory_bytes, is_out_of_memory, out_of_memory_summary
 from training.presets import is_preset
-from training.train import all_sum, make_loss_head, token_losses
+from training.trainer import Trainer
 
 
 @dataclass
@@ -330,6 +329,8 @@ def memory_estimate(cfg: ThroughputConfig, tcfg, tok, ds: dict, precision: str, 
 
 
 def run_tunesmith(cfg: ThroughputConfig) -> dict:
+    """The engine's own code: :class:`training.trainer.Trainer`'s ``build_engine`` (optimizer, deepspeed.initialize,
+    loss head) and ``train_step``, timed at its phases."""
     import deepspeed
     import torch
 
@@ -339,52 +340,37 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
     _PROGRESS["at"] = "in the memory estimate"
     estimate = _PROGRESS["memory_estimate_gb"] = memory_estimate(cfg, tcfg, tok, ds, precision, device)
     _PROGRESS["at"] = "while building the DeepSpeed engine"
-    if tcfg.compile:
-        compile_decoder_layers(model)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, tcfg.weight_decay),
-                                           config=ds)
-    mask_dtype = DTYPES[precision]
-    head, loss_desc = make_loss_head(engine, tcfg.loss, tcfg.loss_chunk_size)
-
-    def loss_fn(batch):
-        return token_losses(engine, batch, head)[0]
-
-    engine.train()
+    trainer = Trainer(tcfg, device, precision)
+    trainer.build_engine(model, ds)
+    trainer.train_split = split
+    trainer.engine.train()
     times = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": []}
     losses, cpu_times = [], []
     for s, r in enumerate(rows):
         _PROGRESS["at"] = f"in step {s + 1}"
         _sync(device)
         c0 = time.process_time()
-        t0 = time.perf_counter()
-        batch = make_batch(split, r, tcfg.batch_attention, mask_dtype, device)
-        _sync(device)
-        t1 = time.perf_counter()
-        n_targets = all_sum([batch.num_targets], device)[0]  # the engine all-reduces the step's target count
-        for g in engine.optimizer.param_groups:
-            g["lr"] = cfg.lr
-        loss_sum = loss_fn(batch)
-        _sync(device)
-        t2 = time.perf_counter()
-        engine.backward(loss_sum / max(n_targets, 1), scale_wrt_gas=False)
-        _sync(device)
-        t3 = time.perf_counter()
-        engine.step()
-        _sync(device)
-        t4 = time.perf_counter()
+        marks = [("start", time.perf_counter())]
+
+        def on_phase(name):  # the step's phase boundaries, CUDA synchronised so a phase owns its kernels
+            _sync(device)
+            marks.append((name, time.perf_counter()))
+
+        res = trainer.train_step([r], cfg.lr, on_phase)  # one micro-batch = one optimizer step
         c4 = time.process_time()
-        losses.append(loss_sum.item() / max(n_targets, 1))
+        losses.append(res.loss)
         if s >= cfg.warmup:
             cpu_times.append(c4 - c0)
-            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
-                times[k].append(v)
+            for (_, t_prev), (name, t) in zip(marks, marks[1:]):
+                times[name].append(t - t_prev)
+            times["step"].append(marks[-1][1] - marks[0][1])
     breakdown = {k: sum(v) / len(v) for k, v in times.items() if k != "step"}
     out = {"step_times": times["step"], "step_cpu_times": cpu_times, "breakdown_s": breakdown,
-           "losses": losses, "loss": loss_desc, "peak_memory_gb": peak_memory(device), "precision": precision,
-           "n_params": info.n_params, "n_trainable": info.n_trainable, "modules_to_save": info.modules_to_save,
-           "model_config": _model_config(model), "ds_config": ds, "memory_estimate_gb": estimate,
-           "attention_span": attention_span(tcfg, split, rows)}
+           "losses": losses, "loss": trainer.loss_desc, "peak_memory_gb": peak_memory(device),
+           "precision": precision, "n_params": info.n_params, "n_trainable": info.n_trainable,
+           "modules_to_save": info.modules_to_save, "model_config": _model_config(model), "ds_config": ds,
+           "memory_estimate_gb": estimate, "attention_span": attention_span(tcfg, split, rows)}
     import torch.distributed as dist
 
     dist.barrier()
@@ -394,7 +380,8 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
 
 def run_hf_trainer(cfg: ThroughputConfig) -> dict:
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainerCallback, TrainingArguments
 
     if cfg.attn_implementation == "varlen":  # plain transformers: block attention is SDPA with the 4D mask
         cfg = replace(cfg, attn_implementation="sdpa")
@@ -437,7 +424,7 @@ def run_hf_trainer(cfg: ThroughputConfig) -> dict:
     assert not adam or adam.get("lr") == cfg.lr
     timer = Timer()
     _PROGRESS["at"] = "while building the Trainer and its DeepSpeed engine"
-    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[timer])
+    trainer = HFTrainer(model=model, args=args, train_dataset=Blocks(), callbacks=[timer])
     # the Trainer shuffles with its own sampler; throughput does not depend on which blocks
     trainer.train()
     times = timer.times[cfg.warmup:]

@@ -73,28 +73,50 @@ INSTRUMENTS = {"piano": 0, "accordion": 21, "acoustic guitar": 24, "violin": 40,
 class AudioPrepConfig:
     """One audio preprocessing job (CLI flags, ``--config`` YAML/JSON and ``key=value`` use these names)."""
 
-    tokenizer: str = ""                 # text tokenizer dir (extended with the audio tokens)
+    tokenizer: str = ""
+    """text tokenizer dir (extended with the audio tokens)"""
     output_dir: str = ""
+    """output dir: shards, meta.json and the extended tokenizer (required)"""
     input: str = "music21"
-    codec: str = "random-small"         # codec dir, or random-tiny / random-small (meaningless sound)
-    layout: str = "delay"               # delay | flatten
-    bandwidth: float | None = None      # codec target bandwidth (kbps); None = the codec's first
+    """audio dir / file, a datasets dir or hub id, or music21 (ABC tunes rendered to audio by abc2midi + fluidsynth)"""
+    codec: str = "random-small"
+    """codec dir, or random-tiny / random-small (meaningless sound)"""
+    layout: str = "delay"
+    """delay | flatten"""
+    bandwidth: float | None = None
+    """codec target bandwidth (kbps); None = the codec's first"""
     crop_seconds: float = 10.0
+    """long files are cut into crops of this many seconds"""
     min_crop_seconds: float = 1.0
-    max_crops_per_file: int = 0         # 0 = every crop of every file
-    caption_dropout: float = 0.1        # share of crops with an empty caption (classifier-free guidance)
+    """a tail shorter than this is dropped"""
+    max_crops_per_file: int = 0
+    """0 = every crop of every file"""
+    caption_dropout: float = 0.1
+    """share of crops with an empty caption (classifier-free guidance)"""
     max_caption_tokens: int = 64
-    caption_field: str = ""             # datasets input: caption column ("" = caption/text/description)
-    audio_field: str = ""               # datasets input: audio column ("" = the first Audio feature)
-    dataset_split: str = "train"        # datasets input: split to read
-    max_len: int = 0                    # block length; 0 = the longest possible document, rounded up to 64
+    """captions are cut to this many text tokens"""
+    caption_field: str = ""
+    """datasets input: caption column ("" = caption/text/description)"""
+    audio_field: str = ""
+    """datasets input: audio column ("" = the first Audio feature)"""
+    dataset_split: str = "train"
+    """datasets input: split to read"""
+    max_len: int = 0
+    """block length; 0 = the longest possible document, rounded up to 64"""
     val_ratio: float = 0.02
+    """share of source files in the val split (all crops of a file stay on one side)"""
     seed: int = 0
-    limit: int = 0                      # first N source files/tunes (0 = all)
-    workers: int = 2                    # parallel audio loading / ABC rendering
-    batch_size: int = 16                # crops per codec forward
+    """seed of the split and the caption dropout"""
+    limit: int = 0
+    """first N source files/tunes (0 = all)"""
+    workers: int = 2
+    """parallel audio loading / ABC rendering"""
+    batch_size: int = 16
+    """crops per codec forward"""
     device: str = "cpu"
+    """cpu | cuda | cuda:N for the codec"""
     overwrite: bool = False
+    """allow writing into a non-empty dir that is not a previous output"""
 
 
 # --------------------------------------------------------------------------------------------- sources

@@ -79,31 +79,52 @@ from data_preprocess.train_tokenizer import (
 
 @dataclass
 class PreprocessConfig:
-    tokenizer: str = ""                  # HF tokenizer dir / hub id, or a SentencePiece .model file
-    input: str = "music21"               # dir of .abc/.txt, .jsonl, datasets dir / file / hub id, or music21
+    tokenizer: str = ""
+    """HF tokenizer dir / hub id, a SentencePiece .model, a .gguf or smollm2-135m (required)"""
+    input: str = "music21"
+    """dir of .abc/.txt, a .jsonl, a datasets dir / file / hub id, or music21 (the embedded corpus)"""
     output_dir: str = ""
-    mode: str = "pt"                     # pt | sft
-    content: str = "abc"                 # abc: ABC tunes (split at X:, checked, deduplicated by their music);
-    #                                      text: plain-text documents (a JSONL/datasets record or a .txt/.md file
-    #                                      each), pt only -- the general-text side of a data_weights mixture
+    """output dir: shards, meta.json, rejects.jsonl and a copy of the tokenizer (required; never an input's dir)"""
+    mode: str = "pt"
+    """pt | sft"""
+    content: str = "abc"
+    """abc: ABC tunes (split at X:, checked, deduplicated by their music); text: plain-text documents (a
+    JSONL/datasets record or a .txt/.md file each), pt only -- the general-text side of a data_weights mixture"""
     max_len: int = 2048
-    workers: int = 1                     # processes for tokenisation / abc2midi (1 = in this process)
+    """tokens per packed block (the training sequence length)"""
+    workers: int = 1
+    """processes for tokenisation / abc2midi (1 = in this process)"""
     val_ratio: float = 0.02
-    seed: int = 0                        # salt of the hash-based train/val split
+    """share of tunes / records in the val split (by a hash of each, so a tune never moves between splits)"""
+    seed: int = 0
+    """salt of the hash-based train/val split"""
     text_field: str = "text"
-    limit: int | None = None             # stop after this many kept tunes / records
-    check: str = "none"                  # none | abc2midi (run the real abc2midi on every tune)
-    strict: bool = False                 # any reject -> exit status 1 (outputs are still written)
-    make_sft_from_metadata: bool = False  # sft from ABC metadata (text->music, music->text)
-    music2text_fraction: float = 0.25    # with --make_sft_from_metadata: the share of tunes that also give a
-    #                                      music->text conversation (every tune gives a text->music one)
+    """JSONL / datasets field holding the ABC text or document"""
+    limit: int | None = None
+    """stop after this many kept tunes / records"""
+    check: str = "none"
+    """none | abc2midi (run the real abc2midi on every tune)"""
+    strict: bool = False
+    """any reject -> exit status 1 (outputs are still written)"""
+    make_sft_from_metadata: bool = False
+    """sft from ABC metadata (text->music, music->text)"""
+    music2text_fraction: float = 0.25
+    """with --make_sft_from_metadata: the share of tunes that also give a music->text conversation (every tune gives
+    a text->music one)"""
     max_line_len: int = 4096
+    """a line longer than this many characters rejects its tune (binary junk, minified dumps)"""
     dedup: bool = True
-    chunk_size: int = 512                # tunes per tokenisation batch / worker job
-    overwrite: bool = False              # allow writing into a non-empty dir that is not a previous output
+    """drop a tune whose music (header-insensitive) was already kept (--no_dedup keeps them)"""
+    chunk_size: int = 512
+    """tunes per tokenisation batch / worker job"""
+    overwrite: bool = False
+    """allow writing into a non-empty dir that is not a previous output"""
     progress: bool = True
-    num_shards: int = 1                  # split the corpus into this many parts (one machine / job each) ...
-    shard_index: int = 0                 # ... and write part i only; `python -m data_preprocess.merge_parts` joins them
+    """a progress bar on stderr (--no_progress for logs)"""
+    num_shards: int = 1
+    """split the corpus into this many parts (one machine / job each) ..."""
+    shard_index: int = 0
+    """... and write part i only; `python -m data_preprocess.merge_parts` joins them"""
 
     def __post_init__(self):
         if not self.tokenizer:

@@ -48,26 +48,46 @@ log = logging.getLogger("tunesmith.audio")
 class AudioGenConfig:
     """One generation job (flags, ``--config`` YAML/JSON and ``key=value`` use these names)."""
 
-    model: str = ""                 # HF model dir (a checkpoint's hf/ or final/)
-    lora: str = ""                  # optional PEFT adapter dir on top of ``model``
-    tokenizer: str = ""             # default: the adapter's, else the model's
-    codec: str = ""                 # default: the codec path recorded in the tokenizer's audio spec
+    model: str = ""
+    """HF model dir (a checkpoint's hf/ or final/)"""
+    lora: str = ""
+    """optional PEFT adapter dir on top of ``model``"""
+    tokenizer: str = ""
+    """default: the adapter's, else the model's"""
+    codec: str = ""
+    """default: the codec path recorded in the tokenizer's audio spec"""
     prompt: str = ""
-    prompts_file: str = ""          # batch form: one caption per line
-    out: str = "generated.wav"      # single prompt: the WAV path (codes next to it as .npy)
-    out_dir: str = "generated_audio"  # batch form: NNN.wav / NNN.npy + results.json
-    seconds: float = 5.0            # audio length to generate
-    min_seconds: float | None = None  # None = ``seconds`` (exact length); lower lets the model stop earlier
+    """a caption to generate audio for (single form)"""
+    prompts_file: str = ""
+    """batch form: one caption per line"""
+    out: str = "generated.wav"
+    """single prompt: the WAV path (codes next to it as .npy)"""
+    out_dir: str = "generated_audio"
+    """batch form: NNN.wav / NNN.npy + results.json"""
+    seconds: float = 5.0
+    """audio length to generate"""
+    min_seconds: float | None = None
+    """None = ``seconds`` (exact length); lower lets the model stop earlier"""
     temperature: float = 1.0
-    top_k: int = 250                # MusicGen's default; 0 = off
-    top_p: float = 0.0              # 0 = off
-    cfg_scale: float | None = None  # None = 3.0 when the data had caption dropout, else 1.0 (off)
+    """sampling temperature"""
+    top_k: int = 250
+    """MusicGen's default; 0 = off"""
+    top_p: float = 0.0
+    """0 = off"""
+    cfg_scale: float | None = None
+    """None = 3.0 when the data had caption dropout, else 1.0 (off)"""
     batch_size: int = 4
+    """captions per generate() call (batch form)"""
     seed: int = 0
+    """sampling seed"""
     codes_only: bool = False
-    decode: str = ""                # decode only: a saved codes .npy ([K, T]) -> WAV at ``out`` (no generation)
+    """save the codec codes (.npy) without decoding them to WAV"""
+    decode: str = ""
+    """decode only: a saved codes .npy ([K, T]) -> WAV at ``out`` (no generation)"""
     device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
     dtype: str = "auto"
+    """auto | fp32 | bf16 | fp16"""
 
 
 def audio_spec(tokenizer, model: str = "") -> dict:

@@ -115,12 +115,12 @@ def _lora_model(target_modules=("q_proj", "v_proj"), modules_to_save=("embed_tok
 
 
 def test_loss_head_through_peft_equals_the_engine_hf_path():
-    """The wiring the engine uses (training.train.token_losses with a ChunkedLossHead): LoRA + trainable
+    """The wiring the engine uses (training.trainer.token_losses with a ChunkedLossHead): LoRA + trainable
     embed_tokens/lm_head copies (ModulesToSaveWrapper), packed positions -- same loss and the same gradient on
     every trainable parameter as the HF-logits path; in eval (no_grad) the forward-only path gives the value."""
     from training.data import Batch
     from training.fused_loss import ChunkedLossHead, chunked_unsupported
-    from training.train import token_losses
+    from training.trainer import token_losses
 
     model = _lora_model()
     assert chunked_unsupported(model) is None

@@ -73,7 +73,7 @@ def test_zero3_lora_run_exports_and_logs(z3_lora):
     job = json.loads((out / "job.json").read_text())
     assert job["ds_config"]["zero_optimization"]["stage"] == 3 and job["gradient_accumulation_steps"] == 2
     assert job["ds_config"]["optimizer"]["params"]["lr"] == 3e-3 and job["ds_config"]["gradient_clipping"] == 1.0
-    # checkpoint layout of CONTRACTS.md
+    # the checkpoint layout of training/checkpoint.py's docstring
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-00000006"
     info = json.loads((root / "step-00000006" / "tunesmith.json").read_text())
@@ -108,7 +108,7 @@ def test_zero3_adapter_complete_and_equal_to_zero0(z3_lora, tmp_path):
 
 def test_zero3_kill_mid_save_then_resume_is_exact(z3_lora, tmp_path):
     args = [*z3_lora["args"], f"output_dir={tmp_path}"]
-    p = run_train(args, env={"TUNESMITH_FAULT_INJECT": "6:mid_save"}, expect_rc=None)
+    p = run_train(args, fault="6:mid_save", expect_rc=None)
     assert p.returncode in (-9, 137), p.stdout[-3000:]
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-00000003"  # the save of step 6 never completed
@@ -167,7 +167,7 @@ def test_zero2_lora_dropout_sft_resume_exact(data, tmp_path):
     ref = losses(straight)
     assert _falls(ref), ref
     assert sorted(p.name for p in (straight / "checkpoints").glob("step-*")) == ["step-00000006"]  # keep_last=1
-    p = run_train([*args, f"output_dir={killed}"], env={"TUNESMITH_FAULT_INJECT": "4:after_step"}, expect_rc=None)
+    p = run_train([*args, f"output_dir={killed}"], fault="4:after_step", expect_rc=None)
     assert p.returncode in (-9, 137)
     run_train(["--resume", "auto", *args, f"output_dir={killed}"])
     got = losses(killed)

@@ -51,10 +51,13 @@ def write_shards(tokenizer_dir: Path, out: Path, mode: str, max_len: int = 64, n
 
 
 def run_train(args: list[str], launcher: str = "python", nproc: int = 1, env: dict | None = None,
-              expect_rc: int | None = 0, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs training/train.py as a real subprocess; returns it (stdout+stderr in .stdout)."""
+              expect_rc: int | None = 0, timeout: int = 600, fault: str | None = None) -> subprocess.CompletedProcess:
+    """Runs training/train.py as a real subprocess; returns it (stdout+stderr in .stdout). ``fault="6:mid_save"``
+    runs it through tests/fault_train.py, whose trainer hook SIGKILLs the process at that step's event."""
     e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    script = str(REPO / "training" / "train.py")
+    script = str(REPO / "training" / "train.py") if fault is None else str(REPO / "tests" / "fault_train.py")
+    if fault is not None:
+        args = [fault, *args]
     if launcher == "python":
         cmd = [sys.executable, script]
     elif launcher == "torchrun":

@@ -170,7 +170,7 @@ def test_a_mixture_trains_logs_each_source_and_resumes_exactly(mix, tmp_path):
     assert [(s["name"], s["weight"]) for s in job["data"]["sources"]] == [("abc", 0.75), ("text", 0.25)]
 
     resumed = tmp_path / "resumed"
-    run_train([data, f"output_dir={resumed}", *ARGS, "save_every=3"], env={"TUNESMITH_FAULT_INJECT": "3:after_step"},
+    run_train([data, f"output_dir={resumed}", *ARGS, "save_every=3"], fault="3:after_step",
               expect_rc=None)  # SIGKILLed right after step 3's checkpoint
     run_train([data, f"output_dir={resumed}", *ARGS, "save_every=3", "resume=auto"])
     a, b = losses(straight), losses(resumed)

@@ -1,7 +1,7 @@
 """Checkpoints: DeepSpeed state + our client state + per-rank RNG, an HF export beside each, and a
 ``latest`` pointer that only ever names a complete checkpoint.
 
-Layout (CONTRACTS.md)::
+Layout::
 
     OUTPUT_DIR/checkpoints/latest                 tag of the last COMPLETE checkpoint (written last, atomically)
     OUTPUT_DIR/checkpoints/step-00000100/         engine.save_checkpoint(checkpoints/, tag) + ...
@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +29,10 @@ import torch.distributed as dist
 
 log = logging.getLogger("tunesmith.train")
 TAG_RE = re.compile(r"^step-(\d{8})$")
-FAULT_ENV = "TUNESMITH_FAULT_INJECT"  # "STEP:PHASE", PHASE in {mid_save, after_step}: SIGKILL self (tests)
 
 
 def tag_of(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def maybe_fault(step: int, phase: str) -> None:
-    """Test hook: ``TUNESMITH_FAULT_INJECT=6:mid_save`` SIGKILLs this process there (no cleanup, no atexit)."""
-    want = os.environ.get(FAULT_ENV, "")
-    if want == f"{step}:{phase}":
-        log.warning("%s=%s: SIGKILL now", FAULT_ENV, want)
-        for h in logging.getLogger().handlers + log.handlers:
-            h.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,8 +129,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(engine, root: Path, step: int, client_state: dict, info: dict, tokenizer, lora: bool,
-                    base_model_dir: str | None, keep_last: int, rank: int) -> Path:
-    """One complete checkpoint of ``step``; returns its directory. Collective (all ranks call it)."""
+                    base_model_dir: str | None, keep_last: int, rank: int, mid_save=None) -> Path:
+    """One complete checkpoint of ``step``; returns its directory. Collective (all ranks call it).
+    ``mid_save()`` is called between the DeepSpeed files and the HF export (the trainer's ``mid_save`` hook)."""
     tag = tag_of(step)
     d = root / tag
     if rank == 0 and d.exists():  # left over by a run killed mid-save: never mix old and new files
@@ -150,7 +139,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, info: dic
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), d / f"rng_state_rank{rank}.pt")
-    maybe_fault(step, "mid_save")
+    if mid_save is not None:
+        mid_save()
     export_hf(engine.module, d / "hf", tokenizer, lora, base_model_dir, rank)
     if rank == 0:
         write_atomic(d / "tunesmith.json", json.dumps({**info, "global_step": step}, indent=2) + "\n")

@@ -28,81 +28,124 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class TrainConfig:
+    """One training job (``training/train.py``): each field below is a YAML/JSON key and a ``key=value``
+    override; docs/reference.md lists them all (``python scripts/gen_reference.py`` writes it)."""
+
     # ---- data -------------------------------------------------------------------------------------
-    mode: str = "pt"                 # must equal the shards' meta.json mode (pt | sft | any later mode)
-    # a data_preprocess output dir (meta.json + {train,val}.*.bin); several (a YAML list or DIR,DIR) are one
-    # mixture -- same mode, tokenizer and max_len -- e.g. ABC shards and general-text shards, as MusicPile mixes them
+    mode: str = "pt"
+    """must equal the shards' meta.json mode (pt | sft | any later mode)"""
     data_dir: list[str] = field(default_factory=list)
-    data_weights: list[float] = field(default_factory=list)  # with several data_dir: each source's share of the
-                                     # train stream (normalised; a source may have 0); empty = each in proportion
-                                     # to its blocks (one shuffled stream over all of them). Losses are also
-                                     # logged per source (loss/NAME, val_loss/NAME; NAME = the dir's name)
-    tokenizer: str = ""              # tokenizer dir; default: DATA_DIR/tokenizer (copied there by preprocess)
-    doc_attention: str = "causal"    # causal: packed docs share one causal mask (positions still reset per doc)
-                                     # block: block-diagonal 4D mask, a token never attends to an earlier doc
+    """a data_preprocess output dir (meta.json + {train,val}.*.bin); several (a YAML list or DIR,DIR) are one mixture
+    -- same mode, tokenizer and max_len -- e.g. ABC shards and general-text shards, as MusicPile mixes them"""
+    data_weights: list[float] = field(default_factory=list)
+    """with several data_dir: each source's share of the train stream (normalised; a source may have 0); empty = each
+    in proportion to its blocks (one shuffled stream over all of them). Losses are also logged per source
+    (loss/NAME, val_loss/NAME; NAME = the dir's name)"""
+    tokenizer: str = ""
+    """tokenizer dir; default: DATA_DIR/tokenizer (copied there by preprocess)"""
+    doc_attention: str = "causal"
+    """causal: packed docs share one causal mask (positions still reset per doc); block: a block-diagonal 4D mask, a
+    token never attends to an earlier doc"""
     # ---- model ------------------------------------------------------------------------------------
-    model: str = "llama-small"       # a training.presets name (random init) or an HF model dir / hub id
-    train_type: str = "full"         # full | lora
+    model: str = "llama-small"
+    """a training.presets name (random init) or an HF model dir / hub id"""
+    train_type: str = "full"
+    """full | lora"""
     lora_r: int = 64
+    """LoRA rank (ChatMusician: 64)"""
     lora_alpha: int = 16
+    """LoRA scale numerator: the update is scaled by lora_alpha / lora_r (ChatMusician: 16)"""
     lora_dropout: float = 0.1
+    """dropout on the LoRA branch input (ChatMusician: 0.1)"""
     lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    # None = default: [embed_tokens, lm_head] in pt mode (ChatMusician trains embeddings), else [] unless
-    # the tokenizer adds tokens to the base model (then the resized embeddings must be trained and saved)
+    """the Linear layers that get LoRA adapters (default: all attention and MLP projections)"""
     lora_modules_to_save: list[str] | None = None
-    # a base whose lm_head IS embed_tokens (tie_word_embeddings, e.g. SmolLM2) with the embeddings in
-    # lora_modules_to_save -- shared: one trained matrix serves both (PEFT ensure_weight_tying; the merged model
-    # stays tied, like the base); untie: embed_tokens and lm_head become two trained copies (the merged model
-    # has tie_word_embeddings false and twice the embedding parameters). Logged and recorded either way.
+    """None = default: [embed_tokens, lm_head] in pt mode (ChatMusician trains embeddings), else [] unless the
+    tokenizer adds tokens to the base model (then the resized embeddings must be trained and saved)"""
     tied_embeddings: str = "shared"
-    attn_implementation: str = "sdpa"  # sdpa | eager | varlen (with doc_attention=block: attention given the
-                                     # document bounds, no [B,1,L,L] mask; flash varlen kernel on a GPU in
-                                     # bf16/fp16, exact per-document SDPA elsewhere -- training/attention.py)
+    """a base whose lm_head IS embed_tokens (tie_word_embeddings, e.g. SmolLM2) with the embeddings in
+    lora_modules_to_save -- shared: one trained matrix serves both (PEFT ensure_weight_tying; the merged model
+    stays tied, like the base); untie: embed_tokens and lm_head become two trained copies (the merged model has
+    tie_word_embeddings false and twice the embedding parameters). Logged and recorded either way."""
+    attn_implementation: str = "sdpa"
+    """sdpa | eager | varlen (with doc_attention=block: attention given the document bounds, no [B,1,L,L] mask; flash
+    varlen kernel on a GPU in bf16/fp16, exact per-document SDPA elsewhere -- training/attention.py)"""
     gradient_checkpointing: bool = False
-    gradient_checkpointing_every: int = 1  # with gradient_checkpointing: recompute 1 of every K decoder layers
-                                     # (1 = all layers, least memory; 2 = half the layers, half the recompute
-                                     # for more activation memory -- the speed/memory dial between on and off)
-    loss: str = "auto"               # chunked: cross-entropy from the last hidden state chunk by chunk, the full
-                                     # [tokens, vocab] fp32 logits never exist (training/fused_loss.py);
-                                     # hf: the model's logits + F.cross_entropy; auto: chunked where it can run
-                                     # (any ZeRO stage; not with LoRA on lm_head), else hf
-    compile: bool = False            # torch.compile each decoder layer (fuses norms/rotary/SwiGLU; ZeRO 0-2 only;
-                                     # the first steps pay the compile time)
-    loss_chunk_size: int = 1024      # tokens per chunk of the chunked loss (peak extra memory chunk x vocab x 4 B)
+    """recompute activations in backward instead of storing them (less memory, about 1/3 more compute)"""
+    gradient_checkpointing_every: int = 1
+    """with gradient_checkpointing: recompute 1 of every K decoder layers (1 = all layers, least memory; 2 = half the
+    layers, half the recompute for more activation memory -- the speed/memory dial between on and off)"""
+    loss: str = "auto"
+    """chunked: cross-entropy from the last hidden state chunk by chunk, the full [tokens, vocab] fp32 logits never
+    exist (training/fused_loss.py); hf: the model's logits + F.cross_entropy; auto: chunked where it can run (any
+    ZeRO stage; not with LoRA on lm_head), else hf"""
+    compile: bool = False
+    """torch.compile each decoder layer (fuses norms/rotary/SwiGLU; ZeRO 0-2 only; the first steps pay the compile
+    time)"""
+    loss_chunk_size: int = 1024
+    """tokens per chunk of the chunked loss (peak extra memory chunk x vocab x 4 B)"""
     # ---- optimisation -----------------------------------------------------------------------------
-    max_steps: int = 0               # optimizer steps; 0 = derive from num_epochs
+    max_steps: int = 0
+    """optimizer steps; 0 = derive from num_epochs"""
     num_epochs: float = 1.0
-    global_batch_size: int = 8       # sequences per optimizer step over all ranks
-    micro_batch_size: int = 4        # sequences per forward per rank; accumulation = global / (micro * world)
+    """passes over the train blocks when max_steps is 0"""
+    global_batch_size: int = 8
+    """sequences per optimizer step over all ranks"""
+    micro_batch_size: int = 4
+    """sequences per forward per rank; accumulation = global / (micro * world)"""
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    warmup_ratio: float = 0.05       # linear warmup over this fraction of max_steps
-    weight_decay: float = 0.1        # matrices only (no norms, no biases)
+    """peak learning rate (after warmup; the schedule is training/schedule.py)"""
+    min_lr_ratio: float = 0.1
+    """cosine decays to lr * min_lr_ratio"""
+    warmup_ratio: float = 0.05
+    """linear warmup over this fraction of max_steps"""
+    weight_decay: float = 0.1
+    """matrices only (no norms, no biases)"""
     adam_beta1: float = 0.9
+    """AdamW beta1 (filled into the ds_config optimizer, or the client optimizer)"""
     adam_beta2: float = 0.95
+    """AdamW beta2"""
     adam_eps: float = 1e-8
+    """AdamW epsilon"""
     grad_clip: float = 1.0
-    optimizer: str = "deepspeed"     # deepspeed: the ds_config optimizer (FusedAdam / DeepSpeedCPUAdam with
-                                     # offload / torch AdamW on CPU); torch: a client torch.optim.AdamW
+    """clip the global gradient norm to this (DeepSpeed gradient_clipping; 0 = off)"""
+    optimizer: str = "deepspeed"
+    """deepspeed: the ds_config optimizer (FusedAdam / DeepSpeedCPUAdam with offload / torch AdamW on CPU); torch: a
+    client torch.optim.AdamW"""
     # ---- DeepSpeed / precision --------------------------------------------------------------------
     ds_config: str = "ds_configs/zero2.json"
-    precision: str = "auto"          # auto (bf16 GPU > fp16 older GPU > fp32 CPU) | bf16 | fp16 | fp32
+    """the DeepSpeed JSON (ds_configs/zero0..3.json, *_offload.json); its "auto" values are filled from this config"""
+    precision: str = "auto"
+    """auto (bf16 GPU > fp16 older GPU > fp32 CPU) | bf16 | fp16 | fp32"""
     seed: int = 42
-    rendezvous_timeout_s: float = 600  # multi-node: a rank other than 0 waits this long for rank 0's address
-                                       # (MASTER_ADDR:MASTER_PORT) to answer, then stops with one line
+    """seed of initialisation, data order and dropout (per-rank RNG states are checkpointed)"""
+    rendezvous_timeout_s: float = 600
+    """multi-node: a rank other than 0 waits this long for rank 0's address (MASTER_ADDR:MASTER_PORT) to answer, then
+    stops with one line"""
     # ---- checkpoints ------------------------------------------------------------------------------
     output_dir: str = "outputs/run"
-    save_every: int = 0              # 0 = only at the end
-    keep_last: int = 2               # keep the newest K checkpoints (0 = keep all)
-    resume: str = ""                 # "" (refuse if checkpoints exist) | auto | PATH (checkpoint dir)
-    verify_export: bool = False      # reload the final HF export with plain transformers/peft, compare logits
+    """where job.json, metrics.jsonl, checkpoints/, final/ (the HF export) and loss_curve.png go"""
+    save_every: int = 0
+    """0 = only at the end"""
+    keep_last: int = 2
+    """keep the newest K checkpoints (0 = keep all)"""
+    resume: str = ""
+    """"" (refuse if checkpoints exist) | auto | PATH (checkpoint dir)"""
+    verify_export: bool = False
+    """reload the final HF export with plain transformers/peft, compare logits"""
     # ---- logging / eval ---------------------------------------------------------------------------
     log_every: int = 10
-    eval_every: int = 0              # 0 = only at the end
-    eval_max_batches: int = 0        # 0 = the whole val split
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb (none = [])
+    """print a step line (loss, lr, grad norm, tokens/s, memory) every N steps (always the first and last)"""
+    eval_every: int = 0
+    """0 = only at the end"""
+    eval_max_batches: int = 0
+    """0 = the whole val split"""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """metrics sinks besides metrics.jsonl: tensorboard, wandb (none = [])"""
     wandb_project: str = "tunesmith"
+    """the Weights & Biases project when report_to holds wandb"""
     run_name: str = ""
+    """the run name for tensorboard / wandb ("" = their default)"""
 
     # -------------------------------------------------------------------------------------------------
     def __post_init__(self):
