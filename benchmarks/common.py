@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data_preprocess.config import ConfigError, field_types, parse_bool
-from data_preprocess.config import collect as collect_config
+from data_preprocess.config import ConfigError, convert, field_docs, field_types, parse_bool
+from data_preprocess.config import load_file as load_config_file
 from data_preprocess.hub import ArgumentError
 from inference.abc_constraint import constraint_processor
 from inference.loading import load_model
@@ -48,9 +48,9 @@ def _bool(s: str | bool) -> bool:
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no", "y", "n", "on", "off"}
 
 
-def _expand_bool_flags(cls, argv: list[str]) -> list[str]:
-    """``--x`` alone -> ``--x=true``, ``--no-x`` -> ``--x=false``; ``--x false`` is left as is."""
-    bools = {name for name, t in field_types(cls).items() if t is bool}
+def _expand_bool_flags(bools: set[str], argv: list[str]) -> list[str]:
+    """``--x`` alone -> ``--x=true``, ``--no-x`` -> ``--x=false`` for the bool fields ``bools``; ``--x false`` is
+    left as is."""
     out = []
     for i, a in enumerate(argv):
         name = a[2:] if a.startswith("--") and "=" not in a else None
@@ -63,29 +63,81 @@ def _expand_bool_flags(cls, argv: list[str]) -> list[str]:
     return out
 
 
+def _embedded(cls) -> tuple[str, type] | None:
+    """The one field of ``cls`` whose type is itself a config dataclass (e.g. the throughput benchmark's
+    ``train: TrainConfig``), as (name, class), or None."""
+    for name, t in field_types(cls).items():
+        if dataclasses.is_dataclass(t):
+            return name, t
+    return None
+
+
 def parse_config(cls, argv: list[str] | None = None, description: str = ""):
-    """CLI for dataclass ``cls``: ``--name value`` per field, ``--config FILE`` and ``key=value``."""
+    """CLI for dataclass ``cls``: ``--name value`` per field, ``--config FILE`` and ``key=value``.
+
+    A field whose type is a dataclass embeds that config (the throughput benchmark embeds the training job's
+    ``TrainConfig``): its fields are flags and ``key=value`` keys of this same CLI (a config file gives them
+    flat, or as a mapping under the field's name), set on the field's default instance."""
+    emb = _embedded(cls)
+    sub_names = {f.name for f in dataclasses.fields(emb[1])} if emb else set()
+    own = [f for f in dataclasses.fields(cls) if not emb or f.name != emb[0]]
+    own_names = {f.name for f in own}
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML or JSON file with any of the options below")
-    types = field_types(cls)
-    for f in dataclasses.fields(cls):
-        t = types[f.name]
-        helptext = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{helptext} (default: {default!r})"}
-        if t is bool:
-            ap.add_argument(f"--{f.name}", type=_bool, **kw)  # --x, --x true|false, --no-x (see below)
-        else:
-            ap.add_argument(f"--{f.name}", type=str, **kw)
+    groups = [(cls, own, ap, None)]
+    if emb:
+        sub = [f for f in dataclasses.fields(emb[1]) if f.name not in own_names]
+        sub_default = next(f for f in dataclasses.fields(cls) if f.name == emb[0]).default_factory()
+        groups.append((emb[1], sub, ap.add_argument_group(f"{emb[0]}: the embedded {emb[1].__name__}"), sub_default))
+    bools = set()
+    for owner, fields_, group, instance in groups:
+        types, docs = field_types(owner), field_docs(owner)
+        for f in fields_:
+            if instance is not None:
+                default = getattr(instance, f.name)
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else None
+            kw = {"dest": f.name, "default": argparse.SUPPRESS,
+                  "help": f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")}
+            if types[f.name] is bool:
+                bools.add(f.name)
+                group.add_argument(f"--{f.name}", type=_bool, **kw)  # --x, --x true|false, --no-x (see below)
+            else:
+                group.add_argument(f"--{f.name}", type=str, **kw)
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied last")
-    ns = vars(ap.parse_args(_expand_bool_flags(cls, sys.argv[1:] if argv is None else list(argv))))
+    ns = vars(ap.parse_args(_expand_bool_flags(bools, sys.argv[1:] if argv is None else list(argv))))
     cfg_file, overrides = ns.pop("config", None), ns.pop("overrides", None) or []
-    values = collect_config(cls, cfg_file, ns, overrides, flag_where=lambda k: f"--{k}")
-    missing = [f.name for f in dataclasses.fields(cls)
+    # each source is routed by key: a field of cls, else a field of the embedded config
+    file_vals = dict(load_config_file(cfg_file)) if cfg_file else {}
+    if emb and isinstance(file_vals.get(emb[0]), dict):
+        file_vals = {**file_vals.pop(emb[0]), **file_vals}
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value. Fix: e.g. steps=20 lr=1e-4")
+        pairs.append(item.split("=", 1))
+
+    def routed(to_sub: bool) -> dict:
+        def mine(k):
+            return (k in sub_names and k not in own_names) if to_sub else not (emb and k in sub_names and k not in own_names)
+        where = cfg_file or ""
+        values = {k: convert(emb[1] if to_sub else cls, k, v, where) for k, v in file_vals.items() if mine(k)}
+        values.update({k: convert(emb[1] if to_sub else cls, k, v, f"--{k}") for k, v in ns.items() if mine(k)})
+        values.update({k.strip(): convert(emb[1] if to_sub else cls, k.strip(), v, f"override '{k}={v}'")
+                       for k, v in pairs if mine(k.strip())})
+        return values
+
+    values = routed(False)
+    missing = [f.name for f in own
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join('--' + m for m in missing)}. Fix: give them")
     cfg = cls(**values)
+    if emb:
+        sub_values = routed(True)
+        setattr(cfg, emb[0], dataclasses.replace(getattr(cfg, emb[0]), **sub_values))
+        if hasattr(cfg, "fill_embedded"):  # e.g. a default that follows another field unless given itself
+            cfg.fill_embedded(set(sub_values))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg

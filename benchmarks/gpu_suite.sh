@@ -79,7 +79,7 @@ if [ "${REHEARSE:-0}" = 1 ]; then
   M7B=llama-tiny M1B=llama-tiny MSMALL=llama-tiny PREC=${REHEARSE_PRECISION:-fp32} SEQ=256 SEQ_SMALL=256 MB7=2 MB8=2 STEPS=3 WARM=1
   SMOKE_STEPS=3 CAP="" NEW_TOKENS=16
 fi
-TT7="--model $M7B --train_type lora --lora_r 64 --seq_len $SEQ --zero 2 --precision $PREC"
+TT7="--model $M7B --train_type lora --lora_r 64 --seq_len $SEQ --ds_config ds_configs/zero2.json --precision $PREC"
 
 for part in "$@"; do
   echo "=== $part ($(date -u +%FT%TZ))"
@@ -108,27 +108,27 @@ print(f"device copy: {2 * x.numel() / dt / 1e12:.2f} TB/s (read + write)")
 PYEOF
       ;;
     smoke)
-      tt --model $MSMALL --train_type lora --seq_len $SEQ_SMALL --micro_batch $MB8 --zero 2 --steps $SMOKE_STEPS --warmup 2 \
+      tt --model $MSMALL --train_type lora --seq_len $SEQ_SMALL --micro_batch_size $MB8 --ds_config ds_configs/zero2.json --steps $SMOKE_STEPS --warmup 2 \
          --precision $PREC --compare hf_trainer --output "$OUT/tt_small_lora.json"
-      tt --model $MSMALL --train_type full --seq_len $SEQ_SMALL --micro_batch $MB8 --zero 2 --steps $SMOKE_STEPS --warmup 2 \
+      tt --model $MSMALL --train_type full --seq_len $SEQ_SMALL --micro_batch_size $MB8 --ds_config ds_configs/zero2.json --steps $SMOKE_STEPS --warmup 2 \
          --precision $PREC --output "$OUT/tt_small_full.json"
       ;;
     lora7b)
-      tt $TT7 --micro_batch $MB7 --steps $STEPS --warmup $WARM --compare hf_trainer --output "$OUT/tt_7b_lora.json" ;;
+      tt $TT7 --micro_batch_size $MB7 --steps $STEPS --warmup $WARM --compare hf_trainer --output "$OUT/tt_7b_lora.json" ;;
     loss7b)
-      tt $TT7 --micro_batch $MB7 --steps $STEPS --warmup $WARM --loss hf --output "$OUT/tt_7b_lora_hfloss.json" ;;
+      tt $TT7 --micro_batch_size $MB7 --steps $STEPS --warmup $WARM --loss hf --output "$OUT/tt_7b_lora_hfloss.json" ;;
     compile7b)
-      tt $TT7 --micro_batch $MB7 --steps $STEPS --warmup $WARM --compile true --output "$OUT/tt_7b_lora_compile.json" ;;
+      tt $TT7 --micro_batch_size $MB7 --steps $STEPS --warmup $WARM --compile true --output "$OUT/tt_7b_lora_compile.json" ;;
     full1b)
-      tt --model $M1B --train_type full --seq_len $SEQ --micro_batch $MB8 --zero 2 --precision $PREC --steps $STEPS \
+      tt --model $M1B --train_type full --seq_len $SEQ --micro_batch_size $MB8 --ds_config ds_configs/zero2.json --precision $PREC --steps $STEPS \
          --warmup $WARM --compare hf_trainer --output "$OUT/tt_1b_full.json" ;;
     fit24)
-      tt $TT7 --micro_batch 1 --gradient_checkpointing true $CAP --steps 4 --warmup 1 \
+      tt $TT7 --micro_batch_size 1 --gradient_checkpointing true $CAP --steps 4 --warmup 1 \
          --output "$OUT/tt_7b_lora_24gb.json"
-      tt $TT7 --micro_batch 1 --gradient_checkpointing true --gradient_checkpointing_every 2 $CAP \
+      tt $TT7 --micro_batch_size 1 --gradient_checkpointing true --gradient_checkpointing_every 2 $CAP \
          --steps 4 --warmup 1 --output "$OUT/tt_7b_lora_24gb_ck2.json" ;;
     fit24off)
-      tt $TT7 --ds_config ds_configs/zero2_offload.json --micro_batch 1 --gradient_checkpointing true $CAP \
+      tt $TT7 --ds_config ds_configs/zero2_offload.json --micro_batch_size 1 --gradient_checkpointing true $CAP \
          --steps 4 --warmup 1 --output "$OUT/tt_7b_lora_24gb_offload.json" ;;
     decode)
       for b in 1 16; do
@@ -138,7 +138,7 @@ PYEOF
     varlen)
       run_py -m pytest -q -p no:cacheprovider tests/test_train_attention.py
       for a in sdpa varlen; do
-        tt --model $M1B --train_type full --seq_len $SEQ --micro_batch $MB8 --zero 2 --precision $PREC --steps $STEPS \
+        tt --model $M1B --train_type full --seq_len $SEQ --micro_batch_size $MB8 --ds_config ds_configs/zero2.json --precision $PREC --steps $STEPS \
            --warmup $WARM --doc_attention block --attn_implementation $a --output "$OUT/tt_1b_full_block_$a.json"
       done ;;
   esac

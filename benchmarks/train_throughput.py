@@ -1,10 +1,15 @@
 """Training throughput: tokens/s/device, MFU, peak memory and a step-time breakdown of tunesmith's
 DeepSpeed engine, optionally against ``transformers.Trainer`` on the same job.
 
-    python -m benchmarks.train_throughput --model llama-tiny --train_type full --seq_len 256 --micro_batch 4 \\
-        --zero 2 --steps 10 --compare hf_trainer                                  # CPU, seconds
-    python -m benchmarks.train_throughput --model llama2-7b --train_type lora --seq_len 2048 --micro_batch 4 \\
-        --zero 2 --steps 20 --compare hf_trainer                                  # one H100
+    python -m benchmarks.train_throughput --model llama-tiny --train_type full --seq_len 256 --micro_batch_size 4 \\
+        --ds_config ds_configs/zero2.json --steps 10 --compare hf_trainer          # CPU, seconds
+    python -m benchmarks.train_throughput --model llama2-7b --train_type lora --seq_len 2048 --micro_batch_size 4 \\
+        --ds_config ds_configs/zero2.json --steps 20 --compare hf_trainer          # one H100
+
+Every training setting is the training job's own field (training.config.TrainConfig, embedded as ``train``):
+``--micro_batch_size``, ``--global_batch_size`` (default: = micro, no accumulation), ``--ds_config``,
+``--lora_r``, ``--loss``, ... or ``key=value``, checked by the training job's validators, and the step timed is
+:meth:`training.trainer.Trainer.train_step`.
 
 What runs (each runner in its own subprocess, so memory peaks and compile/allocator state never leak):
 
@@ -25,7 +30,7 @@ default, synthetic packed blocks: documents of random length (mean ``seq_len/4``
 token ids over a ``--vocab_size`` vocabulary, positions reset per document -- the same layout
 ``data_preprocess`` writes. Throughput does not depend on token values.
 
-Figures: tokens/s/device = ``micro_batch * seq_len`` per step / *median* step time over the timed steps
+Figures: tokens/s/device = ``global_batch_size * seq_len`` per step / *median* step time over the timed steps
 (the first ``--warmup`` steps are excluded; the median resists other processes' bursts on a shared
 machine, the mean is in the JSON too). With ``--rounds R`` the runners alternate R times and each
 runner's best round is reported (all rounds in the JSON). The step-time breakdown is a per-phase mean.
@@ -48,14 +53,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from benchmarks.common import (
     default_output,
     environment,
     markdown_table,
-    opt,
     parse_config,
     write_json,
 )
@@ -64,8 +68,12 @@ from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from data_preprocess.model_source import resolve_source
 from data_preprocess.shards import Split, open_split, read_meta
 from training.config import (
-    ConfigError,
     TrainConfig,
+    check_choices,
+    check_deepspeed,
+    check_lora,
+    check_optimization,
+    check_precision,
     detect_environment,
     fill_ds_config,
     offloads,
@@ -81,62 +89,57 @@ from training.presets import is_preset
 from training.trainer import Trainer
 
 
+def bench_job() -> TrainConfig:
+    """The training job the benchmark times unless told otherwise: TrainConfig's defaults, except LoRA, one
+    micro-batch per step (global_batch_size follows micro_batch_size unless given), no LoRA dropout (as every
+    figure since the first; give lora_dropout=0.1 to time ChatMusician's recipe), no trackers, seed 0."""
+    return TrainConfig(train_type="lora", global_batch_size=4, micro_batch_size=4, lora_dropout=0.0, report_to=[],
+                       seed=0, lr=1e-4)
+
+
 @dataclass
 class ThroughputConfig:
-    model: str = opt("llama-small", "training preset (random init) or HF model dir")
-    train_type: str = opt("lora", "full | lora")
-    seq_len: int = opt(512, "tokens per packed block")
-    micro_batch: int = opt(4, "sequences per forward (= per optimizer step; no accumulation)")
-    zero: int = opt(2, "ZeRO stage 0-3 (ds_configs/zero{N}.json)")
-    ds_config: str | None = opt(None, "a DeepSpeed JSON instead of ds_configs/zero{zero}.json")
-    steps: int = opt(10, "timed optimizer steps")
-    warmup: int = opt(2, "untimed steps first (allocator, autotuning, compile)")
-    compare: str = opt("", "'hf_trainer' to also run transformers.Trainer on the same job")
-    rounds: int = opt(1, "runs of each runner, alternating (A B A B ...); the best round is reported -- use 2-3 "
-                         "on a shared machine")
-    memory_gb: float = opt(0.0, "GPU only: cap the runner's CUDA memory at this many GiB, whatever the card "
-                                "(24 = does the job fit a 24 GB GPU?); the fraction is computed from the card's size")
-    memory_fraction: float = opt(0.0, "GPU only: cap the runner's CUDA memory to this fraction of the card "
-                                      "(e.g. 0.3 of 80 GB = 24 GB) to test whether a job fits a smaller GPU")
-    lora_r: int = opt(64, "LoRA rank")
-    lora_modules_to_save: str = opt("embed_tokens,lm_head", "modules trained in full next to LoRA ('' = none)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward")
-    gradient_checkpointing_every: int = opt(1, "with --gradient_checkpointing: recompute 1 of every K decoder "
-                                               "layers (training config gradient_checkpointing_every)")
-    compile: bool = opt(False, "tunesmith only: torch.compile the decoder layers (training config `compile`); "
-                               "use --warmup >= 2 so compilation is not timed")
-    loss: str = opt("auto", "the engine's loss (training config `loss`): auto | chunked (training/fused_loss.py, no "
-                            "full logits) | hf (model logits + F.cross_entropy) -- tunesmith only")
-    loss_chunk_size: int = opt(1024, "tokens per chunk of the chunked loss")
-    doc_attention: str = opt("causal", "causal (one causal mask over the packed block) | block (a token sees only its "
-                                       "own packed document)")
-    attn_implementation: str = opt("sdpa", "sdpa | eager | varlen (with --doc_attention block: document bounds "
-                                           "instead of a 4D mask, training/attention.py; tunesmith only -- the HF "
-                                           "Trainer runs block attention as sdpa + 4D mask)")
-    data_dir: str | None = opt(None, "packed shards from data_preprocess (default: synthetic)")
-    vocab_size: int = opt(32000, "vocabulary of synthetic data / preset (ignored with --data_dir)")
-    precision: str = opt("auto", "auto (bf16 GPU, fp32 CPU) | bf16 | fp32")
-    lr: float = opt(1e-4, "learning rate (constant)")
-    seed: int = opt(0, "seed of init and data")
-    output: str | None = opt(None, "JSON path (default outputs/benchmarks/train_throughput_<model>_<type>.json)")
+    """The benchmark's own settings; every training setting is a field of the embedded ``train``
+    (training.config.TrainConfig -- ``--micro_batch_size``, ``--ds_config``, ``lora_r=16`` ... on the same
+    command line), checked by the training job's own validators."""
+
+    train: TrainConfig = field(default_factory=bench_job)
+    """the training job timed: any TrainConfig field, as a flag or key=value (data_dir: at most one shard dir;
+    none = synthetic blocks)"""
+    seq_len: int = 512
+    """tokens per packed block (with data_dir: must equal its max_len)"""
+    steps: int = 10
+    """timed optimizer steps"""
+    warmup: int = 2
+    """untimed steps first (allocator, autotuning, compile)"""
+    compare: str = ""
+    """'hf_trainer' to also run transformers.Trainer on the same job"""
+    rounds: int = 1
+    """runs of each runner, alternating (A B A B ...); the best round is reported -- use 2-3 on a shared machine"""
+    memory_gb: float = 0.0
+    """GPU only: cap the runner's CUDA memory at this many GiB, whatever the card (24 = does the job fit a 24 GB
+    GPU?); the fraction is computed from the card's size"""
+    memory_fraction: float = 0.0
+    """GPU only: cap the runner's CUDA memory to this fraction of the card (e.g. 0.3 of 80 GB = 24 GB) to test
+    whether a job fits a smaller GPU"""
+    vocab_size: int = 32000
+    """vocabulary of synthetic data / preset (ignored with data_dir)"""
+    output: str | None = None
+    """JSON path (default outputs/benchmarks/train_throughput_<model>_<type>.json)"""
+
+    def fill_embedded(self, given: set[str]) -> None:
+        """After parsing: global_batch_size follows micro_batch_size unless it was given itself."""
+        if "global_batch_size" not in given:
+            self.train.global_batch_size = self.train.micro_batch_size
+
+    @property
+    def gas(self) -> int:
+        return max(1, self.train.global_batch_size // self.train.micro_batch_size)
 
     def validate(self):
-        if self.train_type not in ("full", "lora"):
-            raise ArgumentError(f"--train_type must be full or lora, got {self.train_type!r}")
-        if self.zero not in (0, 1, 2, 3):
-            raise ArgumentError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        t = self.train
         if self.compare not in ("", "hf_trainer"):
             raise ArgumentError(f"--compare must be '' or 'hf_trainer', got {self.compare!r}")
-        if self.loss not in ("auto", "chunked", "hf"):
-            raise ArgumentError(f"--loss must be auto, chunked or hf, got {self.loss!r}")
-        if self.doc_attention not in ("causal", "block"):
-            raise ArgumentError(f"--doc_attention must be causal or block, got {self.doc_attention!r}")
-        if self.attn_implementation not in ("sdpa", "eager", "varlen"):
-            raise ArgumentError(f"--attn_implementation must be sdpa, eager or varlen, got {self.attn_implementation!r}")
-        if self.attn_implementation == "varlen" and self.doc_attention != "block":
-            raise ArgumentError("--attn_implementation varlen computes --doc_attention block; add --doc_attention block")
-        if self.compile and self.zero == 3:
-            raise ArgumentError("--compile needs ZeRO 0-2 (ZeRO-3's parameter hooks break torch.compile graphs)")
         if not 0.0 <= self.memory_fraction <= 1.0:
             raise ArgumentError(f"--memory_fraction must be in [0, 1] (0 = no cap), got {self.memory_fraction}")
         if self.memory_gb < 0:
@@ -148,35 +151,39 @@ class ThroughputConfig:
 
             if not torch.cuda.is_available():
                 raise ArgumentError("--memory_gb / --memory_fraction cap CUDA memory; this machine has no GPU")
-        if self.gradient_checkpointing_every != 1 and not self.gradient_checkpointing:
-            raise ArgumentError("--gradient_checkpointing_every needs --gradient_checkpointing")
-        for name in ("seq_len", "micro_batch", "steps", "rounds", "gradient_checkpointing_every"):
+        for name in ("seq_len", "steps", "rounds"):
             if getattr(self, name) < 1:
                 raise ArgumentError(f"--{name} must be >= 1")
         if self.warmup < 0:
             raise ArgumentError("--warmup must be >= 0")
-        if self.data_dir and not (Path(self.data_dir) / "meta.json").is_file():
-            raise ArgumentError(f"--data_dir {self.data_dir}: no meta.json; make it with python -m data_preprocess.preprocess")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ArgumentError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if self.train_type == "lora" and self.lora_r < 1:
-            raise ArgumentError(f"--lora_r must be >= 1 for --train_type lora, got {self.lora_r}")
-        # checked here, before any runner process starts, rather than as a traceback from inside one
+        if len(t.data_dir) > 1:
+            raise ArgumentError(f"data_dir: the benchmark reads one shard dir, got {len(t.data_dir)}. Fix: give one")
+        if t.data_dir and not (Path(t.data_dir[0]) / "meta.json").is_file():
+            raise ArgumentError(f"data_dir {t.data_dir[0]}: no meta.json; make it with python -m data_preprocess.preprocess")
+        # the training job's own rules (training/config.py), before any runner process starts, on one rank
+        env = detect_environment()
+        env = replace(env, world_size=1)
+        check_choices(t)
+        check_optimization(t, env)
+        check_lora(t)
+        check_precision(t, env)
         try:
-            read_ds_config(TrainConfig(ds_config=self.ds_path()))
-            if not is_preset(self.model):
-                resolve_model_path(self.model)
-        except (ConfigError, ModelPathError) as e:
+            check_deepspeed(t)
+            if not is_preset(t.model):
+                resolve_model_path(t.model)
+        except ModelPathError as e:
             raise ArgumentError(f"error: {e}") from None
 
-    def ds_path(self) -> str:
-        return self.ds_config or f"ds_configs/zero{self.zero}.json"
-
     def output_path(self) -> str:
-        return self.output or str(default_output("train_throughput", self.model, extra=f"_{self.train_type}"))
+        return self.output or str(default_output("train_throughput", self.train.model, extra=f"_{self.train.train_type}"))
 
     def runners(self) -> list[str]:
         return ["tunesmith"] + ([self.compare] if self.compare else [])
+
+    @staticmethod
+    def from_dict(d: dict) -> ThroughputConfig:
+        """The inverse of ``asdict`` (a runner process reads its config from JSON)."""
+        return ThroughputConfig(**{**d, "train": TrainConfig(**d["train"])})
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -214,22 +221,24 @@ def synthetic_split(n_blocks: int, seq_len: int, vocab: int, seed: int):
 
 
 def load_data(cfg: ThroughputConfig, n_blocks: int):
-    """(split, tokenizer-or-vocab, seq_len) of the job."""
-    if cfg.data_dir:
+    """(split, tokenizer-or-vocab) of the job: its data_dir's train split, or synthetic blocks."""
+    if cfg.train.data_dir:
         from transformers import AutoTokenizer
 
-        meta = read_meta(cfg.data_dir)
+        d = cfg.train.data_dir[0]
+        meta = read_meta(d)
         if meta["max_len"] != cfg.seq_len:
-            raise ArgumentError(f"--data_dir {cfg.data_dir} has max_len {meta['max_len']}, not --seq_len {cfg.seq_len}")
-        tok = AutoTokenizer.from_pretrained(str(Path(cfg.data_dir) / "tokenizer"))
-        return open_split(cfg.data_dir, "train", meta), tok
-    return synthetic_split(n_blocks, cfg.seq_len, cfg.vocab_size, cfg.seed), SyntheticVocab(cfg.vocab_size)
+            raise ArgumentError(f"data_dir {d} has max_len {meta['max_len']}, not --seq_len {cfg.seq_len}")
+        tok = AutoTokenizer.from_pretrained(str(Path(d) / "tokenizer"))
+        return open_split(d, "train", meta), tok
+    return synthetic_split(n_blocks, cfg.seq_len, cfg.vocab_size, cfg.train.seed), SyntheticVocab(cfg.vocab_size)
 
 
-def step_rows(n_blocks: int, steps: int, micro: int, seed: int) -> list:
-    """Block indices of every step, identical for both runners (the engine's shuffled stream)."""
+def step_rows(n_blocks: int, steps: int, micro: int, gas: int, seed: int) -> list[list]:
+    """Block indices of every step (``gas`` micro-batches of ``micro`` blocks), identical for both runners
+    (the engine's shuffled stream)."""
     stream = BlockStream(n_blocks, seed)
-    return [stream.take(s * micro, micro) for s in range(steps)]
+    return [[stream.take((s * gas + g) * micro, micro) for g in range(gas)] for s in range(steps)]
 
 
 # --------------------------------------------------------------------------------------------- runners
@@ -246,19 +255,6 @@ def memory_cap_fraction(cfg: ThroughputConfig, total_bytes: int) -> float:
     return cfg.memory_fraction
 
 
-def _train_config(cfg: ThroughputConfig, mode: str):
-    mts = [m for m in cfg.lora_modules_to_save.split(",") if m.strip()]
-    # smollm2-135m / X.gguf: its imported dir (imported by check()'s resolve_model_path; a cache hit here)
-    return TrainConfig(mode=mode, model=resolve_source(cfg.model), train_type=cfg.train_type, lora_r=cfg.lora_r,
-                       lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, lora_modules_to_save=mts,
-                       gradient_checkpointing=cfg.gradient_checkpointing,
-                       gradient_checkpointing_every=cfg.gradient_checkpointing_every, micro_batch_size=cfg.micro_batch,
-                       global_batch_size=cfg.micro_batch, lr=cfg.lr, ds_config=cfg.ds_path(),
-                       precision=cfg.precision, seed=cfg.seed, report_to=[], loss=cfg.loss, compile=cfg.compile,
-                       loss_chunk_size=cfg.loss_chunk_size, doc_attention=cfg.doc_attention,
-                       attn_implementation=cfg.attn_implementation)
-
-
 def _setup(cfg: ThroughputConfig):
     """Everything both runners share: device, typed engine config, filled ds config, model, data."""
     import torch
@@ -266,15 +262,16 @@ def _setup(cfg: ThroughputConfig):
     env = detect_environment()
     if env.device == "cuda" and (cfg.memory_fraction or cfg.memory_gb):
         torch.cuda.set_per_process_memory_fraction(memory_cap_fraction(cfg, torch.cuda.get_device_properties(0).total_memory), 0)
-    tcfg = _train_config(cfg, "pt")
+    # smollm2-135m / X.gguf: its imported dir (imported by validate()'s resolve_model_path; a cache hit here)
+    tcfg = replace(cfg.train, mode="pt", model=resolve_source(cfg.train.model))
     precision = resolve_precision(tcfg, env)
-    n_blocks = max(64, cfg.micro_batch * (cfg.steps + cfg.warmup))
+    n_blocks = max(64, tcfg.global_batch_size * (cfg.steps + cfg.warmup))
     split, tok = load_data(cfg, n_blocks)
     model, info = build_model(tcfg, tok, precision)
     ds = fill_ds_config(read_ds_config(tcfg), tcfg, 1, precision, _model_config(model)["hidden_size"],
                         env.device == "cpu")
     device = torch.device("cuda", 0) if env.device == "cuda" else torch.device("cpu")
-    rows = step_rows(len(split), cfg.steps + cfg.warmup, cfg.micro_batch, cfg.seed)
+    rows = step_rows(len(split), cfg.steps + cfg.warmup, tcfg.micro_batch_size, cfg.gas, tcfg.seed)
     return tcfg, precision, split, tok, model, info, ds, device, rows
 
 
@@ -286,7 +283,7 @@ def attention_span(tcfg, split, rows) -> float | None:
         return None
     import numpy as np
 
-    return document_attention_span(np.concatenate([split.pos[np.asarray(r)] for r in rows]))
+    return document_attention_span(np.concatenate([split.pos[np.asarray(r)] for step in rows for r in step]))
 
 
 def _sync(device):
@@ -357,7 +354,7 @@ def run_tunesmith(cfg: ThroughputConfig) -> dict:
             _sync(device)
             marks.append((name, time.perf_counter()))
 
-        res = trainer.train_step([r], cfg.lr, on_phase)  # one micro-batch = one optimizer step
+        res = trainer.train_step(r, tcfg.lr, on_phase)  # the step's micro-batches = one optimizer step
         c4 = time.process_time()
         losses.append(res.loss)
         if s >= cfg.warmup:
@@ -383,11 +380,11 @@ def run_hf_trainer(cfg: ThroughputConfig) -> dict:
     from transformers import Trainer as HFTrainer
     from transformers import TrainerCallback, TrainingArguments
 
-    if cfg.attn_implementation == "varlen":  # plain transformers: block attention is SDPA with the 4D mask
-        cfg = replace(cfg, attn_implementation="sdpa")
+    if cfg.train.attn_implementation == "varlen":  # plain transformers: block attention is SDPA with the 4D mask
+        cfg = replace(cfg, train=replace(cfg.train, attn_implementation="sdpa"))
     tcfg, precision, split, _tok, model, info, ds, device, rows = _setup(cfg)
     mask_dtype = DTYPES[precision]
-    flat = [int(i) for r in rows for i in r]
+    flat = [int(i) for step in rows for r in step for i in r]
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):
@@ -414,14 +411,14 @@ def run_hf_trainer(cfg: ThroughputConfig) -> dict:
 
     adam = ds.get("optimizer", {}).get("params", {})
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf_trainer_"), per_device_train_batch_size=cfg.micro_batch,
-        gradient_accumulation_steps=1, max_steps=len(rows), learning_rate=cfg.lr, lr_scheduler_type="constant",
+        output_dir=tempfile.mkdtemp(prefix="hf_trainer_"), per_device_train_batch_size=tcfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gas, max_steps=len(rows), learning_rate=tcfg.lr, lr_scheduler_type="constant",
         weight_decay=tcfg.weight_decay, adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2,
         adam_epsilon=tcfg.adam_eps, max_grad_norm=tcfg.grad_clip, bf16=precision == "bf16", fp16=False,
         deepspeed=ds, gradient_checkpointing=False,  # the builder already enabled it when asked
-        logging_steps=10**9, save_strategy="no", report_to=[], disable_tqdm=True, seed=cfg.seed,
+        logging_steps=10**9, save_strategy="no", report_to=[], disable_tqdm=True, seed=tcfg.seed,
         dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device.type == "cpu")
-    assert not adam or adam.get("lr") == cfg.lr
+    assert not adam or adam.get("lr") == tcfg.lr
     timer = Timer()
     _PROGRESS["at"] = "while building the Trainer and its DeepSpeed engine"
     trainer = HFTrainer(model=model, args=args, train_dataset=Blocks(), callbacks=[timer])
@@ -487,9 +484,9 @@ def _median(xs: list[float]) -> float:
 
 def recompute_fraction(cfg: ThroughputConfig, n_layers: int) -> float:
     """Fraction of decoder layers gradient checkpointing recomputes (layers 0, K, 2K, ...)."""
-    if not cfg.gradient_checkpointing:
+    if not cfg.train.gradient_checkpointing:
         return 0.0
-    return len(range(0, n_layers, cfg.gradient_checkpointing_every)) / n_layers
+    return len(range(0, n_layers, cfg.train.gradient_checkpointing_every)) / n_layers
 
 
 def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
@@ -499,17 +496,18 @@ def summarise(cfg: ThroughputConfig, res: dict, peak) -> dict:
                   mc["num_key_value_heads"], mc["vocab_size"], bool(mc["tie_word_embeddings"]))
     mts = res.get("modules_to_save") or []
     span = res.get("attention_span") or cfg.seq_len  # block attention: only in-document pairs are model FLOPs
-    fl = train_flops_per_token(shape, span, cfg.train_type, lora_r=cfg.lora_r,
+    fl = train_flops_per_token(shape, span, cfg.train.train_type, lora_r=cfg.train.lora_r,
                                trainable_embed="embed_tokens" in mts, trainable_lm_head="lm_head" in mts,
                                recompute=recompute_fraction(cfg, shape.n_layers))
     times = sorted(res["step_times"])
     mean = sum(times) / len(times)
     median = _median(times)
-    tps = cfg.micro_batch * cfg.seq_len / median
+    step_tokens = cfg.train.global_batch_size * cfg.seq_len
+    tps = step_tokens / median
     cpu_median = _median(res["step_cpu_times"])
-    return {"tokens_per_s": tps, "tokens_per_s_mean": cfg.micro_batch * cfg.seq_len / mean, "step_s_median": median,
+    return {"tokens_per_s": tps, "tokens_per_s_mean": step_tokens / mean, "step_s_median": median,
             "step_s_mean": mean, "step_s_min": times[0], "step_s_max": times[-1],
-            "step_cpu_s_median": cpu_median, "tokens_per_cpu_s": cfg.micro_batch * cfg.seq_len / cpu_median,
+            "step_cpu_s_median": cpu_median, "tokens_per_cpu_s": step_tokens / cpu_median,
             "mfu": tps * fl.model / peak.flops, "hfu": tps * fl.hardware / peak.flops,
             "flops_per_token": fl.as_dict(), "peak_memory_gb": res["peak_memory_gb"],
             "memory_estimate_gb": res.get("memory_estimate_gb"), "attention_span": span}
@@ -520,7 +518,7 @@ def run(cfg: ThroughputConfig) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the peak is measured before any runner starts (on CPU: a big fp32 matmul on an idle process)
-    dtype = torch.float32 if device.type == "cpu" and cfg.precision in ("auto", "fp32") else torch.bfloat16
+    dtype = torch.float32 if device.type == "cpu" and cfg.train.precision in ("auto", "fp32") else torch.bfloat16
     peak = device_peak(device, dtype)
     results, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="tunesmith_tp_") as tmp:
@@ -566,7 +564,7 @@ def run(cfg: ThroughputConfig) -> dict:
            "tunesmith_vs_hf_trainer_cpu_time": cpu_ratio, "environment": environment()}
     path = cfg.output_path()
     write_json(path, out)
-    print(f"\n{cfg.model} {cfg.train_type}, seq {cfg.seq_len} x micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}, "
+    print(f"\n{cfg.train.model} {cfg.train.train_type}, {describe_batch(cfg)}, ZeRO-{zero_stage(first['ds_config'])}, "
           f"{first['precision']}, {first['n_params'] / 1e6:.2f} M params ({first['n_trainable'] / 1e6:.2f} M trainable)"
           f", {peak.device} (peak {peak.flops / 1e12:.2f} TFLOP/s, {peak.source}), {cfg.steps} timed steps; "
           f"tunesmith loss: {first.get('loss') or '-'}"
@@ -588,6 +586,11 @@ def run(cfg: ThroughputConfig) -> dict:
     return out
 
 
+def describe_batch(cfg: ThroughputConfig) -> str:
+    t = cfg.train
+    return f"seq {cfg.seq_len} x micro batch {t.micro_batch_size}" + (f" x {cfg.gas} accumulated" if cfg.gas > 1 else "")
+
+
 def _does_not_fit(cfg: ThroughputConfig, peak, fitted: dict, oom: dict) -> dict:
     """The verdict of a job that ran out of memory in at least one runner: JSON with ``"fits": false`` and where
     it ran out, one line per runner, and ``out["out_of_memory"]`` (the command then exits 3)."""
@@ -599,7 +602,7 @@ def _does_not_fit(cfg: ThroughputConfig, peak, fitted: dict, oom: dict) -> dict:
            "out_of_memory": sorted(oom), "results": results, "environment": environment()}
     path = cfg.output_path()
     write_json(path, out)
-    print(f"\n{cfg.model} {cfg.train_type}, seq {cfg.seq_len} x micro batch {cfg.micro_batch}, ZeRO-{cfg.zero}, "
+    print(f"\n{cfg.train.model} {cfg.train.train_type}, {describe_batch(cfg)}, {cfg.train.ds_config}, "
           f"{peak.device}{cap}:")
     for runner, r in results.items():
         if r["fits"]:
@@ -618,7 +621,7 @@ def worker(runner: str, cfg_path: str, out_path: str) -> None:
     the job does not fit -- written as ``{"out_of_memory": {...}}`` instead of a traceback."""
     import torch
 
-    cfg = ThroughputConfig(**json.loads(Path(cfg_path).read_text()))
+    cfg = ThroughputConfig.from_dict(json.loads(Path(cfg_path).read_text()))
     try:
         res = {"tunesmith": run_tunesmith, "hf_trainer": run_hf_trainer}[runner](cfg)
     except Exception as e:

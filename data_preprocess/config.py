@@ -11,9 +11,13 @@ data_preprocess is the lowest layer, so the error type lives here.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
 import json
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -37,6 +41,20 @@ def _hint(cls, name: str):
 def field_types(cls) -> dict[str, type]:
     """``{field name: type}`` of dataclass ``cls``, with ``X | None`` (and ``Optional[X]``) read as ``X``."""
     return {f.name: _hint(cls, f.name)[0] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """``{field name: its docstring}`` of dataclass ``cls`` (and its bases): the string literal right under a
+    field, the one place a field is documented -- ``--help`` and docs/reference.md both show it."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def parse_bool(v) -> bool:

@@ -105,8 +105,8 @@ def test_engine_out_of_memory_is_one_line_and_exit_3(huge_vocab, tmp_path):
 def test_harness_out_of_memory_is_a_does_not_fit_verdict(huge_vocab, tmp_path):
     out = tmp_path / "tp.json"
     p = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--model", str(huge_vocab["model"]),
-                        "--train_type", "full", "--loss", "hf", "--seq_len", "64", "--micro_batch", "256",
-                        "--steps", "1", "--warmup", "0", "--zero", "0", "--output", str(out)],
+                        "--train_type", "full", "--loss", "hf", "--seq_len", "64", "--micro_batch_size", "256",
+                        "--steps", "1", "--warmup", "0", "--ds_config", "ds_configs/zero0.json", "--output", str(out)],
                        cwd=REPO, capture_output=True, text=True, check=False, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
     assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]

@@ -9,13 +9,14 @@ import pytest
 
 from benchmarks import generate_speed, train_throughput
 from data_preprocess.hub import ArgumentError
+from training.config import TrainConfig
 
 
 @pytest.mark.slow
 def test_train_throughput_tiny_lora_vs_hf_trainer(tmp_path):
     out = tmp_path / "tt.json"
     res = train_throughput.main(["--model", "llama-tiny", "--train_type", "lora", "--lora_r", "8", "--seq_len", "64",
-                                 "--micro_batch", "2", "--zero", "2", "--steps", "2", "--warmup", "1",
+                                 "--micro_batch_size", "2", "--ds_config", "ds_configs/zero2.json", "--steps", "2", "--warmup", "1",
                                  "--vocab_size", "400", "--compare", "hf_trainer", "--output", str(out)])
     saved = json.loads(out.read_text())
     assert saved["tunesmith_vs_hf_trainer"] == pytest.approx(res["tunesmith_vs_hf_trainer"])
@@ -56,15 +57,16 @@ def test_generate_speed_tiny(tmp_path, tiny_model_dir):
     assert res["bandwidth_bound_tokens_per_s"] == pytest.approx(2 * saved["device"]["bandwidth"] / b["total"])
 
 
-# each a one-line refusal before any runner process starts (the later ones were tracebacks from inside one)
+# each a one-line refusal before any runner process starts (the later ones were tracebacks from inside one); the
+# training settings are refused by the training job's own validators (training/config.py), with its messages
 BAD_OPTIONS = [
     ("train_throughput", ["--train_type", "qlora"], "train_type"),
-    ("train_throughput", ["--compile", "true", "--zero", "3"], "ZeRO 0-2"),
+    ("train_throughput", ["--compile", "true", "--ds_config", "ds_configs/zero3.json"], "compile=true with ZeRO-3"),
     ("train_throughput", ["--memory_gb", "24", "--memory_fraction", "0.3"], "not both"),
-    ("train_throughput", ["--gradient_checkpointing_every", "2"], "needs --gradient_checkpointing"),
-    ("train_throughput", ["--attn_implementation", "varlen"], "add --doc_attention block"),
-    ("train_throughput", ["--precision", "fp8"], "--precision must be"),
-    ("train_throughput", ["--train_type", "lora", "--lora_r", "0"], "--lora_r must be >= 1"),
+    ("train_throughput", ["--gradient_checkpointing_every", "2"], "gradient_checkpointing is off"),
+    ("train_throughput", ["--attn_implementation", "varlen"], "Fix: doc_attention=block"),
+    ("train_throughput", ["--precision", "fp8"], "precision='fp8' is not one of"),
+    ("train_throughput", ["--train_type", "lora", "--lora_r", "0"], "lora_r >= 1, lora_alpha > 0"),
     ("train_throughput", ["--ds_config", "nope.json"], "ds_config: nope.json not found"),
     ("train_throughput", ["--model", "./no/such/model"], "no such directory"),
     ("generate_speed", ["--paths", "vllm"], "paths"),
@@ -89,7 +91,7 @@ def test_memory_cap_and_recompute_fraction():
     assert train_throughput.memory_cap_fraction(cfg, 141 * 2**30) == pytest.approx(24 / 141)  # H200
     assert train_throughput.memory_cap_fraction(cfg, 16 * 2**30) == 1.0                     # no cap above the card
     assert train_throughput.memory_cap_fraction(train_throughput.ThroughputConfig(memory_fraction=0.5), 1) == 0.5
-    ck = train_throughput.ThroughputConfig(gradient_checkpointing=True, gradient_checkpointing_every=3)
+    ck = train_throughput.ThroughputConfig(train=TrainConfig(gradient_checkpointing=True, gradient_checkpointing_every=3))
     assert train_throughput.recompute_fraction(ck, 32) == 11 / 32  # layers 0, 3, ..., 30
     assert train_throughput.recompute_fraction(train_throughput.ThroughputConfig(), 32) == 0.0
 
@@ -156,8 +158,8 @@ def test_gpu_suite_rehearses_on_cpu(tmp_path):
     assert '"deepspeed"' in p.stdout and "=== loss7b" in p.stdout
     assert (tmp_path / "suite.log").read_text() == p.stdout + p.stderr  # the log that comes back from a device call
     saved = json.loads((tmp_path / "tt_7b_lora_hfloss.json").read_text())
-    assert saved["config"]["model"] == "llama-tiny" and saved["config"]["loss"] == "hf"
-    assert saved["config"]["train_type"] == "lora" and saved["config"]["lora_r"] == 64
+    assert saved["config"]["train"]["model"] == "llama-tiny" and saved["config"]["train"]["loss"] == "hf"
+    assert saved["config"]["train"]["train_type"] == "lora" and saved["config"]["train"]["lora_r"] == 64
     assert saved["results"]["tunesmith"]["tokens_per_s"] > 0
     # the suite ends with the report against the issue's targets; a rehearsal's CPU figures are marked as such
     report = p.stdout[p.stdout.index("=== report"):]
@@ -218,13 +220,13 @@ def _report_verdicts(tt: dict, d):
 @pytest.mark.slow
 def test_compiled_decoder_layers_train_the_same(tmp_path):
     """--compile (the engine's compile=true: torch.compile per decoder layer) changes speed, not the numbers."""
-    common = ["--model", "llama-tiny", "--train_type", "full", "--seq_len", "64", "--micro_batch", "2", "--zero", "2",
+    common = ["--model", "llama-tiny", "--train_type", "full", "--seq_len", "64", "--micro_batch_size", "2", "--ds_config", "ds_configs/zero2.json",
               "--steps", "2", "--warmup", "1", "--vocab_size", "400"]
     eager = train_throughput.main([*common, "--output", str(tmp_path / "eager.json")])
     compiled = train_throughput.main([*common, "--compile", "true", "--output", str(tmp_path / "compiled.json")])
     a, b = eager["results"]["tunesmith"]["losses"], compiled["results"]["tunesmith"]["losses"]
     assert len(a) == len(b) == 3 and a == pytest.approx(b, abs=1e-4)
-    assert json.loads((tmp_path / "compiled.json").read_text())["config"]["compile"] is True
+    assert json.loads((tmp_path / "compiled.json").read_text())["config"]["train"]["compile"] is True
     # block attention: the 4D mask (eager) and document bounds inside compiled layers (the varlen attention runs
     # eagerly inside the compiled graph) train the same model
     block = ["--doc_attention", "block"]

@@ -335,106 +335,151 @@ def model_config_dict(model: str) -> dict | None:
 
 
 def validate(cfg: TrainConfig, env: Environment) -> dict:
-    """Refuses invalid jobs with a one-line reason + fix. Returns facts learnt on the way (meta, ds config).
+    """Refuses invalid jobs with a one-line reason + fix, before any model loads: the checks below, by topic, in
+    this order. Returns facts learnt on the way (meta, ds config, tokenizer, ...).
 
     A ``model`` given as a named source or ``PATH.gguf`` is imported here and ``cfg.model`` is set to the
     imported HF dir (``facts["model_source"]`` keeps what was asked for, for job.json)."""
-    from training.presets import PRESETS  # (here: transformers; config stays torch-free)
+    check_choices(cfg)
+    check_optimization(cfg, env)
+    check_lora(cfg)
+    precision = check_precision(cfg, env)
+    ds = check_deepspeed(cfg)
+    sources = check_data(cfg)
+    meta = sources[0]["meta"]
+    tok, ident = check_tokenizer(cfg, sources)
+    model_source, hidden, base_vocab = check_model(cfg, meta, tok)
+    check_output(cfg)
+    check_reporting(cfg)
+    return {"meta": meta, "ds": ds, "precision": precision, "tokenizer": tok, "tokenizer_identity": ident,
+            "hidden_size": hidden, "base_vocab": base_vocab, "sources": sources, "model_source": model_source}
 
-    def bad(msg: str):
-        raise ConfigError(msg)
 
-    choice = {"train_type": ("full", "lora"), "precision": ("auto", "bf16", "fp16", "fp32"),
-              "optimizer": ("deepspeed", "torch"), "doc_attention": ("causal", "block"),
-              "attn_implementation": ("sdpa", "eager", "varlen"), "loss": ("auto", "chunked", "hf"),
-              "tied_embeddings": ("shared", "untie")}
-    for k, allowed in choice.items():
+def _bad(msg: str):
+    raise ConfigError(msg)
+
+
+CHOICES = {"train_type": ("full", "lora"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "optimizer": ("deepspeed", "torch"), "doc_attention": ("causal", "block"),
+           "attn_implementation": ("sdpa", "eager", "varlen"), "loss": ("auto", "chunked", "hf"),
+           "tied_embeddings": ("shared", "untie")}
+"""The allowed values of the job's choice fields (the first is the one a fix suggests)."""
+
+
+def check_choices(cfg: TrainConfig) -> None:
+    """Every choice field holds one of its values; ``report_to`` names known trackers."""
+    for k, allowed in CHOICES.items():
         if getattr(cfg, k) not in allowed:
-            bad(f"{k}={getattr(cfg, k)!r} is not one of {list(allowed)}. Fix: {k}={allowed[0]}")
+            _bad(f"{k}={getattr(cfg, k)!r} is not one of {list(allowed)}. Fix: {k}={allowed[0]}")
     for r in cfg.report_to:
         if r not in ("tensorboard", "wandb", "none"):
-            bad(f"report_to: {r!r} unknown. Fix: report_to=tensorboard,wandb (or none)")
-    # ---- numbers
+            _bad(f"report_to: {r!r} unknown. Fix: report_to=tensorboard,wandb (or none)")
+
+
+def check_optimization(cfg: TrainConfig, env: Environment) -> None:
+    """Batch sizes (the global batch splits evenly over micro-batches x ranks), the LR schedule, clipping,
+    activation checkpointing, attention and the loss: numbers in range and combinations that can run."""
     if not cfg.rendezvous_timeout_s > 0:
-        bad(f"rendezvous_timeout_s={cfg.rendezvous_timeout_s} must be > 0. Fix: rendezvous_timeout_s=600")
+        _bad(f"rendezvous_timeout_s={cfg.rendezvous_timeout_s} must be > 0. Fix: rendezvous_timeout_s=600")
     if cfg.micro_batch_size < 1 or cfg.global_batch_size < 1:
-        bad("micro_batch_size and global_batch_size must be >= 1. Fix: e.g. global_batch_size=8 micro_batch_size=4")
+        _bad("micro_batch_size and global_batch_size must be >= 1. Fix: e.g. global_batch_size=8 micro_batch_size=4")
     per_step = cfg.micro_batch_size * env.world_size
     if cfg.global_batch_size % per_step:
-        bad(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size x world size = "
-            f"{cfg.micro_batch_size} x {env.world_size}. Fix: global_batch_size="
-            f"{max(1, round(cfg.global_batch_size / per_step)) * per_step}")
+        _bad(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size x world size = "
+             f"{cfg.micro_batch_size} x {env.world_size}. Fix: global_batch_size="
+             f"{max(1, round(cfg.global_batch_size / per_step)) * per_step}")
     if not cfg.lr > 0:
-        bad(f"lr={cfg.lr} must be > 0. Fix: lr=1e-4")
+        _bad(f"lr={cfg.lr} must be > 0. Fix: lr=1e-4")
     if not 0 <= cfg.warmup_ratio < 1:
-        bad(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1). Fix: warmup_ratio=0.05")
+        _bad(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1). Fix: warmup_ratio=0.05")
     if not 0 <= cfg.min_lr_ratio <= 1:
-        bad(f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]. Fix: min_lr_ratio=0.1")
+        _bad(f"min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]. Fix: min_lr_ratio=0.1")
     if cfg.max_steps < 0 or (cfg.max_steps == 0 and not cfg.num_epochs > 0):
-        bad("nothing to train: max_steps=0 and num_epochs<=0. Fix: max_steps=1000 or num_epochs=1")
+        _bad("nothing to train: max_steps=0 and num_epochs<=0. Fix: max_steps=1000 or num_epochs=1")
     if cfg.gradient_checkpointing_every < 1:
-        bad(f"gradient_checkpointing_every={cfg.gradient_checkpointing_every} must be >= 1 (1 = every layer). "
-            "Fix: gradient_checkpointing_every=1")
+        _bad(f"gradient_checkpointing_every={cfg.gradient_checkpointing_every} must be >= 1 (1 = every layer). "
+             "Fix: gradient_checkpointing_every=1")
     if cfg.gradient_checkpointing_every != 1 and not cfg.gradient_checkpointing:
-        bad(f"gradient_checkpointing_every={cfg.gradient_checkpointing_every} selects layers to recompute, but "
-            "gradient_checkpointing is off. Fix: gradient_checkpointing=true (or drop gradient_checkpointing_every)")
+        _bad(f"gradient_checkpointing_every={cfg.gradient_checkpointing_every} selects layers to recompute, but "
+             "gradient_checkpointing is off. Fix: gradient_checkpointing=true (or drop gradient_checkpointing_every)")
     if cfg.attn_implementation == "varlen" and cfg.doc_attention != "block":
-        bad("attn_implementation=varlen computes doc_attention=block (a token sees only its own packed document), "
-            f"but doc_attention={cfg.doc_attention}. Fix: doc_attention=block, or attn_implementation=sdpa")
+        _bad("attn_implementation=varlen computes doc_attention=block (a token sees only its own packed document), "
+             f"but doc_attention={cfg.doc_attention}. Fix: doc_attention=block, or attn_implementation=sdpa")
     if cfg.loss_chunk_size < 1:
-        bad(f"loss_chunk_size={cfg.loss_chunk_size} must be >= 1. Fix: loss_chunk_size=1024")
+        _bad(f"loss_chunk_size={cfg.loss_chunk_size} must be >= 1. Fix: loss_chunk_size=1024")
     if cfg.loss == "chunked" and cfg.train_type == "lora" and "lm_head" in cfg.lora_target_modules:
-        bad("loss=chunked reads lm_head's weight, but lora_target_modules puts a LoRA adapter on lm_head. "
-            "Fix: loss=auto (falls back to the HF loss) or drop lm_head from lora_target_modules")
+        _bad("loss=chunked reads lm_head's weight, but lora_target_modules puts a LoRA adapter on lm_head. "
+             "Fix: loss=auto (falls back to the HF loss) or drop lm_head from lora_target_modules")
     if cfg.grad_clip < 0:
-        bad(f"grad_clip={cfg.grad_clip} must be >= 0 (0 = off). Fix: grad_clip=1.0")
+        _bad(f"grad_clip={cfg.grad_clip} must be >= 0 (0 = off). Fix: grad_clip=1.0")
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    """train_type=lora: a rank, alpha and dropout in range and at least one target module."""
     if cfg.train_type == "lora":
         if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
-            bad("lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1 are required. Fix: lora_r=64 lora_alpha=16 lora_dropout=0.1")
+            _bad("lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1 are required. Fix: lora_r=64 lora_alpha=16 lora_dropout=0.1")
         if not cfg.lora_target_modules:
-            bad(f"lora_target_modules is empty. Fix: lora_target_modules={','.join(LLAMA_PROJECTIONS)}")
-    # ---- precision vs hardware
+            _bad(f"lora_target_modules is empty. Fix: lora_target_modules={','.join(LLAMA_PROJECTIONS)}")
+
+
+def check_precision(cfg: TrainConfig, env: Environment) -> str:
+    """The precision the job runs in (``auto`` resolved), refused where the hardware lacks it."""
     precision = resolve_precision(cfg, env)
     if env.device == "cpu" and precision == "fp16":
-        bad("precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling is CUDA-only); this run is on CPU. Fix: precision=fp32")
+        _bad("precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling is CUDA-only); this run is on CPU. Fix: precision=fp32")
     if env.device == "cuda" and precision == "bf16" and not env.bf16_supported:
-        bad("precision=bf16 but this GPU has no bf16 (pre-Ampere). Fix: precision=fp16 (dynamic loss scaling)")
-    # ---- DeepSpeed config
+        _bad("precision=bf16 but this GPU has no bf16 (pre-Ampere). Fix: precision=fp16 (dynamic loss scaling)")
+    return precision
+
+
+def check_deepspeed(cfg: TrainConfig) -> dict:
+    """The job's DeepSpeed config (read, not yet filled), refused where its offload / stage / optimizer block
+    cannot run with the job's optimizer and compile settings."""
     ds = read_ds_config(cfg)
     off_opt, off_par = offloads(ds)
     if off_opt and cfg.optimizer == "torch":
-        bad(f"{cfg.ds_config} offloads the optimizer to CPU, which needs DeepSpeed's optimizer (DeepSpeedCPUAdam), "
-            "not a torch optimizer. Fix: optimizer=deepspeed")
+        _bad(f"{cfg.ds_config} offloads the optimizer to CPU, which needs DeepSpeed's optimizer (DeepSpeedCPUAdam), "
+             "not a torch optimizer. Fix: optimizer=deepspeed")
     if off_opt and "optimizer" not in ds:
-        bad(f"{cfg.ds_config} offloads the optimizer but has no \"optimizer\" block, so DeepSpeed cannot build "
-            "DeepSpeedCPUAdam. Fix: add \"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\"}}")
+        _bad(f"{cfg.ds_config} offloads the optimizer but has no \"optimizer\" block, so DeepSpeed cannot build "
+             "DeepSpeedCPUAdam. Fix: add \"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": \"auto\"}}")
     if off_par and zero_stage(ds) != 3:
-        bad(f"{cfg.ds_config}: offload_param needs ZeRO stage 3. Fix: ds_config=ds_configs/zero3_offload.json")
+        _bad(f"{cfg.ds_config}: offload_param needs ZeRO stage 3. Fix: ds_config=ds_configs/zero3_offload.json")
     if cfg.compile and zero_stage(ds) == 3:
-        bad(f"compile=true with ZeRO-3 ({cfg.ds_config}): ZeRO-3 gathers parameters in module hooks that break "
-            "torch.compile's graphs. Fix: compile=false, or a ZeRO-0/1/2 ds_config")
+        _bad(f"compile=true with ZeRO-3 ({cfg.ds_config}): ZeRO-3 gathers parameters in module hooks that break "
+             "torch.compile's graphs. Fix: compile=false, or a ZeRO-0/1/2 ds_config")
     if cfg.optimizer == "deepspeed" and "optimizer" not in ds:
-        bad(f"optimizer=deepspeed but {cfg.ds_config} has no \"optimizer\" block. Fix: optimizer=torch, or use a ds_configs/*.json")
-    # ---- data
-    sources = check_data(cfg)
-    meta = sources[0]["meta"]
-    # ---- tokenizer vs shards
-    tdir = Path(cfg.tokenizer_dir)
+        _bad(f"optimizer=deepspeed but {cfg.ds_config} has no \"optimizer\" block. Fix: optimizer=torch, or use a ds_configs/*.json")
+    return ds
+
+
+def check_tokenizer(cfg: TrainConfig, sources: list[dict]):
+    """(tokenizer, its identity): the tokenizer the shards were made with (same vocab and hash), with a pad token."""
+    meta, tdir = sources[0]["meta"], Path(cfg.tokenizer_dir)
     if not tdir.is_dir():
-        bad(f"tokenizer {tdir}: not a directory. Fix: tokenizer=DIR (the one the shards were made with)")
-    from transformers import AutoTokenizer
+        _bad(f"tokenizer {tdir}: not a directory. Fix: tokenizer=DIR (the one the shards were made with)")
+    from transformers import AutoTokenizer  # heavy: only once the cheap checks passed
 
     tok = AutoTokenizer.from_pretrained(str(tdir))
     ident = tokenizer_identity(tdir, tok)
     mtok = meta.get("tokenizer", {})
     if ident["vocab_size"] != meta["vocab_size"] or (mtok.get("hash") and mtok["hash"] != ident["hash"]):
         d0 = sources[0]["dir"]
-        bad(f"tokenizer {tdir} (vocab {ident['vocab_size']}, hash {ident['hash']}) is not the one the shards in "
-            f"{d0} were made with (vocab {meta['vocab_size']}, hash {mtok.get('hash')}). Fix: "
-            f"tokenizer={Path(d0) / 'tokenizer'} or re-run data_preprocess with this tokenizer")
+        _bad(f"tokenizer {tdir} (vocab {ident['vocab_size']}, hash {ident['hash']}) is not the one the shards in "
+             f"{d0} were made with (vocab {meta['vocab_size']}, hash {mtok.get('hash')}). Fix: "
+             f"tokenizer={Path(d0) / 'tokenizer'} or re-run data_preprocess with this tokenizer")
     if tok.pad_token_id is None:
-        bad(f"tokenizer {tdir} has no pad token. Fix: re-save it with a pad token distinct from eos")
-    # ---- model source
+        _bad(f"tokenizer {tdir} has no pad token. Fix: re-save it with a pad token distinct from eos")
+    return tok, ident
+
+
+def check_model(cfg: TrainConfig, meta: dict, tok):
+    """(model source record or None, hidden size, base vocab or None): the model exists (a preset, an HF dir or a
+    hub id; a named source / .gguf is imported and ``cfg.model`` set to its dir), its positions fit the shards'
+    max_len, and LoRA trains the rows a larger tokenizer adds."""
+    from training.presets import PRESETS  # (here: transformers; config stays torch-free)
+
     model_source = None
     if is_model_source(cfg.model):
         # smollm2-135m / PATH.gguf: imported once into a cached HF dir (a lock makes the ranks import it once);
@@ -442,7 +487,7 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         try:
             resolved = resolve_source(cfg.model)
         except ArgumentError as e:
-            bad(f"model={e}")
+            _bad(f"model={e}")
         record = read_record(resolved) or {}
         model_source = {"source": cfg.model, "dir": resolved, "sha256": record.get("sha256"),
                         "quantization": record.get("quantization")}
@@ -455,34 +500,40 @@ def validate(cfg: TrainConfig, env: Environment) -> dict:
         mc = model_config_dict(cfg.model)
         looks_local = cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") != 1  # hub ids are org/name
         if mc is None and (Path(cfg.model).exists() or looks_local):
-            bad(f"model={cfg.model}: not a preset and no config.json there. Fix: a preset ({sorted(PRESETS)}) or an HF model dir")
+            _bad(f"model={cfg.model}: not a preset and no config.json there. Fix: a preset ({sorted(PRESETS)}) or an HF model dir")
         max_pos = (mc or {}).get("max_position_embeddings", 10**9)
         hidden = (mc or {}).get("hidden_size", 4096)
         base_vocab = (mc or {}).get("vocab_size")
     if meta["max_len"] > max_pos:
-        bad(f"shards have max_len {meta['max_len']} > the model's max_position_embeddings {max_pos}. Fix: "
-            f"re-run data_preprocess with --max_len {max_pos}")
+        _bad(f"shards have max_len {meta['max_len']} > the model's max_position_embeddings {max_pos}. Fix: "
+             f"re-run data_preprocess with --max_len {max_pos}")
     resized = base_vocab is not None and len(tok) > base_vocab
     if cfg.train_type == "lora" and resized and cfg.lora_modules_to_save is not None and not {
             "embed_tokens", "lm_head"} <= set(cfg.lora_modules_to_save):
-        bad(f"the tokenizer adds {len(tok) - base_vocab} tokens to {cfg.model}, but lora_modules_to_save="
-            f"{cfg.lora_modules_to_save} leaves the new rows untrained and unsaved. Fix: "
-            "lora_modules_to_save=embed_tokens,lm_head")
-    # ---- output dir / resume
+        _bad(f"the tokenizer adds {len(tok) - base_vocab} tokens to {cfg.model}, but lora_modules_to_save="
+             f"{cfg.lora_modules_to_save} leaves the new rows untrained and unsaved. Fix: "
+             "lora_modules_to_save=embed_tokens,lm_head")
+    return model_source, hidden, base_vocab
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """``resume`` names an existing checkpoint, or the output dir holds none a fresh run would mix with."""
     ckpt = Path(cfg.output_dir) / "checkpoints"
     if cfg.resume not in ("", "auto"):
         if not Path(cfg.resume).exists():
-            bad(f"resume={cfg.resume}: no such checkpoint. Fix: resume=auto or a path like {ckpt}/step-00000100")
+            _bad(f"resume={cfg.resume}: no such checkpoint. Fix: resume=auto or a path like {ckpt}/step-00000100")
     elif cfg.resume == "" and (ckpt / "latest").exists():
-        bad(f"{cfg.output_dir} already has checkpoints ({(ckpt / 'latest').read_text().strip()}). Fix: resume=auto "
-            "to continue, or a new output_dir")
+        _bad(f"{cfg.output_dir} already has checkpoints ({(ckpt / 'latest').read_text().strip()}). Fix: resume=auto "
+             "to continue, or a new output_dir")
+
+
+def check_reporting(cfg: TrainConfig) -> None:
+    """The trackers ``report_to`` names are installed."""
     if "wandb" in cfg.report_to:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            bad("report_to includes wandb but wandb is not installed. Fix: pip install wandb, or report_to=tensorboard")
-    return {"meta": meta, "ds": ds, "precision": precision, "tokenizer": tok, "tokenizer_identity": ident,
-            "hidden_size": hidden, "base_vocab": base_vocab, "sources": sources, "model_source": model_source}
+            _bad("report_to includes wandb but wandb is not installed. Fix: pip install wandb, or report_to=tensorboard")
 
 
 def check_data(cfg: TrainConfig) -> list[dict]:
@@ -490,23 +541,20 @@ def check_data(cfg: TrainConfig) -> list[dict]:
     ConfigError naming the directory or the weight to change: every dir a preprocess output of ``cfg.mode`` with
     train and val blocks; several dirs (a mixture) made with one tokenizer and one max_len; weights one per dir,
     >= 0, not all 0."""
-    def bad(msg: str):
-        raise ConfigError(msg)
-
     if not cfg.data_dir:
-        bad("data_dir is empty. Fix: data_dir=DIR made by `python -m data_preprocess.preprocess -o DIR ...`")
+        _bad("data_dir is empty. Fix: data_dir=DIR made by `python -m data_preprocess.preprocess -o DIR ...`")
     resolved = [str(Path(d).resolve()) for d in cfg.data_dir]
     for i, r in enumerate(resolved):
         if r in resolved[:i]:
-            bad(f"data_dir lists {cfg.data_dir[i]} twice. Fix: give each shard dir once (data_weights sets its share)")
+            _bad(f"data_dir lists {cfg.data_dir[i]} twice. Fix: give each shard dir once (data_weights sets its share)")
     w = list(cfg.data_weights)
     if w and len(w) != len(cfg.data_dir):
-        bad(f"data_weights has {len(w)} weights for {len(cfg.data_dir)} data_dir entries. Fix: one weight per dir, "
-            f"e.g. data_weights={','.join(['1'] * len(cfg.data_dir))}")
+        _bad(f"data_weights has {len(w)} weights for {len(cfg.data_dir)} data_dir entries. Fix: one weight per dir, "
+             f"e.g. data_weights={','.join(['1'] * len(cfg.data_dir))}")
     if any(not (x >= 0 and x < float("inf")) for x in w):
-        bad(f"data_weights={w}: a weight is negative or not a number. Fix: weights >= 0, e.g. 0.9,0.1")
+        _bad(f"data_weights={w}: a weight is negative or not a number. Fix: weights >= 0, e.g. 0.9,0.1")
     if w and sum(w) == 0:
-        bad(f"data_weights={w} are all 0: nothing to train on. Fix: give at least one source a weight > 0")
+        _bad(f"data_weights={w} are all 0: nothing to train on. Fix: give at least one source a weight > 0")
     sources = []
     for i, d in enumerate(cfg.data_dir):
         try:
@@ -514,28 +562,28 @@ def check_data(cfg: TrainConfig) -> list[dict]:
             train = open_split(d, "train", meta)
             val = open_split(d, "val", meta) if (Path(d) / "val.tokens.bin").exists() else None
         except (FileNotFoundError, ValueError) as e:
-            bad(f"data_dir: {e}. Fix: (re)build it with `python -m data_preprocess.preprocess -o {d} ...` "
-                "or point data_dir at a preprocess output dir")
+            _bad(f"data_dir: {e}. Fix: (re)build it with `python -m data_preprocess.preprocess -o {d} ...` "
+                 "or point data_dir at a preprocess output dir")
         if len(train) == 0:
-            bad(f"data_dir {d}: the train split has no blocks. Fix: preprocess more data or a smaller --max_len")
+            _bad(f"data_dir {d}: the train split has no blocks. Fix: preprocess more data or a smaller --max_len")
         if meta["mode"] != cfg.mode:
-            bad(f"mode={cfg.mode} but {d} holds '{meta['mode']}' shards. Fix: mode={meta['mode']} or point "
-                f"data_dir at {cfg.mode} shards")
+            _bad(f"mode={cfg.mode} but {d} holds '{meta['mode']}' shards. Fix: mode={meta['mode']} or point "
+                 f"data_dir at {cfg.mode} shards")
         if val is None or len(val) == 0:
-            bad(f"data_dir {d}: the val split is empty (needed for validation loss). Fix: re-run "
-                "data_preprocess.preprocess with --val_ratio > 0 on at least 2 tunes/records (it then keeps at least "
-                "one for val; more data or a larger --val_ratio, e.g. 0.1, gives a bigger val split)")
+            _bad(f"data_dir {d}: the val split is empty (needed for validation loss). Fix: re-run "
+                 "data_preprocess.preprocess with --val_ratio > 0 on at least 2 tunes/records (it then keeps at least "
+                 "one for val; more data or a larger --val_ratio, e.g. 0.1, gives a bigger val split)")
         if sources:
             first = sources[0]
             m0 = first["meta"]
             h0, h = m0.get("tokenizer", {}).get("hash"), meta.get("tokenizer", {}).get("hash")
             if meta["vocab_size"] != m0["vocab_size"] or h != h0:
-                bad(f"data_dir {d} was made with another tokenizer (vocab {meta['vocab_size']}, hash {h}) than "
-                    f"{first['dir']} (vocab {m0['vocab_size']}, hash {h0}): one model reads one tokenizer's ids. "
-                    f"Fix: re-run data_preprocess on {d} with -t {Path(first['dir']) / 'tokenizer'}")
+                _bad(f"data_dir {d} was made with another tokenizer (vocab {meta['vocab_size']}, hash {h}) than "
+                     f"{first['dir']} (vocab {m0['vocab_size']}, hash {h0}): one model reads one tokenizer's ids. "
+                     f"Fix: re-run data_preprocess on {d} with -t {Path(first['dir']) / 'tokenizer'}")
             if meta["max_len"] != m0["max_len"]:
-                bad(f"data_dir {d} has max_len {meta['max_len']} but {first['dir']} has {m0['max_len']}: a batch is "
-                    f"blocks of one length. Fix: re-run data_preprocess on {d} with --max_len {m0['max_len']}")
+                _bad(f"data_dir {d} has max_len {meta['max_len']} but {first['dir']} has {m0['max_len']}: a batch is "
+                     f"blocks of one length. Fix: re-run data_preprocess on {d} with --max_len {m0['max_len']}")
         name = Path(resolved[i]).name or f"source{i}"
         if any(x["name"] == name for x in sources):
             name = f"{name}_{i}"
