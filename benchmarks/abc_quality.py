@@ -48,7 +48,6 @@ from benchmarks.common import (
     generate,
     load,
     markdown_table,
-    opt,
     parse_config,
     write_json,
     write_jsonl,
@@ -223,21 +222,36 @@ def summarise(entries: list[dict], use_music21: bool, memo: bool) -> dict:
 
 @dataclass
 class ABCQualityConfig(ModelArgs):
-    n: int = opt(100, "number of tunes to generate (or to sample from --abc_file; 0 = all of the file)")
-    abc_file: str | None = opt(None, "score this ABC file / dir of .abc files instead of generating")
-    prompts: str | None = opt(None, "JSONL {prompt, key, meter} or text file of instruction prompts")
-    conditioned_share: float = opt(0.5, "share of the n tunes generated from instruction prompts")
-    header: str = opt("X:1\n", "ABC text that unconditional generations continue (escapes like \\n allowed)")
-    train_corpus: str | None = opt(None, "training corpus for the memorisation check (ABC file/dir, JSONL, music21)")
-    ngram: int = opt(10, "character n-gram length of the near-copy check")
-    overlap_threshold: float = opt(0.8, "n-gram overlap at or above which a tune counts as a near copy")
-    music21: bool = opt(True, "also check that music21 parses each tune")
-    max_new_tokens: int = opt(512, "tokens per generation")
-    temperature: float = opt(0.8, "sampling temperature (0 = greedy)")
-    top_p: float = opt(0.9, "nucleus sampling")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
-    repetition_penalty: float = opt(1.0, "generation repetition penalty")
-    constrain: str = opt("none", "none | abc | both: generate under the ABC constraint (both: side by side)")
+    n: int = 100
+    """number of tunes to generate (or to sample from --abc_file; 0 = all of the file)"""
+    abc_file: str | None = None
+    """score this ABC file / dir of .abc files instead of generating"""
+    prompts: str | None = None
+    """JSONL {prompt, key, meter} or text file of instruction prompts"""
+    conditioned_share: float = 0.5
+    """share of the n tunes generated from instruction prompts"""
+    header: str = "X:1\n"
+    """ABC text that unconditional generations continue (escapes like \\n allowed)"""
+    train_corpus: str | None = None
+    """training corpus for the memorisation check (ABC file/dir, JSONL, music21)"""
+    ngram: int = 10
+    """character n-gram length of the near-copy check"""
+    overlap_threshold: float = 0.8
+    """n-gram overlap at or above which a tune counts as a near copy"""
+    music21: bool = True
+    """also check that music21 parses each tune"""
+    max_new_tokens: int = 512
+    """tokens per generation"""
+    temperature: float = 0.8
+    """sampling temperature (0 = greedy)"""
+    top_p: float = 0.9
+    """nucleus sampling"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    repetition_penalty: float = 1.0
+    """generation repetition penalty"""
+    constrain: str = "none"
+    """none | abc | both: generate under the ABC constraint (both: side by side)"""
 
     def validate(self):
         if not self.abc_file and not self.model:

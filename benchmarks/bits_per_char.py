@@ -32,7 +32,6 @@ from benchmarks.common import (
     load,
     markdown_table,
     model_max_length,
-    opt,
     parse_config,
     score_continuations,
     write_json,
@@ -81,10 +80,14 @@ def windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int
 
 @dataclass
 class BPCConfig(ModelArgs):
-    data: str = opt(None, "ABC/text file or dir, or a shards dir (meta.json) whose --split is scored")
-    split: str = opt("val", "shards split to score (shards input only)")
-    stride: int | None = opt(None, "sliding-window step in tokens (default: max_length // 2)")
-    limit: int | None = opt(None, "at most this many documents / blocks")
+    data: str = None
+    """ABC/text file or dir, or a shards dir (meta.json) whose --split is scored"""
+    split: str = "val"
+    """shards split to score (shards input only)"""
+    stride: int | None = None
+    """sliding-window step in tokens (default: max_length // 2)"""
+    limit: int | None = None
+    """at most this many documents / blocks"""
 
     def validate(self):
         if not self.data:

@@ -143,25 +143,30 @@ def parse_config(cls, argv: list[str] | None = None, description: str = ""):
     return cfg
 
 
-def opt(default, help: str):
-    """A dataclass field with a help string (shown by ``--help``)."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclass
 class ModelArgs:
     """Options every model-based benchmark shares."""
 
-    model: str = opt(None, "HF model dir or hub id (a merged model, or the base for --lora_model)")
-    lora_model: str | None = opt(None, "PEFT adapter dir to apply on top of --model")
-    tokenizer: str | None = opt(None, "tokenizer dir (default: the adapter dir, else the model dir)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = opt("auto", "auto | fp32 | bf16 | fp16")
-    batch_size: int = opt(8, "sequences per forward pass")
-    max_length: int | None = opt(None, "max tokens per sequence (default: the model's max_position_embeddings)")
-    add_bos: bool = opt(True, "prepend the BOS token to every sequence (LLaMA convention)")
-    output: str | None = opt(None, "result JSON path (default: outputs/benchmarks/<bench>_<model>.json)")
-    seed: int = opt(0, "random seed (sampling, subsets)")
+    model: str = None
+    """HF model dir or hub id (a merged model, or the base for --lora_model)"""
+    lora_model: str | None = None
+    """PEFT adapter dir to apply on top of --model"""
+    tokenizer: str | None = None
+    """tokenizer dir (default: the adapter dir, else the model dir)"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    dtype: str = "auto"
+    """auto | fp32 | bf16 | fp16"""
+    batch_size: int = 8
+    """sequences per forward pass"""
+    max_length: int | None = None
+    """max tokens per sequence (default: the model's max_position_embeddings)"""
+    add_bos: bool = True
+    """prepend the BOS token to every sequence (LLaMA convention)"""
+    output: str | None = None
+    """result JSON path (default: outputs/benchmarks/<bench>_<model>.json)"""
+    seed: int = 0
+    """random seed (sampling, subsets)"""
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 
 from benchmarks.abc_metrics import check_bars
-from benchmarks.common import opt, parse_config, write_json
+from benchmarks.common import parse_config, write_json
 from data_preprocess.abctools import abc_to_midi
 from data_preprocess.corpus import iter_tunes
 from data_preprocess.hub import ArgumentError, exit_on_argument_error
@@ -45,12 +45,18 @@ CLASSES = ("bars", "header_text", "incomplete_end", "empty_bars", "prose_run", "
 
 @dataclass
 class PropertyConfig:
-    corpus: str = opt("music21", "music21, a dir of .abc, a .jsonl ... (data_preprocess.corpus)")
-    limit: int = opt(0, "a deterministic sample of N tunes (0 = all)")
-    seed: int = opt(0, "the sample's seed")
-    workers: int = opt(2, "processes running abc2midi and the state machine")
-    show: int = opt(20, "refusals to print")
-    output: str = opt("outputs/benchmarks/constraint_property.json", "where the JSON record goes")
+    corpus: str = "music21"
+    """music21, a dir of .abc, a .jsonl ... (data_preprocess.corpus)"""
+    limit: int = 0
+    """a deterministic sample of N tunes (0 = all)"""
+    seed: int = 0
+    """the sample's seed"""
+    workers: int = 2
+    """processes running abc2midi and the state machine"""
+    show: int = 20
+    """refusals to print"""
+    output: str = "outputs/benchmarks/constraint_property.json"
+    """where the JSON record goes"""
 
     def validate(self):
         if self.workers < 1 or self.limit < 0:

@@ -42,7 +42,6 @@ from benchmarks.common import (
     default_output,
     environment,
     markdown_table,
-    opt,
     parse_config,
     write_json,
 )
@@ -57,19 +56,32 @@ PATHS = ("hf_default", "tunesmith", "static")
 
 @dataclass
 class GenerateSpeedConfig:
-    model: str = opt("llama-small", "preset name (random init) or HF model dir")
-    batch: int = opt(1, "sequences decoded together")
-    prompt_len: int = opt(128, "prompt tokens per sequence (random ids)")
-    new_tokens: int = opt(128, "tokens generated per sequence (forced, EOS suppressed)")
-    paths: str = opt(",".join(PATHS), f"comma-separated subset of {PATHS}")
-    repeats: int = opt(3, "timed repetitions per measurement (best is kept)")
-    vocab_size: int = opt(32000, "vocabulary of a preset model")
-    device: str = opt("auto", "auto | cpu | cuda")
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
-    seed: int = opt(0, "seed of the random init and prompt ids")
-    output: str | None = opt(None, "JSON result path (default outputs/benchmarks/generate_speed_<model>_b<B>.json)")
-    constrain: str = opt("none", "none | abc: also time the tunesmith path under the ABC constraint")
-    abc_header: str = opt("X:1\\nT:Speed\\nM:6/8\\nL:1/8\\nK:D\\n", "prompt of the constrained path (escapes allowed)")
+    model: str = "llama-small"
+    """preset name (random init) or HF model dir"""
+    batch: int = 1
+    """sequences decoded together"""
+    prompt_len: int = 128
+    """prompt tokens per sequence (random ids)"""
+    new_tokens: int = 128
+    """tokens generated per sequence (forced, EOS suppressed)"""
+    paths: str = ",".join(PATHS)
+    """comma-separated subset of hf_default, tunesmith, static"""
+    repeats: int = 3
+    """timed repetitions per measurement (best is kept)"""
+    vocab_size: int = 32000
+    """vocabulary of a preset model"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"""
+    seed: int = 0
+    """seed of the random init and prompt ids"""
+    output: str | None = None
+    """JSON result path (default outputs/benchmarks/generate_speed_<model>_b<B>.json)"""
+    constrain: str = "none"
+    """none | abc: also time the tunesmith path under the ABC constraint"""
+    abc_header: str = "X:1\\nT:Speed\\nM:6/8\\nL:1/8\\nK:D\\n"
+    """prompt of the constrained path (escapes allowed)"""
 
     def validate(self):
         bad = [p for p in self.path_list() if p not in PATHS + ("tunesmith_abc",)]

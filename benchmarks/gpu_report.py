@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import markdown_table, opt, parse_config, write_json
+from benchmarks.common import markdown_table, parse_config, write_json
 from data_preprocess.hub import ArgumentError, exit_on_argument_error
 
 CAP_GIB = 23.0  # fit24's --memory_gb: a 24 GB card less its CUDA context
@@ -32,8 +32,10 @@ CAP_GIB = 23.0  # fit24's --memory_gb: a 24 GB card less its CUDA context
 
 @dataclass
 class ReportConfig:
-    results_dir: str = opt("outputs/gpu", "the suite's $OUT (positional)")
-    output: str | None = opt(None, "also write the report as JSON here")
+    results_dir: str = "outputs/gpu"
+    """the suite's $OUT (positional)"""
+    output: str | None = None
+    """also write the report as JSON here"""
 
 
 def _load(d: Path, name: str) -> dict | None:

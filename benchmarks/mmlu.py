@@ -61,7 +61,6 @@ from benchmarks.common import (
     load,
     loglikelihood,
     markdown_table,
-    opt,
     parse_config,
     write_json,
     write_jsonl,
@@ -194,12 +193,16 @@ FORMULATIONS = {"letter": "log-likelihood of ' A'..' D' after 'Answer:' (lm-eval
 
 @dataclass
 class MMLUConfig(ModelArgs):
-    data_dir: str = opt(None, "MMLU dir with dev/ and test/ CSVs (either layout)")
-    shots: int = opt(5, "number of dev exemplars per prompt (0-5)")
-    subjects: str | None = opt(None, "comma-separated subset of subjects (default: all in data_dir/test)")
-    limit: int | None = opt(None, "at most this many test questions per subject (quick runs)")
-    formulation: str = opt("letter", "letter (score ' A'..' D') | cloze (score the option text, lm-eval's "
-                                     "mmlu_continuation) | both")
+    data_dir: str = None
+    """MMLU dir with dev/ and test/ CSVs (either layout)"""
+    shots: int = 5
+    """number of dev exemplars per prompt (0-5)"""
+    subjects: str | None = None
+    """comma-separated subset of subjects (default: all in data_dir/test)"""
+    limit: int | None = None
+    """at most this many test questions per subject (quick runs)"""
+    formulation: str = "letter"
+    """letter (score ' A'..' D') | cloze (score the option text, lm-eval's mmlu_continuation) | both"""
 
     def validate(self):
         if not self.data_dir:

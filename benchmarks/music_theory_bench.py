@@ -54,7 +54,6 @@ from benchmarks.common import (
     loglikelihood,
     markdown_table,
     mean_std,
-    opt,
     parse_config,
     write_json,
     write_jsonl,
@@ -268,17 +267,27 @@ def extract_letter(reply: str, options: dict[str, str] | None = None) -> str | N
 
 @dataclass
 class MTBConfig(ModelArgs):
-    data: str = opt(HUB_ID, "hub id, or a local parquet/JSON/JSONL file or dir of them")
-    mode: str = opt("ppl", "ppl (log-likelihood of each option) | gen (greedy reply + letter extraction)")
-    shots: int = opt(0, "number of dev exemplars in the prompt (0 or 5 in ChatMusician's table)")
-    permutations: int = opt(1, "number of cyclic option rotations to average over (1-4)")
-    ppl_target: str = opt("letter", "ppl mode: score ' X' letters (OpenCompass) or the option 'text'")
-    split: str = opt("test", "which split to evaluate: test | dev")
-    subject: str | None = opt(None, "only this subject (knowledge | reasoning)")
-    limit: int | None = opt(None, "at most this many questions (quick runs)")
-    max_new_tokens: int = opt(64, "gen mode: reply length")
-    chat: bool = opt(False, "gen mode: wrap the prompt in the model's chat format (the tokenizer's chat template, "
-                            "else ChatMusician's; SFT models)")
+    data: str = HUB_ID
+    """hub id, or a local parquet/JSON/JSONL file or dir of them"""
+    mode: str = "ppl"
+    """ppl (log-likelihood of each option) | gen (greedy reply + letter extraction)"""
+    shots: int = 0
+    """number of dev exemplars in the prompt (0 or 5 in ChatMusician's table)"""
+    permutations: int = 1
+    """number of cyclic option rotations to average over (1-4)"""
+    ppl_target: str = "letter"
+    """ppl mode: score ' X' letters (OpenCompass) or the option 'text'"""
+    split: str = "test"
+    """which split to evaluate: test | dev"""
+    subject: str | None = None
+    """only this subject (knowledge | reasoning)"""
+    limit: int | None = None
+    """at most this many questions (quick runs)"""
+    max_new_tokens: int = 64
+    """gen mode: reply length"""
+    chat: bool = False
+    """gen mode: wrap the prompt in the model's chat format (the tokenizer's chat template, else ChatMusician's;
+    SFT models)"""
 
     def validate(self):
         if self.mode not in ("ppl", "gen"):

@@ -36,7 +36,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_preprocess.corpus import split_text
@@ -198,20 +198,23 @@ def timed_rss(argv: list[str], env: dict) -> dict:
 # --------------------------------------------------------------------------------------------- main
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class Config:
-    work_dir: str = _opt("outputs/bench_preprocess", "corpus cache, tokenizer and run outputs")
-    tokenizers: str = _opt("abc2000", "comma list: abc2000 (a 2000-piece BPE trained on music21), llama32k "
-                                      "(mistral-common's 32k SentencePiece), smollm2-135m, or tokenizer paths")
-    variants: int = _opt(5, "music21 copies: the original + variants-1 transpositions (5 = ~65k tunes)")
-    workers: str = _opt("1,2", "comma list of -w values to time for tunesmith")
-    max_len: int = _opt(2048, "block length")
-    repeats: int = _opt(1, "runs per path (best wall time kept); paths interleave")
-    output: str | None = _opt(None, "result JSON (default outputs/benchmarks/preprocess_speed.json)")
+    work_dir: str = "outputs/bench_preprocess"
+    """corpus cache, tokenizer and run outputs"""
+    tokenizers: str = "abc2000"
+    """comma list: abc2000 (a 2000-piece BPE trained on music21), llama32k (mistral-common's 32k SentencePiece),
+    smollm2-135m, or tokenizer paths"""
+    variants: int = 5
+    """music21 copies: the original + variants-1 transpositions (5 = ~65k tunes)"""
+    workers: str = "1,2"
+    """comma list of -w values to time for tunesmith"""
+    max_len: int = 2048
+    """block length"""
+    repeats: int = 1
+    """runs per path (best wall time kept); paths interleave"""
+    output: str | None = None
+    """result JSON (default outputs/benchmarks/preprocess_speed.json)"""
 
 
 def run_paths(cfg: Config, runs_dir: Path, tok_dir: Path, abc_dir: Path, jsonl: Path, workers: list[int],

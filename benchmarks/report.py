@@ -41,7 +41,6 @@ from benchmarks.common import (
     load,
     markdown_table,
     model_max_length,
-    opt,
     parse_config,
     score_continuations,
     write_json,
@@ -77,43 +76,76 @@ COLUMNS = [
 
 @dataclass
 class ReportConfig:
-    models: str = opt(None, "NAME=PATH or NAME=BASE+ADAPTER, several separated by spaces")
-    output: str | None = opt(None, "results dir (default: outputs/benchmarks/report-YYYYmmdd-HHMMSS)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = opt("auto", "auto | fp32 | bf16 | fp16")
-    batch_size: int = opt(8, "sequences per forward pass (scoring and generation)")
-    max_length: int | None = opt(None, "max tokens per sequence (default: the model's max_position_embeddings)")
-    add_bos: bool = opt(True, "prepend BOS to every sequence")
-    seed: int = opt(0, "seed of sampling and subsets")
-    estimate_only: bool = opt(False, "load each model, print the expected MMLU time, evaluate nothing")
+    models: str = None
+    """NAME=PATH or NAME=BASE+ADAPTER, several separated by spaces"""
+    output: str | None = None
+    """results dir (default: outputs/benchmarks/report-YYYYmmdd-HHMMSS)"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    dtype: str = "auto"
+    """auto | fp32 | bf16 | fp16"""
+    batch_size: int = 8
+    """sequences per forward pass (scoring and generation)"""
+    max_length: int | None = None
+    """max tokens per sequence (default: the model's max_position_embeddings)"""
+    add_bos: bool = True
+    """prepend BOS to every sequence"""
+    seed: int = 0
+    """seed of sampling and subsets"""
+    estimate_only: bool = False
+    """load each model, print the expected MMLU time, evaluate nothing"""
     # MMLU
-    mmlu: bool = opt(True, "run MMLU")
-    mmlu_dir: str | None = opt(None, f"MMLU dir with dev/ and test/ CSVs (default: {DEFAULT_MMLU}, if present)")
-    mmlu_shots: int = opt(5, "dev exemplars per prompt")
-    mmlu_limit: int | None = opt(None, "at most this many test questions per subject (e.g. 20 on a CPU)")
-    mmlu_subjects: str | None = opt(None, "comma-separated subjects (default: all 57)")
-    mmlu_formulation: str = opt("both", "letter | cloze | both")
+    mmlu: bool = True
+    """run MMLU"""
+    mmlu_dir: str | None = None
+    """MMLU dir with dev/ and test/ CSVs (default: ../shared/data/mmlu next to the repo, if present)"""
+    mmlu_shots: int = 5
+    """dev exemplars per prompt"""
+    mmlu_limit: int | None = None
+    """at most this many test questions per subject (e.g. 20 on a CPU)"""
+    mmlu_subjects: str | None = None
+    """comma-separated subjects (default: all 57)"""
+    mmlu_formulation: str = "both"
+    """letter | cloze | both"""
     # MusicTheoryBench
-    mtb: bool = opt(True, "run MusicTheoryBench (needs --mtb_data)")
-    mtb_data: str | None = opt(None, "MusicTheoryBench file or dir (parquet/json/jsonl); without it: not run")
-    mtb_shots: int = opt(0, "dev exemplars (0 = ChatMusician's zero-shot table)")
-    mtb_permutations: int = opt(1, "option rotations averaged (1 = the paper's protocol)")
-    mtb_limit: int | None = opt(None, "at most this many questions")
+    mtb: bool = True
+    """run MusicTheoryBench (needs --mtb_data)"""
+    mtb_data: str | None = None
+    """MusicTheoryBench file or dir (parquet/json/jsonl); without it: not run"""
+    mtb_shots: int = 0
+    """dev exemplars (0 = ChatMusician's zero-shot table)"""
+    mtb_permutations: int = 1
+    """option rotations averaged (1 = the paper's protocol)"""
+    mtb_limit: int | None = None
+    """at most this many questions"""
     # bits per char
-    bpc: bool = opt(True, "run bits per character (needs --bpc_data)")
-    bpc_data: str | None = opt(None, "held-out ABC file/dir, or a shards dir (its val split); without it: not run")
-    bpc_docs: int | None = opt(None, "at most this many tunes / blocks")
-    bpc_stride: int | None = opt(None, "sliding-window step in tokens (default: max_length // 2)")
+    bpc: bool = True
+    """run bits per character (needs --bpc_data)"""
+    bpc_data: str | None = None
+    """held-out ABC file/dir, or a shards dir (its val split); without it: not run"""
+    bpc_docs: int | None = None
+    """at most this many tunes / blocks"""
+    bpc_stride: int | None = None
+    """sliding-window step in tokens (default: max_length // 2)"""
     # ABC generation quality
-    abc: bool = opt(True, "generate tunes and score them")
-    abc_n: int = opt(20, "tunes generated per model")
-    abc_conditioned_share: float = opt(0.5, "share of the tunes generated from key/meter instruction prompts")
-    abc_prompts: str | None = opt(None, "JSONL {prompt, key, meter} or text file of prompts (default: built-in)")
-    abc_train_corpus: str | None = opt(None, "training tunes for the verbatim/near-copy check (file, dir, music21)")
-    abc_max_new_tokens: int = opt(384, "tokens per generated tune")
-    abc_temperature: float = opt(0.8, "sampling temperature (0 = greedy)")
-    abc_top_p: float = opt(0.9, "nucleus sampling")
-    abc_music21: bool = opt(False, "also report the music21 parse rate (slow)")
+    abc: bool = True
+    """generate tunes and score them"""
+    abc_n: int = 20
+    """tunes generated per model"""
+    abc_conditioned_share: float = 0.5
+    """share of the tunes generated from key/meter instruction prompts"""
+    abc_prompts: str | None = None
+    """JSONL {prompt, key, meter} or text file of prompts (default: built-in)"""
+    abc_train_corpus: str | None = None
+    """training tunes for the verbatim/near-copy check (file, dir, music21)"""
+    abc_max_new_tokens: int = 384
+    """tokens per generated tune"""
+    abc_temperature: float = 0.8
+    """sampling temperature (0 = greedy)"""
+    abc_top_p: float = 0.9
+    """nucleus sampling"""
+    abc_music21: bool = False
+    """also report the music21 parse rate (slow)"""
 
     def validate(self):
         if not self.models:

@@ -510,10 +510,10 @@ def add_audio_args(ap: argparse.ArgumentParser) -> None:
     :class:`AudioPrepConfig`; flags not given keep the ``--config`` file's values."""
     S = argparse.SUPPRESS
     ap.add_argument("--config", default=S, help="YAML/JSON file with AudioPrepConfig fields")
-    ap.add_argument("-t", "--tokenizer", default=S, help="text tokenizer dir")
-    ap.add_argument("-i", "--input", default=S, help="music21 (default) | dir of .abc | folder of audio | datasets dir/id")
+    ap.add_argument("-t", "--tokenizer", default=S)
+    ap.add_argument("-i", "--input", default=S)
     ap.add_argument("-o", "--output_dir", default=S)
-    ap.add_argument("--codec", default=S, help="codec dir (e.g. encodec_32khz copy) | random-tiny | random-small")
+    ap.add_argument("--codec", default=S)
     ap.add_argument("--layout", choices=LAYOUTS, default=S)
     ap.add_argument("--bandwidth", type=float, default=S)
     ap.add_argument("--crop_seconds", type=float, default=S)

@@ -175,7 +175,22 @@ def from_namespace(cls, ns: argparse.Namespace):
         raise ConfigError(f"config: {e}") from None
 
 
+def document(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    """Sets the ``--help`` text of every option of ``parser`` whose dest is a field of ``cls`` to that field's
+    docstring and default (:func:`field_docs`: the one place an option is described); returns ``parser``."""
+    docs, defaults = field_docs(cls), {f.name: f for f in dataclasses.fields(cls)}
+    for action in parser._actions:
+        if action.dest in docs:
+            f = defaults[action.dest]
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            shown = "" if default in (None, "") else f" (default: {default})"
+            action.help = (docs[action.dest] + shown).replace("%", "%%")
+    return parser
+
+
 def build(cls, parser: argparse.ArgumentParser, argv=None):
     """Parses ``argv`` with ``parser`` (options with ``default=argparse.SUPPRESS`` and dests equal to field names,
-    plus ``--config`` and an ``overrides`` positional) into a ``cls`` instance (:func:`from_namespace`)."""
-    return from_namespace(cls, parser.parse_args(argv))
+    plus ``--config`` and an ``overrides`` positional; their help is the fields' docstrings, :func:`document`)
+    into a ``cls`` instance (:func:`from_namespace`)."""
+    return from_namespace(cls, document(parser, cls).parse_args(argv))

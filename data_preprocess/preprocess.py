@@ -86,7 +86,7 @@ class PreprocessConfig:
     output_dir: str = ""
     """output dir: shards, meta.json, rejects.jsonl and a copy of the tokenizer (required; never an input's dir)"""
     mode: str = "pt"
-    """pt | sft"""
+    """pt | sft (``--mode audio`` runs data_preprocess.audio: see its --help)"""
     content: str = "abc"
     """abc: ABC tunes (split at X:, checked, deduplicated by their music); text: plain-text documents (a
     JSONL/datasets record or a .txt/.md file each), pt only -- the general-text side of a data_weights mixture"""
@@ -707,33 +707,28 @@ def parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     ap = argparse.ArgumentParser(prog="python -m data_preprocess.preprocess", description=__doc__.split("\n")[0],
                                  argument_default=S)
-    ap.add_argument("-t", "--tokenizer", help="HF tokenizer dir / hub id, a SentencePiece .model, a .gguf or smollm2-135m")
-    ap.add_argument("-i", "--input", help="dir of .abc/.txt, a .jsonl, a datasets dir/file/hub id, or music21 (default)")
-    ap.add_argument("-o", "--output_dir", help="output dir (shards, meta.json, rejects.jsonl, tokenizer/)")
-    ap.add_argument("--mode", choices=("pt", "sft"),
-                    help="pt | sft here; --mode audio is handled by data_preprocess.audio (see its --help)")
-    ap.add_argument("--content", choices=("abc", "text"),
-                    help="abc (default): ABC tunes; text: plain-text documents for a pt mixture (data_weights)")
+    ap.add_argument("-t", "--tokenizer")
+    ap.add_argument("-i", "--input")
+    ap.add_argument("-o", "--output_dir")
+    ap.add_argument("--mode", choices=("pt", "sft"))
+    ap.add_argument("--content", choices=("abc", "text"))
     ap.add_argument("--max_len", type=int)
-    ap.add_argument("-w", "--workers", type=int, help="worker processes (default 1: in-process)")
+    ap.add_argument("-w", "--workers", type=int)
     ap.add_argument("--val_ratio", type=float)
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--text_field", help="JSONL/datasets field holding the ABC text (default text)")
-    ap.add_argument("--limit", type=int, help="stop after N kept tunes/records (quick runs)")
-    ap.add_argument("--check", choices=("none", "abc2midi"), help="abc2midi: reject tunes the real abc2midi fails on")
-    ap.add_argument("--strict", action="store_const", const=True, help="exit 1 if any tune was rejected")
-    ap.add_argument("--make_sft_from_metadata", action="store_const", const=True,
-                    help="sft: build instructions from the ABC metadata of the corpus")
-    ap.add_argument("--music2text_fraction", type=float,
-                    help="with --make_sft_from_metadata: share of tunes that also give a music->text "
-                         "conversation (default 0.25)")
+    ap.add_argument("--text_field")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--check", choices=("none", "abc2midi"))
+    ap.add_argument("--strict", action="store_const", const=True)
+    ap.add_argument("--make_sft_from_metadata", action="store_const", const=True)
+    ap.add_argument("--music2text_fraction", type=float)
     ap.add_argument("--max_line_len", type=int)
     ap.add_argument("--no_dedup", dest="dedup", action="store_const", const=False)
-    ap.add_argument("--chunk_size", type=int, help="tunes per batch / worker job")
+    ap.add_argument("--chunk_size", type=int)
     ap.add_argument("--overwrite", action="store_const", const=True)
     ap.add_argument("--no_progress", dest="progress", action="store_const", const=False)
-    ap.add_argument("--num_shards", type=int, help="split the corpus into N parts (a job array, one per machine) ...")
-    ap.add_argument("--shard_index", type=int, help="... and write part I (0..N-1); join with data_preprocess.merge_parts")
+    ap.add_argument("--num_shards", type=int)
+    ap.add_argument("--shard_index", type=int)
     ap.add_argument("--config", help="YAML/JSON file of options (overridden by flags and key=value)")
     ap.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     return ap

@@ -36,7 +36,7 @@ import torch
 
 from data_preprocess.audio_codec import Codec, write_wav
 from data_preprocess.audio_layout import AudioVocab, LayoutConstraint, make_layout
-from data_preprocess.config import from_namespace
+from data_preprocess.config import document, from_namespace
 from data_preprocess.hub import ArgumentError, exit_on_argument_error
 from inference.loading import auto_device, load_model
 from training.hf_io import ModelPathError, load_tokenizer, resolve_model_path
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", "--tokenizer_path", dest="tokenizer", default=S)
     ap.add_argument("--codec", default=S)
     ap.add_argument("--prompt", default=S)
-    ap.add_argument("--prompts_file", "--data_file", dest="prompts_file", default=S, help="batch: one caption per line")
+    ap.add_argument("--prompts_file", "--data_file", dest="prompts_file", default=S)
     ap.add_argument("--out", default=S)
     ap.add_argument("--out_dir", "--output_dir", dest="out_dir", default=S)
     ap.add_argument("--seconds", type=float, default=S)
@@ -355,12 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch_size", type=int, default=S)
     ap.add_argument("--seed", type=int, default=S)
     ap.add_argument("--codes_only", action="store_true", default=S)
-    ap.add_argument("--decode", metavar="CODES_NPY", default=S,
-                    help="decode saved codes to a WAV (--out, default next to the .npy) with --codec or --model's codec")
+    ap.add_argument("--decode", metavar="CODES_NPY", default=S)
     ap.add_argument("--device", default=S)
     ap.add_argument("--dtype", default=S)
     ap.add_argument("overrides", nargs="*", help="key=value overrides of AudioGenConfig fields")
-    return ap
+    return document(ap, AudioGenConfig)
 
 
 @exit_on_argument_error

@@ -27,14 +27,20 @@ class SamplingConfig:
     """Decoding settings; defaults are ChatMusician's demo settings. ``temperature <= 0`` means greedy."""
 
     temperature: float = 0.2
+    """softmax temperature; <= 0 = greedy decoding"""
     top_k: int = 40
+    """sample among the k most likely tokens (0 = no cap)"""
     top_p: float = 0.9
+    """nucleus sampling: the smallest set of tokens whose probability reaches p"""
     repetition_penalty: float = 1.1
+    """> 1 makes tokens already in the text less likely (HF's CTRL-style penalty)"""
     max_new_tokens: int = 1536
+    """tokens generated at most per reply"""
     seed: int | None = None
-    # KV cache: dynamic (grows per token; HF's default) | static (preallocated for prompt + max_new_tokens; on CUDA
-    # transformers also compiles the decode step). Static pays off for batched decoding (benchmarks/RESULTS.md).
+    """sampling seed (None = not seeded)"""
     cache: str = "dynamic"
+    """KV cache: dynamic (grows per token; HF's default) | static (preallocated for prompt + max_new_tokens; on CUDA
+    transformers also compiles the decode step) -- static pays off for batched decoding (docs/speed.md)"""
 
     def __post_init__(self):
         problems = []

@@ -306,9 +306,14 @@ def _walk(d, prefix=""):
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Environment:
+    """What the job runs on (detect_environment), as the validators need it."""
+
     world_size: int
-    device: str                # "cuda" | "cpu"
+    """ranks in the job (WORLD_SIZE)"""
+    device: str
+    """cuda | cpu"""
     bf16_supported: bool = False
+    """the GPU computes in bf16 (Ampere or newer)"""
 
 
 def detect_environment() -> Environment:

@@ -18,11 +18,13 @@ kind of shard.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import random
 import socket
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -33,7 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.config import ConfigError, detect_environment, load_config, validate
+from data_preprocess.config import field_docs
+from training.config import ConfigError, TrainConfig, detect_environment, load_config, validate
 from training.model import memory_fixes
 from training.oom import is_out_of_memory, out_of_memory_summary
 from training.trainer import Hook, Progress, Trainer, memory_gb
@@ -41,9 +44,20 @@ from training.trainer import Hook, Progress, Trainer, memory_gb
 log = logging.getLogger("tunesmith.train")
 
 
+def config_keys_help() -> str:
+    """``--help``'s list of every TrainConfig key with its default and docstring (docs/reference.md has the same)."""
+    docs = field_docs(TrainConfig)
+    job = TrainConfig()
+    return "config keys (YAML/JSON keys of --config, or key=value overrides):\n" + "\n".join(
+        f"  {f.name}={getattr(job, f.name)!r}\n" + textwrap.fill(docs[f.name], 100, initial_indent=" " * 6,
+                                                                subsequent_indent=" " * 6)
+        for f in dataclasses.fields(TrainConfig))
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="tunesmith trainer (DeepSpeed)", epilog="extra key=value pairs "
-                                 "override config fields, e.g. lr=1e-4 train_type=lora ds_config=ds_configs/zero3.json")
+    ap = argparse.ArgumentParser(description="tunesmith trainer (DeepSpeed); extra key=value pairs override config "
+                                 "fields, e.g. lr=1e-4 train_type=lora ds_config=ds_configs/zero3.json",
+                                 epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML or JSON job config (see configs/)")
     ap.add_argument("--resume", help="auto (OUTPUT_DIR/checkpoints/latest) or a checkpoint path")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
